@@ -1,0 +1,363 @@
+//! The checkpoint store: one PostgreSQL row per event, keyed by `(scope, idempotency_key)`.
+//!
+//! This is the only module with SQL. Every write that follows a claim is *fenced* by the
+//! lease owner (`where lease_owner = $owner`): a worker that lost its lease can no longer
+//! change the row, so a slow worker and the one that took over never both record an outcome.
+//! Claims are made for a whole receive batch in one statement, because a round trip per
+//! message would make the database the bottleneck.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// A database failure in the checkpoint store.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// PostgreSQL could not be reached or rejected a statement.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// One message's request to claim its event.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The idempotency key.
+    pub key: String,
+    /// SHA-256 of the body, stored on first sight to notice a key reused with another body.
+    pub payload_sha256: String,
+    /// The SQS message id, kept as first/last message id for operators.
+    pub message_id: String,
+    /// A `failed` checkpoint may be claimed again: true for operator redrives, which exist
+    /// precisely to give dead-lettered events another chance.
+    pub reclaim_failed: bool,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// This worker now holds the lease and should run the handler.
+    Claimed(Claim),
+    /// The event was already processed: the message is a duplicate.
+    Complete,
+    /// The event was already dead-lettered.
+    Failed,
+    /// Another worker holds a live lease; look again after `retry_after`.
+    Busy {
+        /// Time left on the other worker's lease.
+        retry_after: Duration,
+    },
+}
+
+/// A lease this worker holds on an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// How many times the event has been claimed, this claim included (1 on first sight).
+    pub attempts: u32,
+    /// True when the row existed before (a takeover or a retry), false on first sight.
+    pub resumed: bool,
+    /// Steps completed by earlier attempts: `[{"name":…,"output":…}]`.
+    pub steps: Value,
+    /// The payload fingerprint recorded when the event was first seen.
+    pub stored_payload_sha256: String,
+}
+
+/// A checkpoint row as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checkpoint {
+    /// The scope (by default the queue name).
+    pub scope: String,
+    /// The idempotency key.
+    pub idempotency_key: String,
+    /// `in_progress`, `complete` or `failed`.
+    pub status: String,
+    /// Completed steps.
+    pub steps: Value,
+    /// The worker holding the lease, if any.
+    pub lease_owner: Option<String>,
+    /// When that lease ends.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Claims so far.
+    pub attempts: i32,
+    /// SHA-256 of the first body seen.
+    pub payload_sha256: String,
+    /// SQS message id of the first delivery.
+    pub first_message_id: String,
+    /// SQS message id of the latest claimed delivery.
+    pub last_message_id: String,
+    /// The latest failure, if any.
+    pub last_error: Option<String>,
+    /// First seen.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it completed.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// The checkpoint table behind a connection pool.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    pool: PgPool,
+}
+
+impl CheckpointStore {
+    /// Wrap a pool whose database has been migrated with [`crate::MIGRATOR`].
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for handlers that write in the same database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Claim the events of one receive batch in a single statement.
+    ///
+    /// New keys are inserted `in_progress` with a lease for `owner`; `in_progress` rows whose
+    /// lease has expired (or was released after a retryable failure) are taken over with
+    /// `attempts + 1`. Requests repeating a key of the same batch share its outcome: the
+    /// caller decides what to do with the extra deliveries. The map holds every requested key.
+    pub async fn claim_batch(
+        &self,
+        scope: &str,
+        owner: &str,
+        lease: Duration,
+        requests: &[ClaimRequest],
+    ) -> Result<HashMap<String, ClaimOutcome>, CheckpointError> {
+        if requests.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
+        let fingerprints: Vec<String> = requests.iter().map(|r| r.payload_sha256.clone()).collect();
+        let message_ids: Vec<String> = requests.iter().map(|r| r.message_id.clone()).collect();
+        let reclaimable: Vec<String> = requests
+            .iter()
+            .filter(|r| r.reclaim_failed)
+            .map(|r| r.key.clone())
+            .collect();
+
+        // `distinct on` because one statement may not update the same row twice. Every
+        // sub-statement of a `with` sees the same snapshot, so `existing` shows rows as they
+        // were before this claim: a key that is neither claimed nor visible there was inserted
+        // by a concurrent claim a moment ago, i.e. it is busy.
+        let rows = sqlx::query!(
+            r#"
+            with input as (
+                select distinct on (idempotency_key)
+                       idempotency_key, payload_sha256, message_id
+                from unnest($2::text[], $3::text[], $4::text[])
+                     with ordinality as i(idempotency_key, payload_sha256, message_id, position)
+                order by idempotency_key, position
+            ),
+            claimed as (
+                insert into checkpoints as c
+                    (scope, idempotency_key, status, lease_owner, lease_expires_at, attempts,
+                     payload_sha256, first_message_id, last_message_id)
+                select $1, idempotency_key, 'in_progress', $5,
+                       now() + make_interval(secs => $6), 1,
+                       payload_sha256, message_id, message_id
+                from input
+                on conflict (scope, idempotency_key) do update
+                set status = 'in_progress',
+                    lease_owner = excluded.lease_owner,
+                    lease_expires_at = excluded.lease_expires_at,
+                    attempts = c.attempts + 1,
+                    last_message_id = excluded.last_message_id,
+                    updated_at = now()
+                where (c.status = 'in_progress'
+                       and (c.lease_expires_at is null or c.lease_expires_at <= now()))
+                   or (c.status = 'failed' and c.idempotency_key = any($7::text[]))
+                returning c.idempotency_key, c.attempts, c.steps, c.payload_sha256,
+                          (c.xmax = 0) as inserted
+            )
+            select input.idempotency_key as "key!",
+                   claimed.attempts as "claimed_attempts?",
+                   claimed.steps as "claimed_steps?",
+                   claimed.payload_sha256 as "claimed_payload_sha256?",
+                   claimed.inserted as "inserted?",
+                   existing.status as "existing_status?",
+                   extract(epoch from existing.lease_expires_at - now())::float8
+                       as "lease_remaining_secs?"
+            from input
+            left join claimed on claimed.idempotency_key = input.idempotency_key
+            left join checkpoints existing
+                   on existing.scope = $1 and existing.idempotency_key = input.idempotency_key
+            "#,
+            scope,
+            &keys,
+            &fingerprints,
+            &message_ids,
+            owner,
+            lease.as_secs_f64(),
+            &reclaimable,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+
+        let mut outcomes = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let outcome = match (row.claimed_attempts, row.existing_status.as_deref()) {
+                (Some(attempts), _) => ClaimOutcome::Claimed(Claim {
+                    attempts: attempts.max(1) as u32,
+                    resumed: !row.inserted.unwrap_or(false),
+                    steps: row.claimed_steps.unwrap_or_else(|| Value::Array(vec![])),
+                    stored_payload_sha256: row.claimed_payload_sha256.unwrap_or_default(),
+                }),
+                (None, Some("complete")) => ClaimOutcome::Complete,
+                (None, Some("failed")) => ClaimOutcome::Failed,
+                (None, Some(_)) => ClaimOutcome::Busy {
+                    retry_after: Duration::from_secs_f64(
+                        row.lease_remaining_secs.unwrap_or(0.0).max(0.0),
+                    ),
+                },
+                // Inserted by a concurrent claim after our snapshot: its lease is fresh.
+                (None, None) => ClaimOutcome::Busy { retry_after: lease },
+            };
+            outcomes.insert(row.key, outcome);
+        }
+        Ok(outcomes)
+    }
+
+    /// Mark events complete and clear their leases, fenced by `owner`. Returns the keys that
+    /// were completed; a key missing from the result had its lease taken by another worker.
+    pub async fn complete_batch(
+        &self,
+        scope: &str,
+        owner: &str,
+        keys: &[String],
+    ) -> Result<Vec<String>, CheckpointError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let completed = sqlx::query_scalar!(
+            r#"
+            update checkpoints
+            set status = 'complete', lease_owner = null, lease_expires_at = null,
+                completed_at = now(), updated_at = now()
+            where scope = $1 and idempotency_key = any($2::text[])
+              and lease_owner = $3 and status = 'in_progress'
+            returning idempotency_key
+            "#,
+            scope,
+            keys,
+            owner,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(completed)
+    }
+
+    /// Give the lease back after a retryable failure so the next delivery (after the backoff)
+    /// can claim at once. Returns false when the lease was no longer ours.
+    pub async fn release(
+        &self,
+        scope: &str,
+        owner: &str,
+        key: &str,
+        error: &str,
+    ) -> Result<bool, CheckpointError> {
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set lease_owner = null, lease_expires_at = null, last_error = $4, updated_at = now()
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress'
+            "#,
+            scope,
+            key,
+            owner,
+            error,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Mark a claimed event failed (it went to the DLQ). Returns false when the lease was no
+    /// longer ours.
+    pub async fn mark_failed(
+        &self,
+        scope: &str,
+        owner: &str,
+        key: &str,
+        error: &str,
+    ) -> Result<bool, CheckpointError> {
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set status = 'failed', lease_owner = null, lease_expires_at = null,
+                last_error = $4, updated_at = now()
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress'
+            "#,
+            scope,
+            key,
+            owner,
+            error,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Record a failed checkpoint for a message that never got a claim because no key could be
+    /// taken from it (not JSON, missing key field). It is keyed by the body's hash so an
+    /// operator can find it; a row that is already complete is left alone.
+    pub async fn record_unkeyed_failure(
+        &self,
+        scope: &str,
+        key: &str,
+        payload_sha256: &str,
+        message_id: &str,
+        error: &str,
+    ) -> Result<(), CheckpointError> {
+        sqlx::query!(
+            r#"
+            insert into checkpoints as c
+                (scope, idempotency_key, status, payload_sha256, first_message_id,
+                 last_message_id, last_error)
+            values ($1, $2, 'failed', $3, $4, $4, $5)
+            on conflict (scope, idempotency_key) do update
+            set status = 'failed', lease_owner = null, lease_expires_at = null,
+                attempts = c.attempts + 1, last_message_id = excluded.last_message_id,
+                last_error = excluded.last_error, updated_at = now()
+            where c.status <> 'complete'
+            "#,
+            scope,
+            key,
+            payload_sha256,
+            message_id,
+            error,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Look one checkpoint up.
+    pub async fn find(
+        &self,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<Checkpoint>, CheckpointError> {
+        let row = sqlx::query_as!(
+            Checkpoint,
+            r#"
+            select scope, idempotency_key, status, steps, lease_owner, lease_expires_at,
+                   attempts, payload_sha256, first_message_id, last_message_id, last_error,
+                   created_at, updated_at, completed_at
+            from checkpoints
+            where scope = $1 and idempotency_key = $2
+            "#,
+            scope,
+            key,
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+}

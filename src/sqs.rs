@@ -1,0 +1,416 @@
+//! A thin wrapper over aws-sdk-sqs: the only module that talks to SQS.
+//!
+//! It turns SDK types into the few plain ones the worker needs and SDK errors into one
+//! error type that names the operation, so the rest of the crate never sees the SDK.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+};
+
+/// SQS refuses visibility timeouts of 12 hours or more.
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_199);
+/// SQS refuses more than 10 message attributes on one message.
+pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+
+/// An SQS call that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("sqs {operation} failed: {message}")]
+pub struct SqsError {
+    /// The API operation, e.g. `ReceiveMessage`.
+    pub operation: &'static str,
+    /// The SDK's error with its whole cause chain.
+    pub message: String,
+}
+
+impl SqsError {
+    fn new(operation: &'static str, error: impl std::error::Error) -> Self {
+        Self {
+            operation,
+            message: DisplayErrorContext(error).to_string(),
+        }
+    }
+}
+
+/// A received message, reduced to what the worker uses.
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    /// SQS MessageId (changes on every re-send, so never an idempotency key).
+    pub message_id: String,
+    /// The receipt handle of this delivery.
+    pub receipt_handle: String,
+    /// The body as sent.
+    pub body: String,
+    /// System attributes such as `ApproximateReceiveCount` and `MessageGroupId`.
+    pub system_attributes: HashMap<String, String>,
+    /// Message attributes, kept whole so they can be forwarded to the DLQ unchanged.
+    pub message_attributes: HashMap<String, MessageAttributeValue>,
+}
+
+impl ReceivedMessage {
+    /// String and Number message attributes as text (Binary ones are left out).
+    pub fn attribute_strings(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.message_attributes
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.string_value()))
+    }
+
+    /// The FIFO message group, if this came from a FIFO queue.
+    pub fn message_group_id(&self) -> Option<&str> {
+        self.system_attributes
+            .get("MessageGroupId")
+            .map(String::as_str)
+    }
+}
+
+/// A message to send, e.g. to a DLQ.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// Body, verbatim (the key may be its hash, so it is never rewritten).
+    pub body: String,
+    /// Message attributes, at most [`MAX_MESSAGE_ATTRIBUTES`].
+    pub attributes: HashMap<String, MessageAttributeValue>,
+    /// FIFO group id, for FIFO targets.
+    pub message_group_id: Option<String>,
+    /// FIFO deduplication id, for FIFO targets.
+    pub deduplication_id: Option<String>,
+    /// Hide the message for this long after sending (standard queues only, up to 15 min).
+    pub delay: Option<Duration>,
+}
+
+/// A per-entry failure of a batch call.
+#[derive(Debug, Clone)]
+pub struct BatchEntryFailure {
+    /// The receipt handle the entry was about.
+    pub receipt_handle: String,
+    /// SQS's code and message.
+    pub reason: String,
+}
+
+/// Build a String message attribute.
+pub fn string_attribute(value: impl Into<String>) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .expect("data_type is set")
+}
+
+/// Build a Number message attribute.
+pub fn number_attribute(value: impl std::fmt::Display) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("Number")
+        .string_value(value.to_string())
+        .build()
+        .expect("data_type is set")
+}
+
+/// A client configured from the environment: the SDK's credential chain, region and
+/// `AWS_ENDPOINT_URL` (set it to LocalStack's URL to work locally).
+pub async fn client_from_env() -> Client {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    Client::new(&config)
+}
+
+/// A client for a local endpoint such as LocalStack: the given URL, region us-east-1 unless
+/// AWS_REGION says otherwise, and static test credentials unless the environment has some.
+pub async fn local_client(endpoint_url: &str) -> Client {
+    let mut loader =
+        aws_config::defaults(aws_config::BehaviorVersion::latest()).endpoint_url(endpoint_url);
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
+        loader = loader.region(aws_config::Region::new("us-east-1"));
+    }
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "local",
+        ));
+    }
+    Client::new(&loader.load().await)
+}
+
+/// One queue and the client that reaches it.
+#[derive(Debug, Clone)]
+pub struct SqsQueue {
+    client: Client,
+    url: String,
+}
+
+impl SqsQueue {
+    /// A queue by URL.
+    pub fn new(client: Client, url: impl Into<String>) -> Self {
+        Self {
+            client,
+            url: url.into(),
+        }
+    }
+
+    /// Find a queue by name.
+    pub async fn lookup(client: Client, name: &str) -> Result<Self, SqsError> {
+        let output = client
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| SqsError::new("GetQueueUrl", e))?;
+        let url = output.queue_url().unwrap_or_default().to_owned();
+        Ok(Self::new(client, url))
+    }
+
+    /// The queue URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The queue's name: the last path segment of its URL.
+    pub fn name(&self) -> &str {
+        queue_name_from_url(&self.url)
+    }
+
+    /// The same client, pointed at another queue.
+    pub fn sibling(&self, url: impl Into<String>) -> SqsQueue {
+        SqsQueue::new(self.client.clone(), url)
+    }
+
+    /// The queue's default VisibilityTimeout.
+    pub async fn visibility_timeout(&self) -> Result<Duration, SqsError> {
+        let attributes = self
+            .queue_attributes(&[QueueAttributeName::VisibilityTimeout])
+            .await?;
+        let seconds = attributes
+            .get(&QueueAttributeName::VisibilityTimeout)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(30);
+        Ok(Duration::from_secs(seconds))
+    }
+
+    /// The URL of the DLQ named by the queue's RedrivePolicy, if it has one.
+    pub async fn dead_letter_queue_url(&self) -> Result<Option<String>, SqsError> {
+        let attributes = self
+            .queue_attributes(&[QueueAttributeName::RedrivePolicy])
+            .await?;
+        let Some(policy) = attributes.get(&QueueAttributeName::RedrivePolicy) else {
+            return Ok(None);
+        };
+        let arn = serde_json::from_str::<serde_json::Value>(policy)
+            .ok()
+            .and_then(|p| p["deadLetterTargetArn"].as_str().map(str::to_owned));
+        let Some(arn) = arn else {
+            return Ok(None);
+        };
+        // arn:aws:sqs:<region>:<account>:<name>
+        let mut parts = arn.rsplitn(3, ':');
+        let (Some(name), Some(account)) = (parts.next(), parts.next()) else {
+            return Ok(None);
+        };
+        let output = self
+            .client
+            .get_queue_url()
+            .queue_name(name)
+            .queue_owner_aws_account_id(account)
+            .send()
+            .await
+            .map_err(|e| SqsError::new("GetQueueUrl", e))?;
+        Ok(output.queue_url().map(str::to_owned))
+    }
+
+    async fn queue_attributes(
+        &self,
+        names: &[QueueAttributeName],
+    ) -> Result<HashMap<QueueAttributeName, String>, SqsError> {
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .set_attribute_names(Some(names.to_vec()))
+            .send()
+            .await
+            .map_err(|e| SqsError::new("GetQueueAttributes", e))?;
+        Ok(output.attributes().cloned().unwrap_or_default())
+    }
+
+    /// Long-poll for up to `max` (1–10) messages with all their attributes.
+    pub async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+        visibility: Option<Duration>,
+    ) -> Result<Vec<ReceivedMessage>, SqsError> {
+        let output = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .set_visibility_timeout(visibility.map(|v| v.as_secs() as i32))
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| SqsError::new("ReceiveMessage", e))?;
+        Ok(output
+            .messages()
+            .iter()
+            .map(|m| ReceivedMessage {
+                message_id: m.message_id().unwrap_or_default().to_owned(),
+                receipt_handle: m.receipt_handle().unwrap_or_default().to_owned(),
+                body: m.body().unwrap_or_default().to_owned(),
+                system_attributes: m
+                    .attributes()
+                    .map(|a| {
+                        a.iter()
+                            .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                message_attributes: m.message_attributes().cloned().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Delete up to 10 messages; returns the entries SQS refused.
+    pub async fn delete_batch(
+        &self,
+        receipt_handles: &[String],
+    ) -> Result<Vec<BatchEntryFailure>, SqsError> {
+        let mut failures = Vec::new();
+        for chunk in receipt_handles.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, handle)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(handle)
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect();
+            let output = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| SqsError::new("DeleteMessageBatch", e))?;
+            failures.extend(batch_failures(chunk, output.failed()));
+        }
+        Ok(failures)
+    }
+
+    /// Make messages visible again after `delay` each; returns the entries SQS refused.
+    pub async fn change_visibility_batch(
+        &self,
+        changes: &[(String, Duration)],
+    ) -> Result<Vec<BatchEntryFailure>, SqsError> {
+        let mut failures = Vec::new();
+        for chunk in changes.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (handle, delay))| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(handle)
+                        .visibility_timeout(visibility_seconds(*delay))
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect();
+            let output = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| SqsError::new("ChangeMessageVisibilityBatch", e))?;
+            let handles: Vec<String> = chunk.iter().map(|(h, _)| h.clone()).collect();
+            failures.extend(batch_failures(&handles, output.failed()));
+        }
+        Ok(failures)
+    }
+
+    /// Send one message to this queue.
+    pub async fn send(&self, message: OutgoingMessage) -> Result<String, SqsError> {
+        let output = self
+            .client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(message.body)
+            .set_message_attributes(if message.attributes.is_empty() {
+                None
+            } else {
+                Some(message.attributes)
+            })
+            .set_message_group_id(message.message_group_id)
+            .set_message_deduplication_id(message.deduplication_id)
+            .set_delay_seconds(message.delay.map(|d| d.as_secs().min(900) as i32))
+            .send()
+            .await
+            .map_err(|e| SqsError::new("SendMessage", e))?;
+        Ok(output.message_id().unwrap_or_default().to_owned())
+    }
+}
+
+fn batch_failures(
+    handles: &[String],
+    failed: &[aws_sdk_sqs::types::BatchResultErrorEntry],
+) -> Vec<BatchEntryFailure> {
+    failed
+        .iter()
+        .map(|f| BatchEntryFailure {
+            receipt_handle: f
+                .id()
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| handles.get(i))
+                .cloned()
+                .unwrap_or_default(),
+            reason: format!("{}: {}", f.code(), f.message().unwrap_or("no message")),
+        })
+        .collect()
+}
+
+/// Whole seconds for a visibility change, rounded up and kept within SQS's limits.
+pub fn visibility_seconds(delay: Duration) -> i32 {
+    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    secs.min(MAX_VISIBILITY.as_secs()) as i32
+}
+
+/// The last path segment of a queue URL (`…/000000000000/orders` → `orders`).
+pub fn queue_name_from_url(url: &str) -> &str {
+    url.trim_end_matches('/').rsplit('/').next().unwrap_or(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_come_from_urls() {
+        assert_eq!(
+            queue_name_from_url("http://127.0.0.1:4566/000000000000/orders"),
+            "orders"
+        );
+        assert_eq!(
+            queue_name_from_url("https://sqs.eu-west-1.amazonaws.com/123/jobs.fifo/"),
+            "jobs.fifo"
+        );
+    }
+
+    #[test]
+    fn visibility_rounds_up_and_caps() {
+        assert_eq!(visibility_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(visibility_seconds(Duration::from_secs(5)), 5);
+        assert_eq!(visibility_seconds(Duration::from_millis(5_001)), 6);
+        assert_eq!(visibility_seconds(Duration::from_secs(100_000)), 43_199);
+        assert_eq!(visibility_seconds(Duration::ZERO), 0);
+    }
+}

@@ -1,0 +1,347 @@
+//! Command-line and environment configuration: one clap-derived struct per subcommand.
+//!
+//! Every option has a `--flag` and an environment variable (`SQS_WORKER_<OPTION>`, or the
+//! conventional `SQS_QUEUE_URL`, `DATABASE_URL`, `AWS_ENDPOINT_URL`), and a doc comment that
+//! becomes its `--help`.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::message::KeySpec;
+use crate::worker::WorkerConfig;
+
+/// An SQS consumer with exactly-once effects per event: checkpoints in PostgreSQL, retries
+/// with backoff, a DLQ for poison messages.
+#[derive(Debug, Parser)]
+#[command(name = "sqs-worker", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format: `text` for people, `json` for CloudWatch and other collectors. The level
+    /// comes from RUST_LOG (default: info).
+    #[arg(
+        long,
+        env = "SQS_WORKER_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Output formats for commands a person or a script reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations (creates the checkpoint table); safe to run again.
+    Migrate(DatabaseArgs),
+    /// Consume a queue: claim each event's checkpoint, run the handler, delete when done.
+    ///
+    /// The handler is a command after `--` (body on stdin; exit 0 done, 65 permanent, other
+    /// retryable) or a built-in one chosen with --handler.
+    Run(RunArgs),
+    /// Send sample orders (with duplicates and a poison message) to the local `orders` queue,
+    /// process them with a built-in sample handler until idle, and print a summary.
+    Demo(DemoArgs),
+    /// Inspect checkpoints.
+    Checkpoints {
+        /// What to inspect.
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
+}
+
+/// Where the checkpoint database is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL of the checkpoint database, e.g.
+    /// postgres://user:password@host:5432/dbname.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// Built-in handlers selectable without a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BuiltinHandler {
+    /// Succeed at once without doing anything (benchmarks, recording-only consumers).
+    Noop,
+}
+
+/// Options of `sqs-worker run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// URL of the queue to consume.
+    #[arg(long, env = "SQS_QUEUE_URL")]
+    pub queue_url: String,
+
+    /// JSON pointer to the idempotency key in the body, e.g. /order_id. Repeat it (or give
+    /// a comma-separated list in the env variable) for a composite key. Without it the key
+    /// is the SHA-256 of the body. Never the SQS MessageId, which changes on every re-send.
+    #[arg(
+        long = "key",
+        value_name = "POINTER",
+        env = "SQS_WORKER_KEY",
+        value_delimiter = ','
+    )]
+    pub keys: Vec<String>,
+
+    /// Checkpoint scope: keeps the keys of different consumers apart in one table.
+    /// [default: the queue's name]
+    #[arg(long, env = "SQS_WORKER_SCOPE")]
+    pub scope: Option<String>,
+
+    /// Most messages in flight at once (handlers running plus messages waiting to be
+    /// settled).
+    #[arg(long, env = "SQS_WORKER_CONCURRENCY", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// Concurrent long polls (each receives up to 10 messages).
+    #[arg(long, env = "SQS_WORKER_POLLERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub pollers: u32,
+
+    /// Long-poll wait per ReceiveMessage, in seconds (0–20).
+    #[arg(long, env = "SQS_WORKER_WAIT_TIME_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
+    pub wait_time_seconds: u64,
+
+    /// Visibility timeout to request on receive, in seconds; checkpoint leases last as
+    /// long. [default: the queue's VisibilityTimeout]
+    #[arg(long, env = "SQS_WORKER_VISIBILITY_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..=43_199))]
+    pub visibility_timeout: Option<u64>,
+
+    /// Longest a handler may run, in seconds; then it is stopped (the exec handler's process
+    /// is killed) and the event retried. [default: the visibility timeout]
+    #[arg(long, env = "SQS_WORKER_HANDLER_TIMEOUT", value_parser = parse_seconds)]
+    pub handler_timeout: Option<Duration>,
+
+    /// First retry delay in seconds; it doubles with each attempt, with jitter.
+    #[arg(long, env = "SQS_WORKER_BACKOFF_BASE", default_value = "2", value_parser = parse_seconds)]
+    pub backoff_base: Duration,
+
+    /// Longest retry delay in seconds (kept below SQS's 12-hour limit).
+    #[arg(long, env = "SQS_WORKER_BACKOFF_MAX", default_value = "900", value_parser = parse_seconds)]
+    pub backoff_max: Duration,
+
+    /// Exit 0 once nothing was received and nothing was in flight for this many seconds
+    /// (drain mode for batch jobs and tests). Messages waiting out a retry backoff are not
+    /// in flight.
+    #[arg(long, value_name = "SECS", env = "SQS_WORKER_EXIT_WHEN_IDLE", value_parser = parse_seconds)]
+    pub exit_when_idle: Option<Duration>,
+
+    /// After SIGTERM/SIGINT, how long the drain may take, in seconds: running handlers finish
+    /// and long polls already in flight complete (their messages are handed back at once, as
+    /// a dropped poll would hide them for a visibility timeout). Keep it below the
+    /// orchestrator's stop timeout (ECS: 30 s) and above --wait-time-seconds.
+    #[arg(long, value_name = "SECS", env = "SQS_WORKER_SHUTDOWN_TIMEOUT", default_value = "25", value_parser = parse_seconds)]
+    pub shutdown_timeout: Duration,
+
+    /// This worker's name as a lease owner. [default: host-pid-random]
+    #[arg(long, env = "SQS_WORKER_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Do not apply database migrations at start.
+    #[arg(long, env = "SQS_WORKER_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    /// A built-in handler instead of a command.
+    #[arg(
+        long,
+        env = "SQS_WORKER_HANDLER",
+        value_enum,
+        conflicts_with = "command"
+    )]
+    pub handler: Option<BuiltinHandler>,
+
+    /// The command to run for each event, after `--`. It gets the body on stdin and
+    /// SQS_WORKER_KEY, SQS_WORKER_SCOPE, SQS_WORKER_MESSAGE_ID, SQS_WORKER_ATTEMPT,
+    /// SQS_WORKER_REDRIVE_COUNT, SQS_WORKER_FINAL_PASS in its environment. Exit 0: done;
+    /// 65: permanent failure (to the DLQ); anything else or a timeout: retried.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The worker configuration these options describe.
+    pub fn worker_config(&self) -> Result<WorkerConfig, String> {
+        Ok(WorkerConfig {
+            queue_url: self.queue_url.clone(),
+            scope: self.scope.clone(),
+            key: KeySpec::new(self.keys.clone())?,
+            pollers: self.pollers as usize,
+            concurrency: self.concurrency as usize,
+            wait_time: Duration::from_secs(self.wait_time_seconds),
+            visibility_timeout: self.visibility_timeout.map(Duration::from_secs),
+            handler_timeout: self.handler_timeout,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            exit_when_idle: self.exit_when_idle,
+            shutdown_timeout: self.shutdown_timeout,
+            worker_id: self.worker_id.clone(),
+        })
+    }
+}
+
+/// Options of `sqs-worker demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// PostgreSQL URL for the demo's checkpoints.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// SQS endpoint; the demo only runs against a local one (LocalStack).
+    #[arg(
+        long,
+        env = "AWS_ENDPOINT_URL",
+        default_value = "http://127.0.0.1:4566"
+    )]
+    pub endpoint_url: String,
+
+    /// Name of the demo queue (created by `localstack/up`, with its DLQ `orders-dlq`).
+    #[arg(long, env = "SQS_WORKER_DEMO_QUEUE", default_value = "orders")]
+    pub queue_name: String,
+
+    /// How many distinct orders to send.
+    #[arg(long, env = "SQS_WORKER_DEMO_ORDERS", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub orders: u32,
+}
+
+/// `sqs-worker checkpoints …`
+#[derive(Debug, Subcommand)]
+pub enum CheckpointsCommand {
+    /// Show one event's checkpoint: status, steps, lease, attempts, last error.
+    Show(CheckpointsShowArgs),
+}
+
+/// Options of `sqs-worker checkpoints show`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointsShowArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// Checkpoint scope (the worker's --scope, by default its queue's name).
+    #[arg(long, env = "SQS_WORKER_SCOPE")]
+    pub scope: String,
+
+    /// The idempotency key.
+    #[arg(long)]
+    pub key: String,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// Parse a duration in seconds, fractions allowed (`2`, `0.5`).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds, e.g. 2 or 0.5"))?;
+    if !seconds.is_finite() || !(0.0..=43_200.0).contains(&seconds) {
+        return Err(format!("{text:?} must be between 0 and 43200 seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(parse_seconds("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_seconds("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_seconds("3s").unwrap(), Duration::from_secs(3));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert!(parse_seconds("1e9").is_err());
+    }
+
+    #[test]
+    fn run_args_become_a_worker_config() {
+        let cli = Cli::try_parse_from([
+            "sqs-worker",
+            "run",
+            "--database-url",
+            "postgres://x",
+            "--queue-url",
+            "http://q/000/orders",
+            "--key",
+            "/a",
+            "--key",
+            "/b",
+            "--exit-when-idle",
+            "1.5",
+            "--",
+            "handle.sh",
+            "--flag",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.command, ["handle.sh", "--flag"]);
+        let config = args.worker_config().unwrap();
+        assert_eq!(config.key.pointers(), ["/a", "/b"]);
+        assert_eq!(config.exit_when_idle, Some(Duration::from_millis(1500)));
+        assert_eq!(config.pollers, 2);
+    }
+
+    #[test]
+    fn bad_pointers_are_rejected_with_advice() {
+        let cli = Cli::try_parse_from([
+            "sqs-worker",
+            "run",
+            "--database-url",
+            "postgres://x",
+            "--queue-url",
+            "q",
+            "--key",
+            "order_id",
+            "--handler",
+            "noop",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        let error = args.worker_config().unwrap_err();
+        assert!(error.contains("must start with '/'"), "{error}");
+    }
+}

@@ -1,0 +1,44 @@
+//! The `sqs-worker` binary: parse options, start logging, wire the shutdown signal and
+//! dispatch. Everything a test needs lives in the library.
+
+use anyhow::Context;
+use clap::Parser;
+use sqs_worker::config::{CheckpointsCommand, Cli, Command};
+use sqs_worker::{cli, demo, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Cli::parse();
+    telemetry::init(args.log_format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
+    match args.command {
+        Command::Migrate(db) => cli::migrate(&db.database_url).await,
+        Command::Run(run) => cli::run(run, shutdown).await.map(|_| ()),
+        Command::Demo(options) => demo::run(options, shutdown).await,
+        Command::Checkpoints {
+            command: CheckpointsCommand::Show(show),
+        } => cli::show_checkpoint(show).await,
+    }
+}
+
+/// Cancel `token` on SIGTERM (ECS, Kubernetes, systemd) or SIGINT (Ctrl-C); a second signal
+/// exits at once for an operator who does not want to wait for the drain.
+async fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+        _ = int.recv() => tracing::info!("SIGINT received; draining (press Ctrl-C again to exit now)"),
+    }
+    token.cancel();
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::warn!("second signal received; exiting without waiting for handlers");
+    std::process::exit(130);
+}

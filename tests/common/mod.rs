@@ -1,0 +1,311 @@
+//! Shared test fixtures: a fresh PostgreSQL database and fresh SQS queues per test, on the
+//! real LocalStack and PostgreSQL that `localstack/up` starts. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
+use sqlx::PgPool;
+use sqs_worker::{Handler, HandlerError, Job, RunSummary, Worker, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+pub fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+/// The server-level database URL; each test creates its own database next to it.
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub async fn sqs_client() -> Client {
+    // Worker logs in test output (shown for failing tests); RUST_LOG adjusts the level.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,aws=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    sqs_worker::sqs::local_client(&endpoint()).await
+}
+
+pub fn unique(prefix: &str) -> String {
+    let suffix: String = std::iter::repeat_with(fastrand::lowercase)
+        .take(10)
+        .collect();
+    format!("{prefix}_{suffix}")
+}
+
+/// A fresh, migrated database. Returns its pool and URL (for worker processes).
+pub async fn fresh_database() -> (PgPool, String) {
+    let admin_url = admin_database_url();
+    let admin = sqlx::PgPool::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must be running (see README: localstack/up checks it)");
+    let name = unique("sqsw_test");
+    // Identifiers cannot be bound parameters; the name is generated from [a-z_] above.
+    sqlx::query(&format!("create database {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    let (base, _) = admin_url
+        .split('?')
+        .next()
+        .unwrap()
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a database path");
+    let url = format!("{base}/{name}");
+    let pool = sqs_worker::connect_database(&url, 10).await.unwrap();
+    sqs_worker::MIGRATOR.run(&pool).await.unwrap();
+    (pool, url)
+}
+
+pub struct TestQueue {
+    pub url: String,
+    pub dlq_url: Option<String>,
+}
+
+/// A fresh queue, optionally with a DLQ after `max_receive` receives.
+pub async fn fresh_queue(client: &Client, with_dlq: bool, max_receive: u32) -> TestQueue {
+    let name = unique("q").replace('_', "-");
+    let mut dlq_url = None;
+    let mut create = client
+        .create_queue()
+        .queue_name(&name)
+        .attributes(QueueAttributeName::VisibilityTimeout, "30");
+    if with_dlq {
+        let dlq = client
+            .create_queue()
+            .queue_name(format!("{name}-dlq"))
+            .send()
+            .await
+            .expect("LocalStack must be running: localstack/up");
+        let url = dlq.queue_url().unwrap().to_owned();
+        let arn = client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes()
+            .unwrap()[&QueueAttributeName::QueueArn]
+            .clone();
+        create = create.attributes(
+            QueueAttributeName::RedrivePolicy,
+            serde_json::json!({"deadLetterTargetArn": arn, "maxReceiveCount": max_receive.to_string()})
+                .to_string(),
+        );
+        dlq_url = Some(url);
+    }
+    let output = create
+        .send()
+        .await
+        .expect("LocalStack must be running: localstack/up");
+    TestQueue {
+        url: output.queue_url().unwrap().to_owned(),
+        dlq_url,
+    }
+}
+
+pub async fn send(client: &Client, queue_url: &str, body: &str) -> String {
+    client
+        .send_message()
+        .queue_url(queue_url)
+        .message_body(body)
+        .send()
+        .await
+        .unwrap()
+        .message_id()
+        .unwrap()
+        .to_owned()
+}
+
+/// Visible + in flight + delayed messages.
+pub async fn messages_in(client: &Client, queue_url: &str) -> u64 {
+    let output = client
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+        .send()
+        .await
+        .unwrap();
+    output
+        .attributes()
+        .unwrap()
+        .values()
+        .map(|v| v.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Receive everything currently visible (for asserting a DLQ's contents), then make it
+/// visible again.
+pub async fn peek_all(
+    client: &Client,
+    queue_url: &str,
+    expected: usize,
+    within: Duration,
+) -> Vec<aws_sdk_sqs::types::Message> {
+    let deadline = Instant::now() + within;
+    let mut found = Vec::new();
+    while found.len() < expected && Instant::now() < deadline {
+        let output = client
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(30)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .unwrap();
+        found.extend(output.messages().iter().cloned());
+    }
+    found
+}
+
+pub fn string_attribute(message: &aws_sdk_sqs::types::Message, name: &str) -> Option<String> {
+    message
+        .message_attributes()
+        .and_then(|a| a.get(name))
+        .and_then(MessageAttributeValue::string_value)
+        .map(str::to_owned)
+}
+
+/// Poll `condition` until it holds; panic with `what` after `within`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Test defaults: short polls and backoffs so tests are quick.
+pub fn worker_config(queue_url: &str) -> WorkerConfig {
+    let mut config = WorkerConfig::new(queue_url);
+    config.wait_time = Duration::from_secs(1);
+    config.backoff_base = Duration::from_secs(1);
+    config.backoff_max = Duration::from_secs(4);
+    config.shutdown_timeout = Duration::from_secs(10);
+    config
+}
+
+/// Run workers until the queue has been empty for a moment, then stop them; panics if that
+/// takes longer than `within`.
+pub async fn run_until_drained(
+    client: &Client,
+    queue_url: &str,
+    workers: Vec<Worker>,
+    within: Duration,
+) -> Vec<RunSummary> {
+    let stop = CancellationToken::new();
+    let handles: Vec<_> = workers
+        .into_iter()
+        .map(|w| tokio::spawn(w.with_shutdown(stop.clone()).run()))
+        .collect();
+    // Three empty looks in a row: a message between receive and delete, or one deferred by a
+    // visibility change, shows up in one of the counts in between.
+    let deadline = Instant::now() + within;
+    let mut empty_checks = 0;
+    while empty_checks < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for the queue to drain ({} messages left)",
+            messages_in(client, queue_url).await
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        empty_checks = if messages_in(client, queue_url).await == 0 {
+            empty_checks + 1
+        } else {
+            0
+        };
+    }
+    stop.cancel();
+    let mut summaries = Vec::new();
+    for handle in handles {
+        let summary = tokio::time::timeout(Duration::from_secs(20), handle)
+            .await
+            .expect("worker stops within 20 s of the shutdown signal")
+            .unwrap()
+            .expect("worker run succeeds");
+        summaries.push(summary);
+    }
+    summaries
+}
+
+/// One handler call, as recorded.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub key: String,
+    pub attempt: u32,
+    pub at: Instant,
+}
+
+type Behaviour = dyn Fn(&Job) -> Result<(), HandlerError> + Send + Sync;
+
+/// A handler that records every call, sleeps `delay`, then answers with `behaviour`.
+pub struct RecordingHandler {
+    pub calls: Arc<Mutex<Vec<Call>>>,
+    delay: Duration,
+    behaviour: Box<Behaviour>,
+}
+
+impl RecordingHandler {
+    pub fn new(
+        delay: Duration,
+        behaviour: impl Fn(&Job) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> (Arc<Self>, Arc<Mutex<Vec<Call>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let handler = Arc::new(Self {
+            calls: calls.clone(),
+            delay,
+            behaviour: Box::new(behaviour),
+        });
+        (handler, calls)
+    }
+
+    pub fn succeeding() -> (Arc<Self>, Arc<Mutex<Vec<Call>>>) {
+        Self::new(Duration::ZERO, |_| Ok(()))
+    }
+}
+
+#[async_trait]
+impl Handler for RecordingHandler {
+    async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
+        self.calls.lock().unwrap().push(Call {
+            key: job.key().to_owned(),
+            attempt: job.attempt(),
+            at: Instant::now(),
+        });
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        (self.behaviour)(job)
+    }
+}
+
+pub fn calls_per_key(calls: &Mutex<Vec<Call>>) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for call in calls.lock().unwrap().iter() {
+        *counts.entry(call.key.clone()).or_default() += 1;
+    }
+    counts
+}

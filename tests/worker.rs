@@ -1,0 +1,579 @@
+//! The worker core against real LocalStack and PostgreSQL: once-only processing, the
+//! webhook race, retries with backoff, dead-lettering, and takeover after a crash.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqs_worker::checkpoint::{ClaimOutcome, ClaimRequest};
+use sqs_worker::message::{self, KeySpec};
+use sqs_worker::{CheckpointStore, HandlerError, Worker};
+
+fn key_spec(pointer: &str) -> KeySpec {
+    KeySpec::new(vec![pointer.to_owned()]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_once_and_a_later_duplicate_is_skipped() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let (handler, calls) = RecordingHandler::succeeding();
+    let mut config = worker_config(&queue.url);
+    config.key = key_spec("/event_id");
+    config.scope = Some("orders".into());
+
+    let first_id = send(&client, &queue.url, r#"{"event_id":"evt_1","n":1}"#).await;
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(
+            config.clone(),
+            client.clone(),
+            pool.clone(),
+            handler.clone(),
+        )],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(summaries[0].processed, 1);
+    assert_eq!(calls_per_key(&calls)["evt_1"], 1);
+
+    let store = CheckpointStore::new(pool.clone());
+    let checkpoint = store.find("orders", "evt_1").await.unwrap().unwrap();
+    assert_eq!(checkpoint.status, "complete");
+    assert_eq!(checkpoint.attempts, 1);
+    assert_eq!(checkpoint.first_message_id, first_id);
+    assert!(checkpoint.completed_at.is_some() && checkpoint.lease_owner.is_none());
+
+    // The same event again, later, as a new SQS message (new MessageId): skipped.
+    let second_id = send(&client, &queue.url, r#"{"event_id":"evt_1","n":1}"#).await;
+    assert_ne!(first_id, second_id);
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(summaries[0].processed, 0);
+    assert_eq!(summaries[0].duplicates_skipped, 1);
+    assert_eq!(
+        calls_per_key(&calls)["evt_1"],
+        1,
+        "the handler must not run again"
+    );
+    assert_eq!(messages_in(&client, &queue.url).await, 0);
+}
+
+/// Seed 002: one webhook delivered three times at once, consumed by 4 pollers in each of two
+/// worker instances. Several events make the race happen more than once per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_race_runs_each_event_once() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let (handler, calls) = RecordingHandler::new(Duration::from_millis(300), |_| Ok(()));
+
+    let events = 5;
+    let mut sends = Vec::new();
+    for event in 0..events {
+        for _ in 0..3 {
+            let client = client.clone();
+            let url = queue.url.clone();
+            sends.push(tokio::spawn(async move {
+                send(
+                    &client,
+                    &url,
+                    &format!(r#"{{"object_id":"obj-{event}","action":"changed"}}"#),
+                )
+                .await
+            }));
+        }
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+
+    let workers = (0..2)
+        .map(|i| {
+            let mut config = worker_config(&queue.url);
+            config.key = KeySpec::new(vec!["/object_id".into(), "/action".into()]).unwrap();
+            config.pollers = 4;
+            config.concurrency = 4;
+            // Short leases so deliveries deferred behind a busy lease come back quickly.
+            config.visibility_timeout = Some(Duration::from_secs(3));
+            config.worker_id = Some(format!("racer-{i}"));
+            Worker::new(config, client.clone(), pool.clone(), handler.clone())
+        })
+        .collect();
+    let summaries = run_until_drained(&client, &queue.url, workers, Duration::from_secs(60)).await;
+
+    let counts = calls_per_key(&calls);
+    assert_eq!(counts.len(), events);
+    for (key, count) in &counts {
+        assert_eq!(*count, 1, "event {key} ran {count} times");
+    }
+    let processed: u64 = summaries.iter().map(|s| s.processed).sum();
+    let skipped: u64 = summaries.iter().map(|s| s.duplicates_skipped).sum();
+    assert_eq!(processed, events as u64);
+    assert_eq!(skipped, 2 * events as u64, "{summaries:?}");
+    assert_eq!(
+        messages_in(&client, &queue.url).await,
+        0,
+        "all 15 messages are gone"
+    );
+}
+
+/// The race at its sharpest: two claims for the same new key from two owners in the same
+/// instant. Exactly one may win, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_of_one_key_have_one_winner() {
+    let (pool, _) = fresh_database().await;
+    let store = CheckpointStore::new(pool);
+    for round in 0..25 {
+        let key = format!("race-{round}");
+        let request = |message_id: &str| ClaimRequest {
+            key: key.clone(),
+            payload_sha256: "h".into(),
+            message_id: message_id.into(),
+            reclaim_failed: false,
+        };
+        let lease = Duration::from_secs(30);
+        let (first, second) = ([request("m1")], [request("m2")]);
+        let (a, b) = tokio::join!(
+            store.claim_batch("s", "worker-a", lease, &first),
+            store.claim_batch("s", "worker-b", lease, &second),
+        );
+        let outcomes = [a.unwrap()[&key].clone(), b.unwrap()[&key].clone()];
+        let winners = outcomes
+            .iter()
+            .filter(|o| matches!(o, ClaimOutcome::Claimed(_)))
+            .count();
+        let busy = outcomes
+            .iter()
+            .filter(|o| matches!(o, ClaimOutcome::Busy { .. }))
+            .count();
+        assert_eq!((winners, busy), (1, 1), "round {round}: {outcomes:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_back_off_then_succeed() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 10).await;
+    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |job| {
+        if job.attempt() < 3 {
+            Err(HandlerError::retryable(format!(
+                "flaky dependency (attempt {})",
+                job.attempt()
+            )))
+        } else {
+            Ok(())
+        }
+    });
+    let mut config = worker_config(&queue.url);
+    config.key = key_spec("/id");
+    config.scope = Some("retry".into());
+    send(&client, &queue.url, r#"{"id":"r1"}"#).await;
+
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        Duration::from_secs(40),
+    )
+    .await;
+
+    let calls = calls.lock().unwrap().clone();
+    let attempts: Vec<u32> = calls.iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    // Backoff with base 1 s: attempt 1 waits 0.5–1 s, attempt 2 1–2 s, rounded up to whole
+    // seconds by SQS; without the visibility change the message would return after 30 s, and
+    // without backoff at once.
+    for pair in calls.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(900),
+            "retry came back after {gap:?}"
+        );
+        assert!(
+            gap < Duration::from_secs(10),
+            "retry waited {gap:?}: the backoff was not applied"
+        );
+    }
+    assert_eq!(summaries[0].retried, 2);
+    assert_eq!(summaries[0].processed, 1);
+    let checkpoint = CheckpointStore::new(pool)
+        .find("retry", "r1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.status, "complete");
+    assert_eq!(checkpoint.attempts, 3);
+    assert!(checkpoint.last_error.unwrap().contains("attempt 2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |job| {
+        if job.json().unwrap()["bad"] == true {
+            Err(HandlerError::permanent("amount must be positive"))
+        } else {
+            Ok(())
+        }
+    });
+    let mut config = worker_config(&queue.url);
+    config.key = key_spec("/id");
+    config.scope = Some("perm".into());
+    send(&client, &queue.url, r#"{"id":"p1","bad":true}"#).await;
+    send(&client, &queue.url, "definitely not json").await;
+    send(&client, &queue.url, r#"{"no_id":true}"#).await;
+    send(&client, &queue.url, r#"{"id":"ok1"}"#).await;
+
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(summaries[0].processed, 1);
+    assert_eq!(summaries[0].dead_lettered, 3);
+    assert_eq!(summaries[0].retried, 0);
+    // The handler ran for the two keyed events only, once each.
+    let counts = calls_per_key(&calls);
+    assert_eq!((counts["p1"], counts["ok1"], counts.len()), (1, 1, 2));
+
+    let dead = peek_all(&client, &dlq_url, 3, Duration::from_secs(10)).await;
+    let mut reasons: Vec<(String, String)> = dead
+        .iter()
+        .map(|m| {
+            (
+                m.body().unwrap().to_owned(),
+                string_attribute(m, message::ATTR_FAILURE_REASON).unwrap(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("definitely not json".to_owned(), "invalid_json".to_owned()),
+            (
+                r#"{"id":"p1","bad":true}"#.to_owned(),
+                "handler_permanent".to_owned()
+            ),
+            (r#"{"no_id":true}"#.to_owned(), "missing_key".to_owned()),
+        ]
+    );
+    let detail = dead.iter().find_map(|m| {
+        string_attribute(m, message::ATTR_FAILURE_DETAIL).filter(|d| d.contains("positive"))
+    });
+    assert!(
+        detail.is_some(),
+        "the handler's error travels with the message"
+    );
+
+    let store = CheckpointStore::new(pool);
+    assert_eq!(
+        store.find("perm", "p1").await.unwrap().unwrap().status,
+        "failed"
+    );
+    let unkeyed = store
+        .find("perm", &message::fallback_key("definitely not json"))
+        .await
+        .unwrap()
+        .expect("a failed checkpoint is recorded under the body hash");
+    assert_eq!(unkeyed.status, "failed");
+    assert!(unkeyed.last_error.unwrap().contains("not valid JSON"));
+    assert_eq!(messages_in(&client, &queue.url).await, 0);
+}
+
+/// The exec handler through the real binary: body on stdin, the SQS_WORKER_* environment,
+/// exit 0 done and exit 65 permanent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_handler_gets_body_and_environment() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dir = std::env::temp_dir().join(unique("exec"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("calls.log");
+    send(&client, &queue.url, r#"{"id":"x1","note":"fine"}"#).await;
+    send(&client, &queue.url, r#"{"id":"x2","note":"poison"}"#).await;
+
+    let script = r#"body=$(cat); echo "$SQS_WORKER_KEY attempt=$SQS_WORKER_ATTEMPT final=$SQS_WORKER_FINAL_PASS body=$body" >> "$CALL_LOG"; case "$body" in *poison*) echo "cannot parse note" >&2; exit 65;; esac"#;
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"))
+            .args([
+                "run",
+                "--queue-url",
+                &queue.url,
+                "--key",
+                "/id",
+                "--scope",
+                "exec",
+            ])
+            .args(["--wait-time-seconds", "1", "--exit-when-idle", "2"])
+            .args(["--", "sh", "-c", script])
+            .env("DATABASE_URL", &database_url)
+            .env("AWS_ENDPOINT_URL", endpoint())
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("CALL_LOG", &log)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the worker exits once idle")
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            r#"x1 attempt=1 final=false body={"id":"x1","note":"fine"}"#,
+            r#"x2 attempt=1 final=false body={"id":"x2","note":"poison"}"#,
+        ]
+    );
+    let store = CheckpointStore::new(pool);
+    assert_eq!(
+        store.find("exec", "x1").await.unwrap().unwrap().status,
+        "complete"
+    );
+    let failed = store.find("exec", "x2").await.unwrap().unwrap();
+    assert_eq!(failed.status, "failed");
+    assert!(failed.last_error.unwrap().contains("cannot parse note"));
+    let dead = peek_all(
+        &client,
+        queue.dlq_url.as_ref().unwrap(),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body(), Some(r#"{"id":"x2","note":"poison"}"#));
+    assert_eq!(messages_in(&client, &queue.url).await, 0);
+}
+
+/// A worker process SIGKILLed mid-handler: its lease and the message's visibility expire
+/// together, and another worker takes the event over and completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_is_taken_over_after_the_lease_expires() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dir = std::env::temp_dir().join(unique("kill"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("started");
+    send(&client, &queue.url, r#"{"id":"k1"}"#).await;
+
+    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"))
+        .args([
+            "run",
+            "--queue-url",
+            &queue.url,
+            "--key",
+            "/id",
+            "--scope",
+            "kill",
+        ])
+        .args(["--wait-time-seconds", "1", "--visibility-timeout", "4"])
+        .args(["--worker-id", "victim", "--"])
+        .args(["sh", "-c", r#"echo $$ > "$MARKER"; exec sleep 60"#])
+        .env("DATABASE_URL", &database_url)
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("MARKER", &marker)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the victim's handler to start",
+        Duration::from_secs(30),
+        || {
+            let marker = marker.clone();
+            async move { std::fs::read_to_string(&marker).is_ok_and(|s| !s.trim().is_empty()) }
+        },
+    )
+    .await;
+    victim.kill().await.unwrap(); // SIGKILL: no drain, no cleanup
+    // The orphaned handler process would sleep on; end it so it cannot interfere.
+    let handler_pid = std::fs::read_to_string(&marker).unwrap().trim().to_owned();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &handler_pid])
+        .status();
+
+    let store = CheckpointStore::new(pool.clone());
+    let held = store.find("kill", "k1").await.unwrap().unwrap();
+    assert_eq!(held.status, "in_progress");
+    assert_eq!(held.lease_owner.as_deref(), Some("victim"));
+
+    let (handler, calls) = RecordingHandler::succeeding();
+    let mut config = worker_config(&queue.url);
+    config.key = key_spec("/id");
+    config.scope = Some("kill".into());
+    config.worker_id = Some("rescuer".into());
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool, handler)],
+        Duration::from_secs(40),
+    )
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "the rescuer ran the event once");
+    assert_eq!(
+        calls[0].attempt, 2,
+        "a takeover counts as the second attempt"
+    );
+    assert_eq!(summaries[0].processed, 1);
+    let done = store.find("kill", "k1").await.unwrap().unwrap();
+    assert_eq!(done.status, "complete");
+    assert_eq!(done.attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redriven_messages_may_reclaim_a_failed_event_but_plain_duplicates_may_not() {
+    let (pool, _) = fresh_database().await;
+    let store = CheckpointStore::new(pool);
+    let lease = Duration::from_secs(30);
+    let request = |reclaim_failed| ClaimRequest {
+        key: "f1".into(),
+        payload_sha256: "h".into(),
+        message_id: "m".into(),
+        reclaim_failed,
+    };
+    let first = store
+        .claim_batch("s", "w", lease, &[request(false)])
+        .await
+        .unwrap();
+    assert!(matches!(first["f1"], ClaimOutcome::Claimed(_)));
+    assert!(store.mark_failed("s", "w", "f1", "boom").await.unwrap());
+    let duplicate = store
+        .claim_batch("s", "w", lease, &[request(false)])
+        .await
+        .unwrap();
+    assert_eq!(duplicate["f1"], ClaimOutcome::Failed);
+    let redriven = store
+        .claim_batch("s", "w", lease, &[request(true)])
+        .await
+        .unwrap();
+    let ClaimOutcome::Claimed(claim) = &redriven["f1"] else {
+        panic!("a redrive gets another chance: {redriven:?}")
+    };
+    assert_eq!(claim.attempts, 2);
+    assert!(claim.resumed);
+    // Fencing: another owner cannot complete or fail a lease it does not hold.
+    assert!(
+        store
+            .complete_batch("s", "intruder", &["f1".into()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!store.mark_failed("s", "intruder", "f1", "x").await.unwrap());
+    assert_eq!(
+        store
+            .complete_batch("s", "w", &["f1".into()])
+            .await
+            .unwrap(),
+        ["f1"]
+    );
+}
+
+/// SIGTERM while a handler runs: no new receives, the handler finishes, its event completes
+/// and is deleted, and the process exits 0 well within --shutdown-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_handler_finish_then_exits_zero() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dir = std::env::temp_dir().join(unique("term"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("handler.log");
+    send(&client, &queue.url, r#"{"id":"t1"}"#).await;
+
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"))
+        .args([
+            "run",
+            "--queue-url",
+            &queue.url,
+            "--key",
+            "/id",
+            "--scope",
+            "term",
+        ])
+        .args(["--wait-time-seconds", "3", "--shutdown-timeout", "15", "--"])
+        .args([
+            "sh",
+            "-c",
+            r#"echo started >> "$LOG"; sleep 2; echo finished >> "$LOG""#,
+        ])
+        .env("DATABASE_URL", &database_url)
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("LOG", &log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the handler to start", Duration::from_secs(30), || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).is_ok_and(|s| s.contains("started")) }
+    })
+    .await;
+    let pid = worker.id().unwrap().to_string();
+    let sent_at = std::time::Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("the worker exits within the shutdown timeout")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // The drain waits for the 2 s handler and the ≤3 s long poll in flight, not the deadline.
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(10),
+        "drain took {:?}",
+        sent_at.elapsed()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "started\nfinished\n"
+    );
+    let checkpoint = CheckpointStore::new(pool)
+        .find("term", "t1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.status, "complete");
+    assert_eq!(messages_in(&client, &queue.url).await, 0);
+}

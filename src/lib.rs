@@ -12,6 +12,37 @@
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
 //! - [`handlers`]: built-in handlers (exec, noop).
 //! - [`config`], [`cli`], [`demo`], [`telemetry`]: the binary's glue.
+//!
+//! A handler in Rust, run by a worker:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use sqs_worker::{Handler, HandlerError, Job, Worker, WorkerConfig};
+//! use sqs_worker::message::KeySpec;
+//!
+//! struct ChargeOrder;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for ChargeOrder {
+//!     async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
+//!         let order = job.json().ok_or_else(|| HandlerError::permanent("not JSON"))?;
+//!         // Runs at least once per event: pass job.key() on as an idempotency key.
+//!         println!("charging {} (attempt {})", order["order_id"], job.attempt());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn example() -> anyhow::Result<()> {
+//! let pool = sqs_worker::connect_database("postgres://localhost/app", 8).await?;
+//! sqs_worker::MIGRATOR.run(&pool).await?;
+//! let mut config = WorkerConfig::new("https://sqs.eu-west-1.amazonaws.com/123/orders");
+//! config.key = KeySpec::new(vec!["/order_id".into()]).map_err(anyhow::Error::msg)?;
+//! let client = sqs_worker::sqs::client_from_env().await;
+//! let summary = Worker::new(config, client, pool, Arc::new(ChargeOrder)).run().await?;
+//! println!("{summary:?}");
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 
 pub mod checkpoint;

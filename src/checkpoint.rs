@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 /// A database failure in the checkpoint store.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,10 @@ pub enum ClaimOutcome {
     /// This worker now holds the lease and should run the handler.
     Claimed(Claim),
     /// The event was already processed: the message is a duplicate.
-    Complete,
+    Complete {
+        /// The payload fingerprint recorded when the event was first seen.
+        stored_payload_sha256: String,
+    },
     /// The event was already dead-lettered.
     Failed,
     /// Another worker holds a live lease; look again after `retry_after`.
@@ -63,6 +66,32 @@ pub struct Claim {
     pub steps: Value,
     /// The payload fingerprint recorded when the event was first seen.
     pub stored_payload_sha256: String,
+}
+
+/// One completed step as stored in the checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedStep {
+    /// The step's name.
+    pub name: String,
+    /// Its output, as JSON.
+    pub output: Value,
+}
+
+/// Read the `steps` column; entries without a name become unnamed steps, which then fail the
+/// plan check instead of being skipped silently.
+pub fn parse_steps(steps: &Value) -> Vec<RecordedStep> {
+    steps
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|step| RecordedStep {
+                    name: step["name"].as_str().unwrap_or_default().to_owned(),
+                    output: step.get("output").cloned().unwrap_or(Value::Null),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A checkpoint row as operators see it.
@@ -180,6 +209,7 @@ impl CheckpointStore {
                    claimed.payload_sha256 as "claimed_payload_sha256?",
                    claimed.inserted as "inserted?",
                    existing.status as "existing_status?",
+                   existing.payload_sha256 as "existing_payload_sha256?",
                    extract(epoch from existing.lease_expires_at - now())::float8
                        as "lease_remaining_secs?"
             from input
@@ -207,7 +237,9 @@ impl CheckpointStore {
                     steps: row.claimed_steps.unwrap_or_else(|| Value::Array(vec![])),
                     stored_payload_sha256: row.claimed_payload_sha256.unwrap_or_default(),
                 }),
-                (None, Some("complete")) => ClaimOutcome::Complete,
+                (None, Some("complete")) => ClaimOutcome::Complete {
+                    stored_payload_sha256: row.existing_payload_sha256.unwrap_or_default(),
+                },
                 (None, Some("failed")) => ClaimOutcome::Failed,
                 (None, Some(_)) => ClaimOutcome::Busy {
                     retry_after: Duration::from_secs_f64(
@@ -336,6 +368,82 @@ impl CheckpointStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Append step number `index` (0-based) to the checkpoint, fenced by `owner`. Returns
+    /// false when the lease is no longer ours (or the step was already recorded).
+    pub async fn record_step(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: &str,
+        index: usize,
+        name: &str,
+        output: &Value,
+    ) -> Result<bool, CheckpointError> {
+        let mut connection = self.pool.acquire().await?;
+        Self::record_step_in(&mut connection, scope, key, owner, index, name, output).await
+    }
+
+    /// [`CheckpointStore::record_step`] on a given connection, e.g. inside a step's
+    /// transaction. The length check makes a step impossible to record twice.
+    pub async fn record_step_in(
+        connection: &mut PgConnection,
+        scope: &str,
+        key: &str,
+        owner: &str,
+        index: usize,
+        name: &str,
+        output: &Value,
+    ) -> Result<bool, CheckpointError> {
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set steps = steps || jsonb_build_array(jsonb_build_object(
+                    'name', $5::text, 'output', $6::jsonb, 'completed_at', now())),
+                updated_at = now()
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress' and jsonb_array_length(steps) = $4
+            "#,
+            scope,
+            key,
+            owner,
+            index as i32,
+            name,
+            output,
+        )
+        .execute(&mut *connection)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Begin the transaction of a step that writes in this database: lock the checkpoint row
+    /// if `owner` still holds the lease and step `index` is next. None when the lease is lost.
+    /// Holding the row lock makes a takeover wait until the step commits or rolls back.
+    pub async fn begin_step(
+        &self,
+        scope: &str,
+        key: &str,
+        owner: &str,
+        index: usize,
+    ) -> Result<Option<Transaction<'static, Postgres>>, CheckpointError> {
+        let mut transaction = self.pool.begin().await?;
+        let held = sqlx::query_scalar!(
+            r#"
+            select true as "held!"
+            from checkpoints
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress' and jsonb_array_length(steps) = $4
+            for update
+            "#,
+            scope,
+            key,
+            owner,
+            index as i32,
+        )
+        .fetch_optional(&mut *transaction)
+        .await?;
+        Ok(held.map(|_| transaction))
     }
 
     /// Look one checkpoint up.

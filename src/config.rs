@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::message::KeySpec;
-use crate::worker::WorkerConfig;
+use crate::message::{Envelope, KeySpec};
+use crate::worker::{PayloadMismatch, WorkerConfig};
 
 /// An SQS consumer with exactly-once effects per event: checkpoints in PostgreSQL, retries
 /// with backoff, a DLQ for poison messages.
@@ -109,6 +109,17 @@ pub struct RunArgs {
     )]
     pub keys: Vec<String>,
 
+    /// How events are wrapped: `raw` (the body is the event), `sns` (SNS Notifications are
+    /// unwrapped to their Message; other bodies are taken as raw message delivery) or
+    /// `eventbridge` (the event is the envelope's `detail`). Keys resolve inside the event.
+    #[arg(long, env = "SQS_WORKER_ENVELOPE", value_enum, default_value_t = Envelope::Raw)]
+    pub envelope: Envelope,
+
+    /// When a key arrives again with a different payload: `dead-letter` sends that message
+    /// to the DLQ with reason payload_mismatch; `accept` treats it as the same event.
+    #[arg(long, env = "SQS_WORKER_ON_PAYLOAD_MISMATCH", value_enum, default_value_t = PayloadMismatch::DeadLetter)]
+    pub on_payload_mismatch: PayloadMismatch,
+
     /// Checkpoint scope: keeps the keys of different consumers apart in one table.
     /// [default: the queue's name]
     #[arg(long, env = "SQS_WORKER_SCOPE")]
@@ -190,6 +201,8 @@ impl RunArgs {
             queue_url: self.queue_url.clone(),
             scope: self.scope.clone(),
             key: KeySpec::new(self.keys.clone())?,
+            envelope: self.envelope,
+            on_payload_mismatch: self.on_payload_mismatch,
             pollers: self.pollers as usize,
             concurrency: self.concurrency as usize,
             wait_time: Duration::from_secs(self.wait_time_seconds),

@@ -4,12 +4,23 @@
 //! (done), [`HandlerError::Retryable`] (try again later) or [`HandlerError::Permanent`]
 //! (this event can never succeed: send it to the DLQ). Every handler will run more than
 //! once for some events; design each effect as if it will.
+//!
+//! Multi-step handlers use [`Job::step`] and [`Job::step_tx`]: each completed step's output
+//! is written to the checkpoint before the next step starts, so a crash, a lost lease or a
+//! redelivery resumes after the last completed step instead of starting over.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+
+use crate::checkpoint::{CheckpointStore, RecordedStep};
 
 /// How a handler failed. Retry is a type, not a string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +42,25 @@ pub enum HandlerError {
         /// A short reason code for the DLQ attributes (default `handler_permanent`).
         reason: String,
     },
+    /// Another worker took this event's lease (ours expired): nothing more may be recorded,
+    /// and the message is left to the new holder. Steps return it; propagate it with `?`.
+    #[error("the lease was taken by another worker; stopping at this step")]
+    LeaseLost,
+}
+
+/// Database errors inside a step are retryable: the step's transaction rolled back, so the
+/// next attempt starts that step again from a clean state.
+impl From<sqlx::Error> for HandlerError {
+    fn from(error: sqlx::Error) -> Self {
+        HandlerError::retryable(format!("database error: {error}"))
+    }
+}
+
+/// The future a [`Job::step_tx`] closure returns: boxed, because it borrows the transaction.
+pub type StepFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send + 't>>;
+
+fn plan_mismatch(message: String) -> HandlerError {
+    HandlerError::permanent_with_reason("plan_mismatch", message)
 }
 
 impl HandlerError {
@@ -72,18 +102,24 @@ impl HandlerError {
     }
 }
 
-/// One event to handle.
+/// One event to handle, and the record of its completed steps.
 #[derive(Debug, Clone)]
 pub struct Job {
     pub(crate) scope: String,
     pub(crate) key: String,
     pub(crate) message_id: String,
     pub(crate) body: String,
+    pub(crate) raw_body: String,
     pub(crate) json: Option<Value>,
     pub(crate) attributes: HashMap<String, String>,
     pub(crate) attempt: u32,
     pub(crate) redrive_count: u32,
     pub(crate) final_pass: bool,
+    pub(crate) store: CheckpointStore,
+    pub(crate) owner: String,
+    pub(crate) recorded: Vec<RecordedStep>,
+    pub(crate) next_step: usize,
+    pub(crate) lease_lost: bool,
 }
 
 impl Job {
@@ -102,12 +138,18 @@ impl Job {
         &self.message_id
     }
 
-    /// The body as received.
+    /// The event as text: the message body, unwrapped from its SNS or EventBridge envelope
+    /// when `--envelope` says so.
     pub fn body(&self) -> &str {
         &self.body
     }
 
-    /// The body parsed as JSON, if it is JSON.
+    /// The SQS message body exactly as received, envelope included.
+    pub fn raw_body(&self) -> &str {
+        &self.raw_body
+    }
+
+    /// The event parsed as JSON, if it is JSON.
     pub fn json(&self) -> Option<&Value> {
         self.json.as_ref()
     }
@@ -131,6 +173,190 @@ impl Job {
     pub fn is_final_pass(&self) -> bool {
         self.final_pass
     }
+
+    /// Names of the steps completed so far, earlier attempts included.
+    pub fn completed_steps(&self) -> Vec<&str> {
+        self.recorded.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// Run a named step once per event.
+    ///
+    /// The first time, `run` is called and its output is stored in the checkpoint before this
+    /// returns. On a later attempt (a retry, or another worker taking over), the stored output
+    /// is returned and `run` is not called. Steps must be called in the same order on every
+    /// attempt: a different order is a permanent `plan_mismatch`.
+    ///
+    /// `run` itself may still execute twice if the process dies after it and before the
+    /// record is written; make its effect idempotent (for example with [`Job::key`] as an
+    /// idempotency key downstream), or use [`Job::step_tx`] for writes to this database.
+    pub async fn step<T, E, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Into<HandlerError>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if let Some(output) = self.replay(name)? {
+            return Ok(output);
+        }
+        let output = run().await.map_err(Into::into)?;
+        let value = step_output_json(name, &output)?;
+        let recorded = self
+            .store
+            .record_step(
+                &self.scope,
+                &self.key,
+                &self.owner,
+                self.next_step,
+                name,
+                &value,
+            )
+            .await
+            .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
+        self.after_record(recorded, name, value)?;
+        Ok(output)
+    }
+
+    /// Run a named step inside the checkpoint's own transaction.
+    ///
+    /// `run` gets the PostgreSQL transaction that also records the step: its writes and the
+    /// step record commit together or not at all, so writes to this database happen exactly
+    /// once per event. An error from `run` rolls everything back. The checkpoint row stays
+    /// locked until the transaction ends, so keep the step short.
+    ///
+    /// ```no_run
+    /// # async fn example(job: &mut sqs_worker::Job) -> Result<(), sqs_worker::HandlerError> {
+    /// let rows: u64 = job
+    ///     .step_tx("store_rows", |tx| {
+    ///         Box::pin(async move {
+    ///             let done = sqlx::query("insert into documents (id) values ($1) on conflict do nothing")
+    ///                 .bind("doc-1")
+    ///                 .execute(&mut **tx)
+    ///                 .await?;
+    ///             Ok(done.rows_affected())
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn step_tx<T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> StepFuture<'t, T>,
+    {
+        if let Some(output) = self.replay(name)? {
+            return Ok(output);
+        }
+        let index = self.next_step;
+        let transaction = self
+            .store
+            .begin_step(&self.scope, &self.key, &self.owner, index)
+            .await
+            .map_err(|e| HandlerError::retryable(format!("could not start step {name:?}: {e}")))?;
+        let Some(mut transaction) = transaction else {
+            return Err(self.lose_lease(name));
+        };
+        // On any error below the transaction is dropped, which rolls it back.
+        let output = run(&mut transaction).await?;
+        let value = step_output_json(name, &output)?;
+        let recorded = CheckpointStore::record_step_in(
+            &mut transaction,
+            &self.scope,
+            &self.key,
+            &self.owner,
+            index,
+            name,
+            &value,
+        )
+        .await
+        .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
+        if !recorded {
+            return Err(self.lose_lease(name));
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(|e| HandlerError::retryable(format!("could not commit step {name:?}: {e}")))?;
+        self.after_record(true, name, value)?;
+        Ok(output)
+    }
+
+    /// The stored output of the next step, if an earlier attempt completed it.
+    fn replay<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, HandlerError> {
+        if self.lease_lost {
+            return Err(HandlerError::LeaseLost);
+        }
+        let Some(step) = self.recorded.get(self.next_step) else {
+            return Ok(None);
+        };
+        if step.name != name {
+            return Err(plan_mismatch(format!(
+                "step {} is {name:?} in the handler but {:?} in the checkpoint; the handler's \
+                 steps changed while this event was in progress",
+                self.next_step + 1,
+                step.name
+            )));
+        }
+        let output = serde_json::from_value(step.output.clone()).map_err(|e| {
+            plan_mismatch(format!(
+                "the recorded output of step {name:?} does not fit the handler's type: {e}"
+            ))
+        })?;
+        self.next_step += 1;
+        tracing::debug!(step = name, "step already done; using its recorded output");
+        Ok(Some(output))
+    }
+
+    fn after_record(
+        &mut self,
+        recorded: bool,
+        name: &str,
+        output: Value,
+    ) -> Result<(), HandlerError> {
+        if !recorded {
+            return Err(self.lose_lease(name));
+        }
+        self.recorded.push(RecordedStep {
+            name: name.to_owned(),
+            output,
+        });
+        self.next_step += 1;
+        tracing::debug!(step = name, "step recorded");
+        Ok(())
+    }
+
+    fn lose_lease(&mut self, name: &str) -> HandlerError {
+        self.lease_lost = true;
+        tracing::warn!(
+            step = name,
+            "another worker holds this event's lease now; the step's result is not recorded"
+        );
+        HandlerError::LeaseLost
+    }
+
+    /// A plan mismatch when the handler finished without reaching every recorded step.
+    pub(crate) fn check_plan_complete(&self) -> Result<(), HandlerError> {
+        if self.next_step < self.recorded.len() {
+            return Err(plan_mismatch(format!(
+                "the handler finished after {} steps but the checkpoint records {} ({}); the \
+                 handler's steps changed while this event was in progress",
+                self.next_step,
+                self.recorded.len(),
+                self.completed_steps().join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn step_output_json<T: Serialize>(name: &str, output: &T) -> Result<Value, HandlerError> {
+    serde_json::to_value(output).map_err(|e| {
+        HandlerError::permanent_with_reason(
+            "step_output",
+            format!("the output of step {name:?} cannot be stored as JSON: {e}"),
+        )
+    })
 }
 
 /// User code that handles one event.

@@ -58,6 +58,9 @@ impl KeySpec {
 /// Why no key could be taken from a body. Always permanent: the same body fails the same way.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    /// `--envelope` names a wrapper (SNS, EventBridge) that this body is not.
+    #[error("body is not a valid {0}")]
+    InvalidEnvelope(String),
     /// `--key` needs a JSON body and this one is not JSON.
     #[error("body is not valid JSON ({0}); the key pointers need a JSON body")]
     InvalidJson(String),
@@ -78,6 +81,7 @@ impl KeyError {
     /// A short, stable reason code for DLQ attributes and the checkpoint's last error.
     pub fn reason_code(&self) -> &'static str {
         match self {
+            KeyError::InvalidEnvelope(_) => "invalid_envelope",
             KeyError::InvalidJson(_) => "invalid_json",
             KeyError::MissingField(_) => "missing_key",
             KeyError::InvalidFieldType { .. } => "invalid_key",
@@ -85,16 +89,33 @@ impl KeyError {
     }
 }
 
+/// How events are wrapped in SQS message bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Envelope {
+    /// The body is the event.
+    #[default]
+    Raw,
+    /// SNS → SQS: a body that is an SNS Notification (`Type`, `Message`, `TopicArn`) is
+    /// unwrapped to its `Message`; any other body is taken as is (raw message delivery).
+    Sns,
+    /// EventBridge → SQS: the event is the `detail` of the EventBridge envelope.
+    Eventbridge,
+}
+
 /// An event's identity, derived from the body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventIdentity {
     /// The idempotency key (at most [`MAX_KEY_BYTES`] bytes, no control characters).
     pub key: String,
-    /// The body parsed as JSON, when it is JSON.
+    /// The event (the unwrapped body) as text.
+    pub body: String,
+    /// The event parsed as JSON, when it is JSON.
     pub json: Option<Value>,
+    /// SHA-256 of the event text: the payload fingerprint.
+    pub fingerprint: String,
 }
 
-/// SHA-256 of the body, hex: the payload fingerprint, and the key when there are no pointers.
+/// SHA-256 of a text, hex: the payload fingerprint, and the key when there are no pointers.
 pub fn body_sha256(body: &str) -> String {
     hex::encode(Sha256::digest(body.as_bytes()))
 }
@@ -105,16 +126,63 @@ pub fn fallback_key(body: &str) -> String {
     format!("sha256:{}", body_sha256(body))
 }
 
-/// Derive the idempotency key of a body.
-pub fn derive_identity(spec: &KeySpec, body: &str) -> Result<EventIdentity, KeyError> {
-    let parsed = serde_json::from_str::<Value>(body);
+/// Unwrap the event from a message body.
+pub fn unwrap_envelope(envelope: Envelope, raw: &str) -> Result<(String, Option<Value>), KeyError> {
+    match envelope {
+        Envelope::Raw => Ok((raw.to_owned(), serde_json::from_str(raw).ok())),
+        Envelope::Sns => {
+            let outer = serde_json::from_str::<Value>(raw).ok();
+            let message = outer.as_ref().and_then(|o| {
+                let is_notification = o["Type"] == "Notification" && o["TopicArn"].is_string();
+                is_notification
+                    .then(|| o["Message"].as_str().map(str::to_owned))
+                    .flatten()
+            });
+            match (message, outer) {
+                (Some(message), _) => {
+                    let json = serde_json::from_str(&message).ok();
+                    Ok((message, json))
+                }
+                // Raw message delivery: SNS passed the message through unwrapped.
+                (None, outer) => Ok((raw.to_owned(), outer)),
+            }
+        }
+        Envelope::Eventbridge => {
+            let outer = serde_json::from_str::<Value>(raw)
+                .map_err(|e| KeyError::InvalidEnvelope(format!("EventBridge event: {e}")))?;
+            match (outer.get("detail"), outer.get("detail-type")) {
+                (Some(detail), Some(_)) => Ok((detail.to_string(), Some(detail.clone()))),
+                _ => Err(KeyError::InvalidEnvelope(
+                    "EventBridge event: it needs \"detail\" and \"detail-type\" fields".into(),
+                )),
+            }
+        }
+    }
+}
+
+/// Derive the event and its idempotency key from a message body.
+pub fn derive_identity(
+    spec: &KeySpec,
+    envelope: Envelope,
+    raw: &str,
+) -> Result<EventIdentity, KeyError> {
+    let (body, json) = unwrap_envelope(envelope, raw)?;
+    let fingerprint = body_sha256(&body);
     if !spec.needs_json() {
         return Ok(EventIdentity {
-            key: fallback_key(body),
-            json: parsed.ok(),
+            key: format!("sha256:{fingerprint}"),
+            body,
+            json,
+            fingerprint,
         });
     }
-    let json = parsed.map_err(|error| KeyError::InvalidJson(error.to_string()))?;
+    let Some(json) = json else {
+        let error = serde_json::from_str::<Value>(&body)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        return Err(KeyError::InvalidJson(error));
+    };
     let mut parts = Vec::with_capacity(spec.pointers.len());
     for pointer in &spec.pointers {
         let part = match json.pointer(pointer) {
@@ -142,7 +210,9 @@ pub fn derive_identity(spec: &KeySpec, body: &str) -> Result<EventIdentity, KeyE
     }
     Ok(EventIdentity {
         key: bound_key_length(parts.join("|")),
+        body,
         json: Some(json),
+        fingerprint,
     })
 }
 
@@ -238,83 +308,128 @@ pub fn truncate_for_log(text: &str, max_chars: usize) -> String {
 mod tests {
     use super::*;
 
+    fn derive_identity_raw(spec: &KeySpec, body: &str) -> Result<EventIdentity, KeyError> {
+        derive_identity(spec, Envelope::Raw, body)
+    }
+
     fn spec(pointers: &[&str]) -> KeySpec {
         KeySpec::new(pointers.iter().map(|p| p.to_string()).collect()).unwrap()
     }
 
     #[test]
     fn single_pointer_takes_the_value() {
-        let id = derive_identity(&spec(&["/order_id"]), r#"{"order_id":"o-1"}"#).unwrap();
+        let id = derive_identity_raw(&spec(&["/order_id"]), r#"{"order_id":"o-1"}"#).unwrap();
         assert_eq!(id.key, "o-1");
-        let id = derive_identity(&spec(&["/n"]), r#"{"n":42}"#).unwrap();
+        let id = derive_identity_raw(&spec(&["/n"]), r#"{"n":42}"#).unwrap();
         assert_eq!(id.key, "42");
     }
 
     #[test]
     fn nested_pointer_and_composite_key() {
         let body = r#"{"detail":{"id":"x"},"action":"scheduled"}"#;
-        let id = derive_identity(&spec(&["/detail/id", "/action"]), body).unwrap();
+        let id = derive_identity_raw(&spec(&["/detail/id", "/action"]), body).unwrap();
         assert_eq!(id.key, "x|scheduled");
     }
 
     #[test]
     fn composite_key_is_unambiguous() {
-        let a = derive_identity(&spec(&["/a", "/b"]), r#"{"a":"x|y","b":"z"}"#).unwrap();
-        let b = derive_identity(&spec(&["/a", "/b"]), r#"{"a":"x","b":"y|z"}"#).unwrap();
+        let a = derive_identity_raw(&spec(&["/a", "/b"]), r#"{"a":"x|y","b":"z"}"#).unwrap();
+        let b = derive_identity_raw(&spec(&["/a", "/b"]), r#"{"a":"x","b":"y|z"}"#).unwrap();
         assert_ne!(a.key, b.key);
         assert_eq!(a.key, "x%7Cy|z");
     }
 
     #[test]
     fn nul_and_control_characters_are_escaped() {
-        let id = derive_identity(&spec(&["/k"]), r#"{"k":"a\u0000b\nc%"}"#).unwrap();
+        let id = derive_identity_raw(&spec(&["/k"]), r#"{"k":"a\u0000b\nc%"}"#).unwrap();
         assert_eq!(id.key, "a%00b%0Ac%25");
     }
 
     #[test]
     fn long_keys_are_hashed() {
         let long = "k".repeat(300);
-        let id = derive_identity(&spec(&["/k"]), &format!(r#"{{"k":"{long}"}}"#)).unwrap();
+        let id = derive_identity_raw(&spec(&["/k"]), &format!(r#"{{"k":"{long}"}}"#)).unwrap();
         assert!(id.key.starts_with("sha256:"));
         assert_eq!(id.key.len(), "sha256:".len() + 64);
         let exactly = "k".repeat(MAX_KEY_BYTES);
-        let id = derive_identity(&spec(&["/k"]), &format!(r#"{{"k":"{exactly}"}}"#)).unwrap();
+        let id = derive_identity_raw(&spec(&["/k"]), &format!(r#"{{"k":"{exactly}"}}"#)).unwrap();
         assert_eq!(id.key, exactly);
     }
 
     #[test]
     fn no_pointers_means_hash_of_body_even_for_non_json() {
-        let id = derive_identity(&KeySpec::default(), "not json").unwrap();
+        let id = derive_identity_raw(&KeySpec::default(), "not json").unwrap();
         assert_eq!(id.key, fallback_key("not json"));
         assert!(id.json.is_none());
-        let other = derive_identity(&KeySpec::default(), "not json!").unwrap();
+        let other = derive_identity_raw(&KeySpec::default(), "not json!").unwrap();
         assert_ne!(id.key, other.key);
     }
 
     #[test]
     fn bad_bodies_get_reason_codes() {
         let s = spec(&["/id"]);
-        let err = derive_identity(&s, "not json").unwrap_err();
+        let err = derive_identity_raw(&s, "not json").unwrap_err();
         assert_eq!(err.reason_code(), "invalid_json");
         for body in [r#"{}"#, r#"{"id":null}"#, r#"{"id":""}"#] {
             assert_eq!(
-                derive_identity(&s, body).unwrap_err().reason_code(),
+                derive_identity_raw(&s, body).unwrap_err().reason_code(),
                 "missing_key",
                 "{body}"
             );
         }
         for body in [r#"{"id":{}}"#, r#"{"id":[1]}"#] {
             assert_eq!(
-                derive_identity(&s, body).unwrap_err().reason_code(),
+                derive_identity_raw(&s, body).unwrap_err().reason_code(),
                 "invalid_key",
                 "{body}"
             );
         }
         // A JSON scalar body has no fields at all.
         assert_eq!(
-            derive_identity(&s, "17").unwrap_err().reason_code(),
+            derive_identity_raw(&s, "17").unwrap_err().reason_code(),
             "missing_key"
         );
+    }
+
+    #[test]
+    fn sns_notifications_are_unwrapped_and_raw_delivery_passes_through() {
+        let inner = r#"{"order_id":"o-9","total":5}"#;
+        let notification = serde_json::json!({
+            "Type": "Notification",
+            "MessageId": "sns-1",
+            "TopicArn": "arn:aws:sns:us-east-1:000000000000:orders",
+            "Message": inner,
+            "Timestamp": "2026-11-22T00:00:00.000Z",
+        })
+        .to_string();
+        let id = derive_identity(&spec(&["/order_id"]), Envelope::Sns, &notification).unwrap();
+        assert_eq!(id.key, "o-9");
+        assert_eq!(id.body, inner);
+        assert_eq!(id.fingerprint, body_sha256(inner));
+        // The same event re-published (new SNS MessageId) has the same fingerprint.
+        let republished = notification.replace("sns-1", "sns-2");
+        let again = derive_identity(&spec(&["/order_id"]), Envelope::Sns, &republished).unwrap();
+        assert_eq!(again.fingerprint, id.fingerprint);
+        // Raw message delivery: the body is the event.
+        let raw = derive_identity(&spec(&["/order_id"]), Envelope::Sns, inner).unwrap();
+        assert_eq!(raw.key, "o-9");
+        // A notification whose Message is not JSON cannot yield a key.
+        let bad = notification.replace(&inner.replace('"', "\\\""), "plain text");
+        let error = derive_identity(&spec(&["/order_id"]), Envelope::Sns, &bad).unwrap_err();
+        assert_eq!(error.reason_code(), "invalid_json", "{bad}");
+    }
+
+    #[test]
+    fn eventbridge_detail_is_the_event() {
+        let event = r#"{"version":"0","id":"eb-1","detail-type":"OrderPlaced","source":"shop","time":"2026-11-22T00:00:00Z","detail":{"order_id":"e-1"}}"#;
+        let id = derive_identity(&spec(&["/order_id"]), Envelope::Eventbridge, event).unwrap();
+        assert_eq!(id.key, "e-1");
+        assert_eq!(id.json.unwrap()["order_id"], "e-1");
+        for bad in [r#"{"order_id":"e-1"}"#, "not json", r#"{"detail":{}}"#] {
+            let error =
+                derive_identity(&spec(&["/order_id"]), Envelope::Eventbridge, bad).unwrap_err();
+            assert_eq!(error.reason_code(), "invalid_envelope", "{bad}");
+        }
     }
 
     #[test]

@@ -22,9 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest};
+use crate::checkpoint::{
+    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest,
+};
 use crate::handler::{Handler, HandlerError, Job};
-use crate::message::{self, EventIdentity, KeyError, KeySpec, RedriveMarkers};
+use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
 use crate::sqs::{
     self, MAX_MESSAGE_ATTRIBUTES, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError,
     SqsQueue,
@@ -37,8 +39,12 @@ pub struct WorkerConfig {
     pub queue_url: String,
     /// Checkpoint scope; `None` means the queue's name.
     pub scope: Option<String>,
-    /// Where the idempotency key is in the body.
+    /// Where the idempotency key is in the event.
     pub key: KeySpec,
+    /// How events are wrapped in message bodies.
+    pub envelope: Envelope,
+    /// What to do when a key arrives again with a different payload.
+    pub on_payload_mismatch: PayloadMismatch,
     /// Concurrent long polls.
     pub pollers: usize,
     /// Most messages in flight at once.
@@ -69,6 +75,8 @@ impl WorkerConfig {
             queue_url: queue_url.into(),
             scope: None,
             key: KeySpec::default(),
+            envelope: Envelope::Raw,
+            on_payload_mismatch: PayloadMismatch::DeadLetter,
             pollers: 2,
             concurrency: 20,
             wait_time: Duration::from_secs(20),
@@ -81,6 +89,18 @@ impl WorkerConfig {
             worker_id: None,
         }
     }
+}
+
+/// What to do when an event's key arrives again with a different payload (the Stripe rule:
+/// an idempotency key reused with other content is a client bug, not a duplicate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PayloadMismatch {
+    /// Send the message to the DLQ with reason `payload_mismatch`; the event's checkpoint is
+    /// left as it was.
+    #[default]
+    DeadLetter,
+    /// Treat it as the same event: skip it when complete, resume it when in progress.
+    Accept,
 }
 
 /// What stops a worker from starting.
@@ -173,6 +193,69 @@ pub fn retry_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -> 
     half + half.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
+/// Builds a [`Worker`] from its parts.
+#[derive(Default)]
+pub struct WorkerBuilder {
+    config: Option<WorkerConfig>,
+    client: Option<aws_sdk_sqs::Client>,
+    pool: Option<PgPool>,
+    handler: Option<Arc<dyn Handler>>,
+    shutdown: Option<CancellationToken>,
+}
+
+impl WorkerBuilder {
+    /// The worker's configuration (required).
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The SQS client (required).
+    pub fn sqs_client(mut self, client: aws_sdk_sqs::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The pool of the checkpoint database, already migrated (required).
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The handler (required).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// A handler already shared elsewhere.
+    pub fn shared_handler(mut self, handler: Arc<dyn Handler>) -> Self {
+        self.handler = Some(handler);
+        self
+    }
+
+    /// The token whose cancellation stops the worker (optional; default: never).
+    pub fn shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = Some(token);
+        self
+    }
+
+    /// The worker, or which part is missing.
+    pub fn build(self) -> Result<Worker, WorkerError> {
+        let missing = |what: &str| WorkerError::Config(format!("the worker builder needs {what}"));
+        let worker = Worker::new(
+            self.config.ok_or_else(|| missing("a config"))?,
+            self.client.ok_or_else(|| missing("an SQS client"))?,
+            self.pool.ok_or_else(|| missing("a database pool"))?,
+            self.handler.ok_or_else(|| missing("a handler"))?,
+        );
+        Ok(match self.shutdown {
+            Some(token) => worker.with_shutdown(token),
+            None => worker,
+        })
+    }
+}
+
 /// A worker: one queue, one checkpoint scope, one handler.
 pub struct Worker {
     config: WorkerConfig,
@@ -183,6 +266,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Start building a worker.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
     /// A worker for `config.queue_url`, checkpointing in `pool` (already migrated).
     pub fn new(
         config: WorkerConfig,
@@ -482,7 +570,6 @@ async fn release_unstarted(shared: &Shared, messages: &[ReceivedMessage]) {
 struct Parsed {
     message: ReceivedMessage,
     markers: RedriveMarkers,
-    fingerprint: String,
     identity: Result<EventIdentity, KeyError>,
 }
 
@@ -517,8 +604,11 @@ async fn handle_batch(
                 tracing::warn!(message_id = %message.message_id, %problem, "ignoring an unreadable redrive marker");
             }
             Parsed {
-                fingerprint: message::body_sha256(&message.body),
-                identity: message::derive_identity(&shared.config.key, &message.body),
+                identity: message::derive_identity(
+                    &shared.config.key,
+                    shared.config.envelope,
+                    &message.body,
+                ),
                 markers,
                 message,
             }
@@ -531,7 +621,7 @@ async fn handle_batch(
             let identity = p.identity.as_ref().ok()?;
             Some(ClaimRequest {
                 key: identity.key.clone(),
-                payload_sha256: p.fingerprint.clone(),
+                payload_sha256: identity.fingerprint.clone(),
                 message_id: p.message.message_id.clone(),
                 reclaim_failed: p.markers.redriven,
             })
@@ -573,15 +663,57 @@ async fn handle_batch(
         };
         let key = identity.key.clone();
         if let Some(&i) = claimed_index.get(&key) {
-            claimed[i].2.push(p.message);
+            let first = claimed[i]
+                .0
+                .identity
+                .as_ref()
+                .expect("claimed messages have a key");
+            if shared.config.on_payload_mismatch == PayloadMismatch::DeadLetter
+                && first.fingerprint != identity.fingerprint
+            {
+                let stored = first.fingerprint.clone();
+                let permit = permits.pop();
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    dead_letter_mismatch(&shared, p, false, stored).await;
+                });
+            } else {
+                claimed[i].2.push(p.message);
+            }
             continue;
         }
+        let fingerprint = identity.fingerprint.clone();
+        let mismatch = |stored: &str| {
+            shared.config.on_payload_mismatch == PayloadMismatch::DeadLetter
+                && stored != fingerprint
+        };
         match outcomes.get(&key) {
+            Some(ClaimOutcome::Claimed(claim)) if mismatch(&claim.stored_payload_sha256) => {
+                let stored = claim.stored_payload_sha256.clone();
+                let permit = permits.pop();
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    dead_letter_mismatch(&shared, p, true, stored).await;
+                });
+            }
+            Some(ClaimOutcome::Complete {
+                stored_payload_sha256,
+            }) if mismatch(stored_payload_sha256) => {
+                let stored = stored_payload_sha256.clone();
+                let permit = permits.pop();
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    dead_letter_mismatch(&shared, p, false, stored).await;
+                });
+            }
             Some(ClaimOutcome::Claimed(claim)) => {
                 claimed_index.insert(key, claimed.len());
                 claimed.push((p, claim.clone(), Vec::new()));
             }
-            Some(ClaimOutcome::Complete) | Some(ClaimOutcome::Failed) => {
+            Some(ClaimOutcome::Complete { .. }) | Some(ClaimOutcome::Failed) => {
                 Counters::add(&shared.counters.duplicates_skipped, 1);
                 tracing::info!(
                     message_id = %p.message.message_id,
@@ -648,7 +780,8 @@ async fn run_claimed(
         scope: shared.scope.clone(),
         key: identity.key.clone(),
         message_id: message.message_id.clone(),
-        body: message.body.clone(),
+        body: identity.body,
+        raw_body: message.body.clone(),
         json: identity.json,
         attributes: message
             .attribute_strings()
@@ -657,6 +790,11 @@ async fn run_claimed(
         attempt: claim.attempts,
         redrive_count: parsed.markers.redrive_count,
         final_pass: parsed.markers.final_pass,
+        store: shared.store.clone(),
+        owner: shared.owner.clone(),
+        recorded: checkpoint::parse_steps(&claim.steps),
+        next_step: 0,
+        lease_lost: false,
     };
     if claim.resumed {
         tracing::info!(
@@ -668,7 +806,15 @@ async fn run_claimed(
     // the permit and the outcome with it.
     let handler = shared.handler.clone();
     let mut task = tokio::spawn(
-        async move { handler.handle(&mut job).await }.instrument(tracing::Span::current()),
+        async move {
+            // A handler that returns early without an error must still have reached every
+            // recorded step, or its plan changed under this event.
+            handler
+                .handle(&mut job)
+                .await
+                .and_then(|()| job.check_plan_complete())
+        }
+        .instrument(tracing::Span::current()),
     );
     let result = match tokio::time::timeout(handler_timeout, &mut task).await {
         Ok(Ok(result)) => result,
@@ -714,6 +860,13 @@ async fn run_claimed(
                     tracing::error!(%error, "could not record completion; the message will be delivered again");
                 }
             }
+        }
+        Err(HandlerError::LeaseLost) => {
+            Counters::add(&shared.counters.lease_lost, 1);
+            tracing::warn!(
+                "stopped at a step boundary: another worker took the lease; leaving the message \
+                 to it"
+            );
         }
         Err(HandlerError::Retryable {
             message: error,
@@ -812,7 +965,7 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
             .record_unkeyed_failure(
                 &shared.scope,
                 &key,
-                &parsed.fingerprint,
+                &message::body_sha256(&parsed.message.body),
                 &parsed.message.message_id,
                 &error.to_string(),
             )
@@ -825,6 +978,49 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
             .ack(AckKind::Delete)
             .with_receipts(vec![parsed.message.receipt_handle.clone()])
             .await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// The same key with another payload: to the DLQ with reason `payload_mismatch`. The event's
+/// checkpoint belongs to the first payload and is left alone (a claim taken just now is
+/// released for that payload's own deliveries).
+async fn dead_letter_mismatch(shared: &Arc<Shared>, parsed: Parsed, claimed: bool, stored: String) {
+    let identity = parsed.identity.as_ref().expect("keyed messages only");
+    let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %identity.key);
+    async {
+        let detail = format!(
+            "key {:?} was first seen with payload sha256 {} and now arrives with {}; an \
+             idempotency key must not be reused for different content",
+            identity.key, stored, identity.fingerprint
+        );
+        let sent = send_to_dlq(shared, &parsed.message, "payload_mismatch", &detail).await;
+        if claimed
+            && let Err(error) = shared
+                .store
+                .release(
+                    &shared.scope,
+                    &shared.owner,
+                    &identity.key,
+                    "payload_mismatch",
+                )
+                .await
+        {
+            Counters::add(&shared.counters.database_errors, 1);
+            tracing::error!(%error, "could not release the lease; it expires on its own");
+        }
+        if sent {
+            shared
+                .ack(AckKind::Delete)
+                .with_receipts(vec![parsed.message.receipt_handle.clone()])
+                .await;
+        } else {
+            let delay = shared.backoff(1);
+            shared
+                .change_visibility(&[(parsed.message.receipt_handle.clone(), delay)])
+                .await;
+        }
     }
     .instrument(span)
     .await

@@ -254,33 +254,39 @@ impl CheckpointStore {
         Ok(outcomes)
     }
 
-    /// Mark events complete and clear their leases, fenced by `owner`. Returns the keys that
-    /// were completed; a key missing from the result had its lease taken by another worker.
+    /// Mark events complete and clear their leases. Each entry is `(key, lease owner)` and is
+    /// fenced by that owner. Returns the entries that were completed; one missing from the
+    /// result had its lease taken by another claim.
     pub async fn complete_batch(
         &self,
         scope: &str,
-        owner: &str,
-        keys: &[String],
-    ) -> Result<Vec<String>, CheckpointError> {
-        if keys.is_empty() {
+        entries: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, CheckpointError> {
+        if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let completed = sqlx::query_scalar!(
+        let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+        let owners: Vec<String> = entries.iter().map(|(_, o)| o.clone()).collect();
+        let rows = sqlx::query!(
             r#"
-            update checkpoints
+            update checkpoints as c
             set status = 'complete', lease_owner = null, lease_expires_at = null,
                 completed_at = now(), updated_at = now()
-            where scope = $1 and idempotency_key = any($2::text[])
-              and lease_owner = $3 and status = 'in_progress'
-            returning idempotency_key
+            from unnest($2::text[], $3::text[]) as done(idempotency_key, lease_owner)
+            where c.scope = $1 and c.idempotency_key = done.idempotency_key
+              and c.lease_owner = done.lease_owner and c.status = 'in_progress'
+            returning c.idempotency_key, done.lease_owner as "lease_owner!"
             "#,
             scope,
-            keys,
-            owner,
+            &keys,
+            &owners,
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(completed)
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.idempotency_key, row.lease_owner))
+            .collect())
     }
 
     /// Give the lease back after a retryable failure so the next delivery (after the backoff)

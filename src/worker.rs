@@ -353,6 +353,7 @@ impl Worker {
             handler: self.handler,
             scope,
             owner,
+            claim_sequence: AtomicU64::new(1),
             lease,
             counters: Counters::default(),
             in_flight: AtomicUsize::new(0),
@@ -442,6 +443,10 @@ struct Shared {
     handler: Arc<dyn Handler>,
     scope: String,
     owner: String,
+    /// Numbers each claim statement: the lease owner written to a checkpoint is
+    /// `owner#n`, so even this worker's own stale task (whose lease expired and was taken
+    /// over by a newer claim here) is fenced out.
+    claim_sequence: AtomicU64,
     lease: Duration,
     counters: Counters,
     in_flight: AtomicUsize,
@@ -615,6 +620,11 @@ async fn handle_batch(
         })
         .collect();
 
+    let lease_token = format!(
+        "{}#{}",
+        shared.owner,
+        shared.claim_sequence.fetch_add(1, Ordering::Relaxed)
+    );
     let requests: Vec<ClaimRequest> = parsed
         .iter()
         .filter_map(|p| {
@@ -629,7 +639,7 @@ async fn handle_batch(
         .collect();
     let outcomes = match shared
         .store
-        .claim_batch(&shared.scope, &shared.owner, lease, &requests)
+        .claim_batch(&shared.scope, &lease_token, lease, &requests)
         .await
     {
         Ok(outcomes) => outcomes,
@@ -676,7 +686,7 @@ async fn handle_batch(
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    dead_letter_mismatch(&shared, p, false, stored).await;
+                    dead_letter_mismatch(&shared, p, None, stored).await;
                 });
             } else {
                 claimed[i].2.push(p.message);
@@ -691,11 +701,12 @@ async fn handle_batch(
         match outcomes.get(&key) {
             Some(ClaimOutcome::Claimed(claim)) if mismatch(&claim.stored_payload_sha256) => {
                 let stored = claim.stored_payload_sha256.clone();
+                let lease_token = lease_token.clone();
                 let permit = permits.pop();
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    dead_letter_mismatch(&shared, p, true, stored).await;
+                    dead_letter_mismatch(&shared, p, Some(lease_token), stored).await;
                 });
             }
             Some(ClaimOutcome::Complete {
@@ -706,7 +717,7 @@ async fn handle_batch(
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    dead_letter_mismatch(&shared, p, false, stored).await;
+                    dead_letter_mismatch(&shared, p, None, stored).await;
                 });
             }
             Some(ClaimOutcome::Claimed(claim)) => {
@@ -745,6 +756,7 @@ async fn handle_batch(
     }
 
     for (p, claim, siblings) in claimed {
+        let lease_token = lease_token.clone();
         let permit = permits.pop();
         let shared = shared.clone();
         let handler_timeout = shared.config.handler_timeout.unwrap_or(lease);
@@ -758,7 +770,7 @@ async fn handle_batch(
             async move {
                 let _permit = permit;
                 shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                run_claimed(&shared, p, claim, siblings, handler_timeout).await;
+                run_claimed(&shared, p, claim, &lease_token, siblings, handler_timeout).await;
                 shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                 shared.touch();
             }
@@ -771,6 +783,7 @@ async fn run_claimed(
     shared: &Arc<Shared>,
     parsed: Parsed,
     claim: Claim,
+    lease_token: &str,
     siblings: Vec<ReceivedMessage>,
     handler_timeout: Duration,
 ) {
@@ -791,7 +804,7 @@ async fn run_claimed(
         redrive_count: parsed.markers.redrive_count,
         final_pass: parsed.markers.final_pass,
         store: shared.store.clone(),
-        owner: shared.owner.clone(),
+        owner: lease_token.to_owned(),
         recorded: checkpoint::parse_steps(&claim.steps),
         next_step: 0,
         lease_lost: false,
@@ -840,6 +853,7 @@ async fn run_claimed(
             match shared
                 .ack(AckKind::Complete {
                     key: identity.key.clone(),
+                    lease_token: lease_token.to_owned(),
                 })
                 .with_receipts(receipts)
                 .await
@@ -873,7 +887,7 @@ async fn run_claimed(
             retry_after,
         }) => {
             let delay = retry_after.unwrap_or_else(|| shared.backoff(claim.attempts));
-            retry_later(shared, &identity.key, &error, &receipts, delay).await;
+            retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
         }
         Err(HandlerError::Permanent {
             message: error,
@@ -882,12 +896,12 @@ async fn run_claimed(
             let sent = send_to_dlq(shared, &message, &reason, &error).await;
             if !sent {
                 let delay = shared.backoff(claim.attempts);
-                retry_later(shared, &identity.key, &error, &receipts, delay).await;
+                retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
                 return;
             }
             match shared
                 .store
-                .mark_failed(&shared.scope, &shared.owner, &identity.key, &error)
+                .mark_failed(&shared.scope, lease_token, &identity.key, &error)
                 .await
             {
                 Ok(true) => {}
@@ -909,6 +923,7 @@ async fn run_claimed(
 /// Retryable outcome: give the lease back, then hide the message(s) for `delay`.
 async fn retry_later(
     shared: &Shared,
+    lease_token: &str,
     key: &str,
     error: &str,
     receipts: &[String],
@@ -922,7 +937,7 @@ async fn retry_later(
     );
     if let Err(error) = shared
         .store
-        .release(&shared.scope, &shared.owner, key, error)
+        .release(&shared.scope, lease_token, key, error)
         .await
     {
         // Not fatal: the lease expires on its own, only later than the backoff.
@@ -986,7 +1001,12 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
 /// The same key with another payload: to the DLQ with reason `payload_mismatch`. The event's
 /// checkpoint belongs to the first payload and is left alone (a claim taken just now is
 /// released for that payload's own deliveries).
-async fn dead_letter_mismatch(shared: &Arc<Shared>, parsed: Parsed, claimed: bool, stored: String) {
+async fn dead_letter_mismatch(
+    shared: &Arc<Shared>,
+    parsed: Parsed,
+    lease_token: Option<String>,
+    stored: String,
+) {
     let identity = parsed.identity.as_ref().expect("keyed messages only");
     let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %identity.key);
     async {
@@ -996,12 +1016,12 @@ async fn dead_letter_mismatch(shared: &Arc<Shared>, parsed: Parsed, claimed: boo
             identity.key, stored, identity.fingerprint
         );
         let sent = send_to_dlq(shared, &parsed.message, "payload_mismatch", &detail).await;
-        if claimed
+        if let Some(lease_token) = &lease_token
             && let Err(error) = shared
                 .store
                 .release(
                     &shared.scope,
-                    &shared.owner,
+                    lease_token,
                     &identity.key,
                     "payload_mismatch",
                 )
@@ -1109,8 +1129,8 @@ fn dlq_message(
 // ---- the acker: batched completion + DeleteMessageBatch ----
 
 enum AckKind {
-    /// Mark the checkpoint complete (fenced), then delete the receipts.
-    Complete { key: String },
+    /// Mark the checkpoint complete (fenced by the lease token), then delete the receipts.
+    Complete { key: String, lease_token: String },
     /// Just delete the receipts.
     Delete,
 }
@@ -1229,14 +1249,14 @@ async fn run_acker(
 }
 
 async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
-    let keys: Vec<String> = batch
+    let keys: Vec<(String, String)> = batch
         .iter()
         .filter_map(|r| match &r.kind {
-            AckKind::Complete { key } => Some(key.clone()),
+            AckKind::Complete { key, lease_token } => Some((key.clone(), lease_token.clone())),
             AckKind::Delete => None,
         })
         .collect();
-    let completed: Result<HashSet<String>, String> = complete_with_retries(shared, &keys)
+    let completed: Result<HashSet<(String, String)>, String> = complete_with_retries(shared, &keys)
         .await
         .map(|done| done.into_iter().collect())
         .map_err(|error| format!("cannot mark events complete: {error}"));
@@ -1251,7 +1271,11 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
         // before its checkpoint says complete or failed.
         let result = match (&request.kind, &completed) {
             (AckKind::Delete, _) => AckResult::Done,
-            (AckKind::Complete { key }, Ok(done)) if done.contains(key) => AckResult::Done,
+            (AckKind::Complete { key, lease_token }, Ok(done))
+                if done.contains(&(key.clone(), lease_token.clone())) =>
+            {
+                AckResult::Done
+            }
             (AckKind::Complete { .. }, Ok(_)) => AckResult::LeaseLost,
             (AckKind::Complete { .. }, Err(error)) => AckResult::Failed(error.clone()),
         };
@@ -1272,16 +1296,12 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
 
 async fn complete_with_retries(
     shared: &Shared,
-    keys: &[String],
-) -> Result<Vec<String>, CheckpointError> {
+    keys: &[(String, String)],
+) -> Result<Vec<(String, String)>, CheckpointError> {
     let mut delay = Duration::from_millis(100);
     let mut tries = 0;
     loop {
-        match shared
-            .store
-            .complete_batch(&shared.scope, &shared.owner, keys)
-            .await
-        {
+        match shared.store.complete_batch(&shared.scope, keys).await {
             Ok(done) => return Ok(done),
             Err(error) if tries < 3 => {
                 Counters::add(&shared.counters.database_errors, 1);

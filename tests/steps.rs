@@ -175,8 +175,10 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
     let queue = fresh_queue(&client, true, 5).await;
     send(&client, &queue.url, r#"{"doc":"tx1"}"#).await;
 
+    /// (attempt, rows seen inside the step, steps recorded before it) per successful call.
+    type Observed = Arc<Mutex<Vec<(u32, i64, Vec<String>)>>>;
     struct StoreRows {
-        observed: Arc<Mutex<Vec<(u32, i64, Vec<String>)>>>,
+        observed: Observed,
     }
     #[async_trait]
     impl Handler for StoreRows {

@@ -189,17 +189,16 @@ impl Job {
     /// `run` itself may still execute twice if the process dies after it and before the
     /// record is written; make its effect idempotent (for example with [`Job::key`] as an
     /// idempotency key downstream), or use [`Job::step_tx`] for writes to this database.
-    pub async fn step<T, E, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    pub async fn step<T, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
     where
         T: Serialize + DeserializeOwned,
-        E: Into<HandlerError>,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        Fut: Future<Output = Result<T, HandlerError>>,
     {
         if let Some(output) = self.replay(name)? {
             return Ok(output);
         }
-        let output = run().await.map_err(Into::into)?;
+        let output = run().await?;
         let value = step_output_json(name, &output)?;
         let recorded = self
             .store
@@ -224,13 +223,18 @@ impl Job {
     /// once per event. An error from `run` rolls everything back. The checkpoint row stays
     /// locked until the transaction ends, so keep the step short.
     ///
+    /// The closure returns a boxed future ([`StepFuture`]) because it borrows the
+    /// transaction; it may also borrow from the handler (`&self`, local variables).
+    ///
     /// ```no_run
     /// # async fn example(job: &mut sqs_worker::Job) -> Result<(), sqs_worker::HandlerError> {
+    /// let document_id = job.key().to_owned();
+    /// let document_id = &document_id; // borrowed by the step's future
     /// let rows: u64 = job
     ///     .step_tx("store_rows", |tx| {
     ///         Box::pin(async move {
     ///             let done = sqlx::query("insert into documents (id) values ($1) on conflict do nothing")
-    ///                 .bind("doc-1")
+    ///                 .bind(document_id)
     ///                 .execute(&mut **tx)
     ///                 .await?;
     ///             Ok(done.rows_affected())
@@ -240,10 +244,12 @@ impl Job {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn step_tx<T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    // `'a` bounds what the closure's future may borrow: `&'t mut Transaction<'a, _>` implies
+    // `'a: 't`, so a future living for `'t` may hold `&'a` references.
+    pub async fn step_tx<'a, T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
     where
         T: Serialize + DeserializeOwned,
-        F: for<'t> FnOnce(&'t mut Transaction<'static, Postgres>) -> StepFuture<'t, T>,
+        F: for<'t> FnOnce(&'t mut Transaction<'a, Postgres>) -> StepFuture<'t, T>,
     {
         if let Some(output) = self.replay(name)? {
             return Ok(output);
@@ -254,9 +260,10 @@ impl Job {
             .begin_step(&self.scope, &self.key, &self.owner, index)
             .await
             .map_err(|e| HandlerError::retryable(format!("could not start step {name:?}: {e}")))?;
-        let Some(mut transaction) = transaction else {
+        let Some(transaction) = transaction else {
             return Err(self.lose_lease(name));
         };
+        let mut transaction: Transaction<'a, Postgres> = transaction;
         // On any error below the transaction is dropped, which rolls it back.
         let output = run(&mut transaction).await?;
         let value = step_output_json(name, &output)?;

@@ -190,11 +190,13 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
                 .map(|s| s.to_string())
                 .collect();
             let doc = job.key().to_owned();
+            // Borrowed, not moved: the step's future may hold references to the caller.
+            let doc = &doc;
             let rows = job
                 .step_tx("store", |tx| {
                     Box::pin(async move {
                         sqlx::query("insert into test_rows (doc, note) values ($1, 'x')")
-                            .bind(&doc)
+                            .bind(doc)
                             .execute(&mut **tx)
                             .await?;
                         let (rows,): (i64,) = sqlx::query_as("select count(*) from test_rows")

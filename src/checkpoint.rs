@@ -127,6 +127,62 @@ pub struct Checkpoint {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+/// A message that ended for good, as recorded in `dead_letters`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Row id (for `dead-letters show|requeue --id`).
+    pub id: i64,
+    /// Checkpoint scope.
+    pub scope: String,
+    /// The event's idempotency key.
+    pub idempotency_key: String,
+    /// The queue the message was consumed from.
+    pub queue_url: String,
+    /// SQS message id of the last delivery.
+    pub message_id: String,
+    /// The body, verbatim.
+    pub body: String,
+    /// Message attributes: `{"name": {"type": "String", "value": "…"}}`.
+    pub attributes: Value,
+    /// Reason code, e.g. `handler_permanent`, `retryable`, `redrives_exhausted`.
+    pub reason: String,
+    /// The error text.
+    pub error: String,
+    /// Claims of the event when it ended.
+    pub attempts: i32,
+    /// Redrives the message had been through.
+    pub redrive_count: i32,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// What to record about a message that ends for good.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter<'a> {
+    /// Checkpoint scope.
+    pub scope: &'a str,
+    /// The event's idempotency key.
+    pub key: &'a str,
+    /// The queue the message was consumed from.
+    pub queue_url: &'a str,
+    /// SQS message id.
+    pub message_id: &'a str,
+    /// The body, verbatim.
+    pub body: &'a str,
+    /// Message attributes as JSON.
+    pub attributes: &'a Value,
+    /// Reason code.
+    pub reason: &'a str,
+    /// Error text.
+    pub error: &'a str,
+    /// Claims of the event.
+    pub attempts: i32,
+    /// Redrives the message had been through.
+    pub redrive_count: i32,
+    /// Payload fingerprint, for a checkpoint created here.
+    pub payload_sha256: &'a str,
+}
+
 /// The checkpoint table behind a connection pool.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
@@ -450,6 +506,108 @@ impl CheckpointStore {
         .fetch_optional(&mut *transaction)
         .await?;
         Ok(held.map(|_| transaction))
+    }
+
+    /// Record a message that ends for good, and (with `mark_checkpoint`) mark its event
+    /// failed — both in one transaction, so a crash leaves either both or neither. The
+    /// checkpoint is left alone when it is complete or leased by a claim other than
+    /// `lease_owner`.
+    pub async fn record_dead_letter(
+        &self,
+        letter: &NewDeadLetter<'_>,
+        mark_checkpoint: bool,
+        lease_owner: Option<&str>,
+    ) -> Result<i64, CheckpointError> {
+        let mut transaction = self.pool.begin().await?;
+        let id = sqlx::query_scalar!(
+            r#"
+            insert into dead_letters
+                (scope, idempotency_key, queue_url, message_id, body, attributes, reason, error,
+                 attempts, redrive_count)
+            values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            returning id
+            "#,
+            letter.scope,
+            letter.key,
+            letter.queue_url,
+            letter.message_id,
+            letter.body,
+            letter.attributes,
+            letter.reason,
+            letter.error,
+            letter.attempts,
+            letter.redrive_count,
+        )
+        .fetch_one(&mut *transaction)
+        .await?;
+        if mark_checkpoint {
+            sqlx::query!(
+                r#"
+                insert into checkpoints as c
+                    (scope, idempotency_key, status, payload_sha256, first_message_id,
+                     last_message_id, last_error)
+                values ($1, $2, 'failed', $3, $4, $4, $5)
+                on conflict (scope, idempotency_key) do update
+                set status = 'failed', lease_owner = null, lease_expires_at = null,
+                    last_message_id = excluded.last_message_id,
+                    last_error = excluded.last_error, updated_at = now()
+                where c.status <> 'complete'
+                  and (c.lease_owner is null or c.lease_owner = $6
+                       or c.lease_expires_at <= now())
+                "#,
+                letter.scope,
+                letter.key,
+                letter.payload_sha256,
+                letter.message_id,
+                letter.error,
+                lease_owner,
+            )
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        Ok(id)
+    }
+
+    /// Dead letters, newest first, optionally of one scope.
+    pub async fn list_dead_letters(
+        &self,
+        scope: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, CheckpointError> {
+        let rows = sqlx::query_as!(
+            DeadLetter,
+            r#"
+            select id, scope, idempotency_key, queue_url, message_id, body, attributes, reason,
+                   error, attempts, redrive_count, created_at
+            from dead_letters
+            where $1::text is null or scope = $1
+            order by id desc
+            limit $2
+            "#,
+            scope,
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// One dead letter by id.
+    pub async fn find_dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, CheckpointError> {
+        let row = sqlx::query_as!(
+            DeadLetter,
+            r#"
+            select id, scope, idempotency_key, queue_url, message_id, body, attributes, reason,
+                   error, attempts, redrive_count, created_at
+            from dead_letters
+            where id = $1
+            "#,
+            id,
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
     }
 
     /// Look one checkpoint up.

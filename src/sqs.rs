@@ -60,6 +60,21 @@ impl ReceivedMessage {
             .map(|(name, value)| (name.as_str(), value.string_value()))
     }
 
+    /// Message attributes as JSON, `{"name": {"type": "String", "value": "…"}}`, for
+    /// records (Binary values are noted by type only).
+    pub fn attributes_json(&self) -> serde_json::Value {
+        self.message_attributes
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.clone(),
+                    serde_json::json!({"type": value.data_type(), "value": value.string_value()}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     /// The FIFO message group, if this came from a FIFO queue.
     pub fn message_group_id(&self) -> Option<&str> {
         self.system_attributes

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::checkpoint::{
-    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest,
+    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, NewDeadLetter,
 };
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
@@ -131,6 +131,8 @@ pub struct RunSummary {
     pub retried: u64,
     /// Messages sent to the DLQ.
     pub dead_lettered: u64,
+    /// Final-pass failures recorded in `dead_letters` and deleted.
+    pub final_pass_failures: u64,
     /// Messages SQS refused to delete (they come back and are skipped cheaply).
     pub delete_failures: u64,
     /// Completions refused because another worker had taken the lease.
@@ -151,6 +153,7 @@ struct Counters {
     busy_deferred: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    final_pass_failures: AtomicU64,
     delete_failures: AtomicU64,
     lease_lost: AtomicU64,
     receive_errors: AtomicU64,
@@ -171,6 +174,7 @@ impl Counters {
             busy_deferred: get(&self.busy_deferred),
             retried: get(&self.retried),
             dead_lettered: get(&self.dead_lettered),
+            final_pass_failures: get(&self.final_pass_failures),
             delete_failures: get(&self.delete_failures),
             lease_lost: get(&self.lease_lost),
             receive_errors: get(&self.receive_errors),
@@ -789,6 +793,7 @@ async fn run_claimed(
 ) {
     let identity = parsed.identity.expect("claimed messages have a key");
     let message = parsed.message;
+    let markers = parsed.markers;
     let mut job = Job {
         scope: shared.scope.clone(),
         key: identity.key.clone(),
@@ -801,8 +806,8 @@ async fn run_claimed(
             .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
             .collect(),
         attempt: claim.attempts,
-        redrive_count: parsed.markers.redrive_count,
-        final_pass: parsed.markers.final_pass,
+        redrive_count: markers.redrive_count,
+        final_pass: markers.final_pass,
         store: shared.store.clone(),
         owner: lease_token.to_owned(),
         recorded: checkpoint::parse_steps(&claim.steps),
@@ -848,6 +853,28 @@ async fn run_claimed(
 
     let mut receipts = vec![message.receipt_handle.clone()];
     receipts.extend(siblings.iter().map(|s| s.receipt_handle.clone()));
+    // The last redrive an operator allowed: any failure ends here, recorded, never looping.
+    if markers.final_pass
+        && let Err(error @ (HandlerError::Retryable { .. } | HandlerError::Permanent { .. })) =
+            &result
+    {
+        let reason = match error {
+            HandlerError::Permanent { reason, .. } => reason.as_str(),
+            _ => "retryable",
+        };
+        let failure = FinalFailure {
+            key: &identity.key,
+            fingerprint: &identity.fingerprint,
+            lease_token: Some(lease_token),
+            mark_checkpoint: true,
+            reason,
+            error: &error.to_string(),
+            attempts: claim.attempts,
+            redrive_count: markers.redrive_count,
+        };
+        end_final_pass(shared, &message, receipts, failure).await;
+        return;
+    }
     match result {
         Ok(()) => {
             match shared
@@ -920,6 +947,67 @@ async fn run_claimed(
     }
 }
 
+/// What a final-pass failure records.
+struct FinalFailure<'a> {
+    key: &'a str,
+    fingerprint: &'a str,
+    lease_token: Option<&'a str>,
+    mark_checkpoint: bool,
+    reason: &'a str,
+    error: &'a str,
+    attempts: u32,
+    redrive_count: u32,
+}
+
+/// A failure on a DLQ redrive's final pass: record the message in `dead_letters` (and the
+/// event failed), delete it, and say so once. No retry, no return to the DLQ.
+async fn end_final_pass(
+    shared: &Shared,
+    message: &ReceivedMessage,
+    receipts: Vec<String>,
+    failure: FinalFailure<'_>,
+) {
+    let attributes = message.attributes_json();
+    let letter = NewDeadLetter {
+        scope: &shared.scope,
+        key: failure.key,
+        queue_url: shared.sqs.url(),
+        message_id: &message.message_id,
+        body: &message.body,
+        attributes: &attributes,
+        reason: failure.reason,
+        error: failure.error,
+        attempts: failure.attempts.min(i32::MAX as u32) as i32,
+        redrive_count: failure.redrive_count.min(i32::MAX as u32) as i32,
+        payload_sha256: failure.fingerprint,
+    };
+    match shared
+        .store
+        .record_dead_letter(&letter, failure.mark_checkpoint, failure.lease_token)
+        .await
+    {
+        Ok(id) => {
+            shared.ack(AckKind::Delete).with_receipts(receipts).await;
+            Counters::add(&shared.counters.final_pass_failures, 1);
+            tracing::warn!(
+                dead_letter_id = id,
+                reason = failure.reason,
+                error = %failure.error,
+                redrive_count = failure.redrive_count,
+                "final redrive pass failed; recorded in dead_letters and deleted (no retry, no DLQ)"
+            );
+        }
+        Err(error) => {
+            Counters::add(&shared.counters.database_errors, 1);
+            tracing::error!(
+                %error,
+                "final redrive pass failed but could not be recorded in dead_letters; the \
+                 message comes back after its visibility timeout"
+            );
+        }
+    }
+}
+
 /// Retryable outcome: give the lease back, then hide the message(s) for `delay`.
 async fn retry_later(
     shared: &Shared,
@@ -959,6 +1047,21 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
     let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %key);
     async {
         tracing::warn!(reason = error.reason_code(), %error, "message has no usable idempotency key");
+        if parsed.markers.final_pass {
+            let failure = FinalFailure {
+                key: &key,
+                fingerprint: &message::body_sha256(&parsed.message.body),
+                lease_token: None,
+                mark_checkpoint: true,
+                reason: error.reason_code(),
+                error: &error.to_string(),
+                attempts: 1,
+                redrive_count: parsed.markers.redrive_count,
+            };
+            let receipts = vec![parsed.message.receipt_handle.clone()];
+            end_final_pass(shared, &parsed.message, receipts, failure).await;
+            return;
+        }
         if !send_to_dlq(shared, &parsed.message, error.reason_code(), &error.to_string()).await {
             let receive_count = parsed
                 .message
@@ -1015,6 +1118,33 @@ async fn dead_letter_mismatch(
              idempotency key must not be reused for different content",
             identity.key, stored, identity.fingerprint
         );
+        if parsed.markers.final_pass {
+            let failure = FinalFailure {
+                key: &identity.key,
+                fingerprint: &identity.fingerprint,
+                lease_token: None,
+                // The checkpoint belongs to the first payload: leave it alone.
+                mark_checkpoint: false,
+                reason: "payload_mismatch",
+                error: &detail,
+                attempts: 1,
+                redrive_count: parsed.markers.redrive_count,
+            };
+            let receipts = vec![parsed.message.receipt_handle.clone()];
+            end_final_pass(shared, &parsed.message, receipts, failure).await;
+            if let Some(lease_token) = &lease_token {
+                let _ = shared
+                    .store
+                    .release(
+                        &shared.scope,
+                        lease_token,
+                        &identity.key,
+                        "payload_mismatch",
+                    )
+                    .await;
+            }
+            return;
+        }
         let sent = send_to_dlq(shared, &parsed.message, "payload_mismatch", &detail).await;
         if let Some(lease_token) = &lease_token
             && let Err(error) = shared

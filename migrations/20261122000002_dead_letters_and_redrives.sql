@@ -14,7 +14,9 @@ create table dead_letters (
     error           text        not null,
     attempts        integer     not null,
     redrive_count   integer     not null,
-    created_at      timestamptz not null default now()
+    created_at      timestamptz not null default now(),
+    -- Set by `dead-letters requeue`: sent back on purpose, markers reset.
+    requeued_at     timestamptz
 );
 
 create index dead_letters_scope_created_at on dead_letters (scope, created_at);

@@ -154,6 +154,8 @@ pub struct DeadLetter {
     pub redrive_count: i32,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
+    /// When `dead-letters requeue` sent it back, if it did.
+    pub requeued_at: Option<DateTime<Utc>>,
 }
 
 /// What to record about a message that ends for good.
@@ -181,6 +183,19 @@ pub struct NewDeadLetter<'a> {
     pub redrive_count: i32,
     /// Payload fingerprint, for a checkpoint created here.
     pub payload_sha256: &'a str,
+}
+
+/// Counts of a redrive run, as stored in its `redrives` audit row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RedriveCounts {
+    /// Sent back to the source queue.
+    pub redriven: u64,
+    /// Deleted because their event was already complete.
+    pub skipped_complete: u64,
+    /// Recorded in dead_letters because their redrive count reached the maximum.
+    pub exhausted: u64,
+    /// Left in the DLQ because sending failed.
+    pub failed: u64,
 }
 
 /// The checkpoint table behind a connection pool.
@@ -569,6 +584,68 @@ impl CheckpointStore {
         Ok(id)
     }
 
+    /// Open the audit row of a redrive run; returns its id.
+    pub async fn start_redrive_audit(
+        &self,
+        operator: &str,
+        dlq_url: &str,
+        target_url: &str,
+        max_redrives: i32,
+        dry_run: bool,
+    ) -> Result<i64, CheckpointError> {
+        let id = sqlx::query_scalar!(
+            r#"
+            insert into redrives (operator, dlq_url, target_url, max_redrives, dry_run)
+            values ($1, $2, $3, $4, $5)
+            returning id
+            "#,
+            operator,
+            dlq_url,
+            target_url,
+            max_redrives,
+            dry_run,
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Close the audit row of a redrive run with its counts.
+    pub async fn finish_redrive_audit(
+        &self,
+        id: i64,
+        counts: &RedriveCounts,
+    ) -> Result<(), CheckpointError> {
+        let clamp = |n: u64| n.min(i32::MAX as u64) as i32;
+        sqlx::query!(
+            r#"
+            update redrives
+            set redriven = $2, skipped_complete = $3, exhausted = $4, failed = $5,
+                finished_at = now()
+            where id = $1
+            "#,
+            id,
+            clamp(counts.redriven),
+            clamp(counts.skipped_complete),
+            clamp(counts.exhausted),
+            clamp(counts.failed),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Note that a dead letter was sent back on purpose.
+    pub async fn mark_dead_letter_requeued(&self, id: i64) -> Result<(), CheckpointError> {
+        sqlx::query!(
+            "update dead_letters set requeued_at = now() where id = $1",
+            id
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Dead letters, newest first, optionally of one scope.
     pub async fn list_dead_letters(
         &self,
@@ -579,7 +656,7 @@ impl CheckpointStore {
             DeadLetter,
             r#"
             select id, scope, idempotency_key, queue_url, message_id, body, attributes, reason,
-                   error, attempts, redrive_count, created_at
+                   error, attempts, redrive_count, created_at, requeued_at
             from dead_letters
             where $1::text is null or scope = $1
             order by id desc
@@ -599,7 +676,7 @@ impl CheckpointStore {
             DeadLetter,
             r#"
             select id, scope, idempotency_key, queue_url, message_id, body, attributes, reason,
-                   error, attempts, redrive_count, created_at
+                   error, attempts, redrive_count, created_at, requeued_at
             from dead_letters
             where id = $1
             "#,

@@ -1,14 +1,23 @@
 //! The subcommands behind `main.rs`: CLI glue, so `anyhow` and printing live here.
 
+use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Checkpoint, CheckpointStore};
-use crate::config::{BuiltinHandler, CheckpointsShowArgs, OutputFormat, RunArgs};
+use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
+use crate::config::{
+    BuiltinHandler, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
+    KeyArgs, OutputFormat, RedriveArgs, RunArgs,
+};
 use crate::handler::Handler;
 use crate::handlers::{ExecHandler, NoopHandler};
+use crate::message::{self, KeySpec};
+use crate::redrive::{self, Action, Filter, Outcome, RedriveOptions};
+use crate::sqs::{self, OutgoingMessage, SqsQueue};
 use crate::worker::{RunSummary, Worker};
 
 /// Connect to PostgreSQL with an error that says what to do.
@@ -130,6 +139,399 @@ fn print_checkpoint(c: &Checkpoint) {
     for (name, value) in rows {
         println!("{name:<15} {value}");
     }
+}
+
+fn key_spec(args: &KeyArgs) -> anyhow::Result<KeySpec> {
+    KeySpec::new(args.keys.clone())
+        .map_err(anyhow::Error::msg)
+        .context("invalid --key")
+}
+
+fn default_operator() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+fn describe_action(action: &Action) -> String {
+    match action {
+        Action::Redriven {
+            redrive_count,
+            final_pass,
+        } => format!(
+            "redrive (count {redrive_count}{})",
+            if *final_pass { ", final pass" } else { "" }
+        ),
+        Action::AlreadyComplete => "already done: delete".into(),
+        Action::Exhausted { reason } => format!("{reason}: record in dead_letters, delete"),
+        Action::FilteredOut => "filtered out: keep".into(),
+        Action::Failed { error } => format!("send failed, kept: {error}"),
+    }
+}
+
+/// `sqs-worker redrive`.
+pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
+    let client = sqs::client_from_env().await;
+    if args.native {
+        return redrive_native(client, &args).await;
+    }
+    let pool = connect(&args.database.database_url, 2).await?;
+    crate::MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying migrations failed")?;
+    let store = CheckpointStore::new(pool);
+    let options = RedriveOptions {
+        dlq_url: args.dlq_url.clone(),
+        to: args.to.clone(),
+        max_redrives: args.max_redrives,
+        rate: args.rate.filter(|r| *r > 0.0),
+        limit: args.limit,
+        dry_run: args.dry_run,
+        include_complete: args.include_complete,
+        filter: args
+            .filter
+            .as_deref()
+            .map(Filter::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        scope: args.scope.clone(),
+        key: key_spec(&args.key)?,
+        envelope: args.key.envelope,
+        operator: args.operator.clone().unwrap_or_else(default_operator),
+    };
+
+    // Progress: one updating line on a terminal, one line per message otherwise.
+    let terminal = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut tally: HashMap<&'static str, u64> = HashMap::new();
+    let report = redrive::redrive(client, &store, &options, |outcome| {
+        let kind = match outcome.action {
+            Action::Redriven { .. } => "redriven",
+            Action::AlreadyComplete => "already done",
+            Action::Exhausted { .. } => "exhausted",
+            Action::FilteredOut => "filtered out",
+            Action::Failed { .. } => "failed",
+        };
+        *tally.entry(kind).or_default() += 1;
+        if options.dry_run {
+            outcomes.push(outcome.clone());
+        } else if terminal {
+            let examined: u64 = tally.values().sum();
+            eprint!(
+                "\r{examined} examined · {} redriven · {} already done · {} exhausted · {} failed · {:.1}/s   ",
+                tally.get("redriven").unwrap_or(&0),
+                tally.get("already done").unwrap_or(&0),
+                tally.get("exhausted").unwrap_or(&0),
+                tally.get("failed").unwrap_or(&0),
+                examined as f64 / started.elapsed().as_secs_f64().max(0.001),
+            );
+        } else {
+            eprintln!(
+                "{} key={} {}",
+                outcome.message_id,
+                outcome.key,
+                describe_action(&outcome.action)
+            );
+        }
+    })
+    .await?;
+    if terminal && !options.dry_run {
+        eprintln!();
+    }
+
+    match args.format {
+        OutputFormat::Json => {
+            let value = serde_json::json!({ "summary": report, "messages": outcomes });
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        OutputFormat::Table => {
+            if options.dry_run {
+                println!(
+                    "{:<38} {:<30} {:>8} {:<12} WOULD",
+                    "MESSAGE ID", "KEY", "REDRIVES", "CHECKPOINT"
+                );
+                for o in &outcomes {
+                    println!(
+                        "{:<38} {:<30} {:>8} {:<12} {}",
+                        o.message_id,
+                        message::truncate_for_log(&o.key, 29),
+                        o.previous_redrive_count
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        o.checkpoint_status.as_deref().unwrap_or("-"),
+                        describe_action(&o.action)
+                    );
+                }
+                println!();
+            }
+            println!(
+                "redrive #{} to {}{}",
+                report.audit_id,
+                report.target_url,
+                if options.dry_run {
+                    " (dry run: nothing changed)"
+                } else {
+                    ""
+                }
+            );
+            let verb = if options.dry_run { "would be " } else { "" };
+            let lines = [
+                ("examined".to_owned(), report.examined),
+                (format!("{verb}redriven"), report.counts.redriven),
+                (
+                    format!("already done ({verb}deleted)"),
+                    report.counts.skipped_complete,
+                ),
+                (
+                    format!("exhausted ({verb}recorded)"),
+                    report.counts.exhausted,
+                ),
+                ("filtered out (kept)".to_owned(), report.filtered_out),
+                ("send failures (kept)".to_owned(), report.counts.failed),
+            ];
+            for (label, count) in lines {
+                println!("  {label:<32}{count:>6}");
+            }
+            println!("  {:<32}{:>6.1}", "seconds", report.elapsed_secs);
+        }
+    }
+    if report.counts.failed > 0 {
+        bail!(
+            "{} message(s) could not be sent and stay in the DLQ; run the redrive again",
+            report.counts.failed
+        );
+    }
+    Ok(())
+}
+
+async fn redrive_native(client: aws_sdk_sqs::Client, args: &RedriveArgs) -> anyhow::Result<()> {
+    let dlq = SqsQueue::new(client, args.dlq_url.clone());
+    if args.status {
+        let tasks = dlq.list_message_move_tasks().await?;
+        match args.format {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&tasks)?),
+            OutputFormat::Table => {
+                println!(
+                    "{:<12} {:>8} {:>8}  TASK HANDLE",
+                    "STATUS", "MOVED", "TO MOVE"
+                );
+                for task in &tasks {
+                    println!(
+                        "{:<12} {:>8} {:>8}  {}",
+                        task["status"].as_str().unwrap_or("-"),
+                        task["moved"],
+                        task["to_move"],
+                        task["task_handle"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
+    if let Some(handle) = &args.cancel {
+        let moved = dlq.cancel_message_move_task(handle).await?;
+        println!("cancelled; {moved} message(s) had been moved");
+        return Ok(());
+    }
+    tracing::warn!(
+        "--native uses SQS's StartMessageMoveTask: it cannot add redrive markers, so a message \
+         that fails again goes back to the DLQ and can loop; prefer the default redrive"
+    );
+    let destination = match &args.to {
+        Some(url) => Some(dlq.sibling(url.clone()).arn().await?),
+        None => None,
+    };
+    let rate = args.rate.map(|r| r.round().clamp(1.0, 500.0) as i32);
+    let handle = dlq.start_message_move_task(destination, rate).await?;
+    println!("started move task {handle}; follow it with --native --status");
+    Ok(())
+}
+
+/// `sqs-worker dlq peek`.
+pub async fn dlq_peek(args: DlqPeekArgs) -> anyhow::Result<()> {
+    let client = sqs::client_from_env().await;
+    let key = key_spec(&args.key)?;
+    let peeked = redrive::peek(
+        client,
+        &args.dlq_url,
+        args.limit as usize,
+        &key,
+        args.key.envelope,
+    )
+    .await?;
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&peeked)?),
+        OutputFormat::Table => {
+            println!(
+                "{:<38} {:<24} {:>7} {:>5} {:>8} {:<18} BODY",
+                "MESSAGE ID", "KEY", "AGE", "RECV", "REDRIVES", "REASON"
+            );
+            for m in &peeked {
+                println!(
+                    "{:<38} {:<24} {:>7} {:>5} {:>8} {:<18} {}",
+                    m.message_id,
+                    message::truncate_for_log(&m.key, 23),
+                    m.age_secs.map(human_age).unwrap_or_else(|| "-".into()),
+                    m.receive_count
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    m.redrive_count,
+                    m.failure_reason.as_deref().unwrap_or("-"),
+                    m.body_preview.replace('\n', " ")
+                );
+            }
+            eprintln!(
+                "{} message(s) shown; all were made visible again",
+                peeked.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// `sqs-worker dead-letters list` (and `export`, as JSON lines).
+pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyhow::Result<()> {
+    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let letters = store
+        .list_dead_letters(args.scope.as_deref(), args.limit)
+        .await?;
+    if export {
+        for letter in &letters {
+            println!("{}", serde_json::to_string(letter)?);
+        }
+        return Ok(());
+    }
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&letters)?),
+        OutputFormat::Table => {
+            println!(
+                "{:>6} {:<20} {:<16} {:<24} {:<22} {:>8} ERROR",
+                "ID", "WHEN", "SCOPE", "KEY", "REASON", "REDRIVES"
+            );
+            for l in &letters {
+                println!(
+                    "{:>6} {:<20} {:<16} {:<24} {:<22} {:>8} {}",
+                    l.id,
+                    l.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    message::truncate_for_log(&l.scope, 15),
+                    message::truncate_for_log(&l.idempotency_key, 23),
+                    l.reason,
+                    l.redrive_count,
+                    message::truncate_for_log(&l.error, 60)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `sqs-worker dead-letters show`.
+pub async fn dead_letter_show(args: DeadLetterIdArgs) -> anyhow::Result<()> {
+    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let letter = find_dead_letter(&store, args.id).await?;
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&letter)?),
+        OutputFormat::Table => {
+            let rows = [
+                ("id", letter.id.to_string()),
+                ("scope", letter.scope.clone()),
+                ("key", letter.idempotency_key.clone()),
+                ("queue", letter.queue_url.clone()),
+                ("message id", letter.message_id.clone()),
+                ("reason", letter.reason.clone()),
+                ("error", letter.error.clone()),
+                ("attempts", letter.attempts.to_string()),
+                ("redrives", letter.redrive_count.to_string()),
+                ("recorded", letter.created_at.to_rfc3339()),
+                (
+                    "requeued",
+                    letter
+                        .requeued_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                ("attributes", letter.attributes.to_string()),
+                ("body", letter.body.clone()),
+            ];
+            for (name, value) in rows {
+                println!("{name:<11} {value}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn find_dead_letter(store: &CheckpointStore, id: i64) -> anyhow::Result<DeadLetter> {
+    store
+        .find_dead_letter(id)
+        .await?
+        .with_context(|| format!("no dead letter with id {id}; see `sqs-worker dead-letters list`"))
+}
+
+/// `sqs-worker dead-letters requeue`: send one back on purpose. It carries
+/// `dlq_redriven=true` (so its failed checkpoint may be claimed again) and a redrive count of
+/// 0, so it gets the full number of redrives again.
+pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
+    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let letter = find_dead_letter(&store, args.id).await?;
+    let mut attributes = HashMap::new();
+    if let Some(recorded) = letter.attributes.as_object() {
+        for (name, value) in recorded {
+            let (Some(kind), Some(text)) = (value["type"].as_str(), value["value"].as_str()) else {
+                continue;
+            };
+            let attribute = if kind.starts_with("Number") {
+                sqs::number_attribute(text)
+            } else {
+                sqs::string_attribute(text)
+            };
+            attributes.insert(name.clone(), attribute);
+        }
+    }
+    for marker in [
+        message::ATTR_DLQ_FINAL_PASS,
+        message::ATTR_FAILURE_REASON,
+        message::ATTR_FAILURE_DETAIL,
+    ] {
+        attributes.remove(marker);
+    }
+    attributes.insert(
+        message::ATTR_DLQ_REDRIVEN.into(),
+        sqs::string_attribute("true"),
+    );
+    attributes.insert(message::ATTR_REDRIVE_COUNT.into(), sqs::number_attribute(0));
+    let fifo = letter.queue_url.ends_with(".fifo");
+    let queue = SqsQueue::new(sqs::client_from_env().await, letter.queue_url.clone());
+    let message_id = queue
+        .send(OutgoingMessage {
+            body: letter.body.clone(),
+            attributes,
+            message_group_id: fifo.then(|| "sqs-worker-requeue".to_owned()),
+            deduplication_id: fifo.then(|| format!("requeue-{}", letter.id)),
+            delay: None,
+        })
+        .await?;
+    store.mark_dead_letter_requeued(letter.id).await?;
+    println!(
+        "requeued dead letter {} to {} as message {message_id}",
+        letter.id, letter.queue_url
+    );
+    Ok(())
 }
 
 /// Hide the password of a database URL for messages.

@@ -63,6 +63,21 @@ pub enum Command {
     /// Send sample orders (with duplicates and a poison message) to the local `orders` queue,
     /// process them with a built-in sample handler until idle, and print a summary.
     Demo(DemoArgs),
+    /// Move messages from a DLQ back to their queue with redrive markers, so that a failing
+    /// final pass ends recorded in dead_letters instead of looping.
+    Redrive(RedriveArgs),
+    /// Inspect a DLQ.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Messages that ended for good (failed final passes, exhausted redrives).
+    DeadLetters {
+        /// What to do.
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
     /// Inspect checkpoints.
     Checkpoints {
         /// What to inspect.
@@ -244,6 +259,174 @@ pub struct DemoArgs {
     /// How many distinct orders to send.
     #[arg(long, env = "SQS_WORKER_DEMO_ORDERS", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub orders: u32,
+}
+
+/// How the target worker reads keys, so operator tools can find checkpoints.
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    /// JSON pointer(s) to the idempotency key, as given to the worker (`--key`).
+    #[arg(
+        long = "key",
+        value_name = "POINTER",
+        env = "SQS_WORKER_KEY",
+        value_delimiter = ','
+    )]
+    pub keys: Vec<String>,
+
+    /// The worker's envelope (`raw`, `sns`, `eventbridge`).
+    #[arg(long, env = "SQS_WORKER_ENVELOPE", value_enum, default_value_t = Envelope::Raw)]
+    pub envelope: Envelope,
+}
+
+/// Options of `sqs-worker redrive`.
+#[derive(Debug, Clone, Args)]
+pub struct RedriveArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// URL of the DLQ to drain.
+    #[arg(long, env = "SQS_WORKER_DLQ_URL")]
+    pub dlq_url: String,
+
+    /// Queue to send to. [default: the queue whose RedrivePolicy names the DLQ; required
+    /// when several do]
+    #[arg(long, value_name = "URL", env = "SQS_WORKER_REDRIVE_TO")]
+    pub to: Option<String>,
+
+    /// Redrives allowed per message. The last carries dlq_final_pass=true (a failure then
+    /// ends in dead_letters); a message already at the maximum is recorded there and not
+    /// sent again.
+    #[arg(long, env = "SQS_WORKER_MAX_REDRIVES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_redrives: u32,
+
+    /// Most messages sent per second.
+    #[arg(long, value_name = "PER_SEC", env = "SQS_WORKER_REDRIVE_RATE")]
+    pub rate: Option<f64>,
+
+    /// Stop after examining this many messages.
+    #[arg(long, env = "SQS_WORKER_REDRIVE_LIMIT")]
+    pub limit: Option<u64>,
+
+    /// Show, per message, its key, redrive count, checkpoint status and what a real run
+    /// would do; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Redrive messages whose event is already complete (by default they are deleted from
+    /// the DLQ as already done).
+    #[arg(long)]
+    pub include_complete: bool,
+
+    /// Only messages with this message attribute value (`NAME=VALUE`) or event field value
+    /// (`/json/pointer=VALUE`); the others stay in the DLQ.
+    #[arg(long, value_name = "FILTER")]
+    pub filter: Option<String>,
+
+    /// Checkpoint scope of the target worker. [default: the target queue's name]
+    #[arg(long, env = "SQS_WORKER_SCOPE")]
+    pub scope: Option<String>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub key: KeyArgs,
+
+    /// Who runs this, for the `redrives` audit row. [default: $USER@host]
+    #[arg(long, env = "SQS_WORKER_OPERATOR")]
+    pub operator: Option<String>,
+
+    /// Use SQS's own StartMessageMoveTask instead (fast bulk move, but it cannot add
+    /// redrive markers, so a failing message can loop again).
+    #[arg(long, conflicts_with_all = ["dry_run", "filter", "limit", "include_complete"])]
+    pub native: bool,
+
+    /// With --native: show the DLQ's move tasks instead of starting one.
+    #[arg(long, requires = "native")]
+    pub status: bool,
+
+    /// With --native: cancel the move task with this handle.
+    #[arg(long, value_name = "TASK_HANDLE", requires = "native")]
+    pub cancel: Option<String>,
+
+    /// Output format of the per-message report and summary.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// `sqs-worker dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Show messages in a DLQ without keeping them (each is made visible again at once).
+    Peek(DlqPeekArgs),
+}
+
+/// Options of `sqs-worker dlq peek`.
+#[derive(Debug, Clone, Args)]
+pub struct DlqPeekArgs {
+    /// URL of the DLQ.
+    #[arg(long, env = "SQS_WORKER_DLQ_URL")]
+    pub dlq_url: String,
+
+    /// Most messages to show.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub key: KeyArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// `sqs-worker dead-letters …`
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// List dead letters, newest first.
+    List(DeadLettersListArgs),
+    /// Show one dead letter whole (body, attributes, error).
+    Show(DeadLetterIdArgs),
+    /// Write dead letters as JSON lines on stdout, one object per line.
+    Export(DeadLettersListArgs),
+    /// Send one dead letter back to its queue on purpose, with its redrive count reset to 0.
+    Requeue(DeadLetterIdArgs),
+}
+
+/// Options of `dead-letters list` and `export`.
+#[derive(Debug, Clone, Args)]
+pub struct DeadLettersListArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// Only this checkpoint scope.
+    #[arg(long, env = "SQS_WORKER_SCOPE")]
+    pub scope: Option<String>,
+
+    /// Most rows.
+    #[arg(long, default_value_t = 100)]
+    pub limit: i64,
+
+    /// Output format (list only; export always writes JSON lines).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// Options naming one dead letter.
+#[derive(Debug, Clone, Args)]
+pub struct DeadLetterIdArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// The dead letter's id (from `dead-letters list`).
+    #[arg(long)]
+    pub id: i64,
+
+    /// Output format (show only).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
 }
 
 /// `sqs-worker checkpoints …`

@@ -11,6 +11,7 @@
 //! - [`message`]: pure parsing — keys, redrive markers.
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
 //! - [`handlers`]: built-in handlers (exec, noop).
+//! - [`redrive`]: operator tooling — redrive a DLQ with markers, peek at it.
 //! - [`config`], [`cli`], [`demo`], [`telemetry`]: the binary's glue.
 //!
 //! A handler in Rust, run by a worker:
@@ -52,6 +53,7 @@ pub mod demo;
 pub mod handler;
 pub mod handlers;
 pub mod message;
+pub mod redrive;
 pub mod sqs;
 pub mod telemetry;
 pub mod worker;

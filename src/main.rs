@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use sqs_worker::config::{CheckpointsCommand, Cli, Command};
+use sqs_worker::config::{CheckpointsCommand, Cli, Command, DeadLettersCommand, DlqCommand};
 use sqs_worker::{cli, demo, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +18,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate(db) => cli::migrate(&db.database_url).await,
         Command::Run(run) => cli::run(run, shutdown).await.map(|_| ()),
         Command::Demo(options) => demo::run(options, shutdown).await,
+        Command::Redrive(redrive) => cli::redrive(redrive).await,
+        Command::Dlq {
+            command: DlqCommand::Peek(peek),
+        } => cli::dlq_peek(peek).await,
+        Command::DeadLetters { command } => match command {
+            DeadLettersCommand::List(list) => cli::dead_letters_list(list, false).await,
+            DeadLettersCommand::Export(list) => cli::dead_letters_list(list, true).await,
+            DeadLettersCommand::Show(one) => cli::dead_letter_show(one).await,
+            DeadLettersCommand::Requeue(one) => cli::dead_letter_requeue(one).await,
+        },
         Command::Checkpoints {
             command: CheckpointsCommand::Show(show),
         } => cli::show_checkpoint(show).await,

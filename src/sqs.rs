@@ -352,6 +352,89 @@ impl SqsQueue {
         Ok(failures)
     }
 
+    /// The queue's ARN.
+    pub async fn arn(&self) -> Result<String, SqsError> {
+        let attributes = self
+            .queue_attributes(&[QueueAttributeName::QueueArn])
+            .await?;
+        Ok(attributes
+            .get(&QueueAttributeName::QueueArn)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// URLs of the queues whose RedrivePolicy names this queue as their DLQ.
+    pub async fn dead_letter_source_queues(&self) -> Result<Vec<String>, SqsError> {
+        let output = self
+            .client
+            .list_dead_letter_source_queues()
+            .queue_url(&self.url)
+            .send()
+            .await
+            .map_err(|e| SqsError::new("ListDeadLetterSourceQueues", e))?;
+        Ok(output.queue_urls().to_vec())
+    }
+
+    /// Start SQS's own move of this DLQ's messages back to their source (or `destination`),
+    /// at most `rate` per second. Returns the task handle.
+    pub async fn start_message_move_task(
+        &self,
+        destination_arn: Option<String>,
+        rate: Option<i32>,
+    ) -> Result<String, SqsError> {
+        let source_arn = self.arn().await?;
+        let output = self
+            .client
+            .start_message_move_task()
+            .source_arn(source_arn)
+            .set_destination_arn(destination_arn)
+            .set_max_number_of_messages_per_second(rate)
+            .send()
+            .await
+            .map_err(|e| SqsError::new("StartMessageMoveTask", e))?;
+        Ok(output.task_handle().unwrap_or_default().to_owned())
+    }
+
+    /// SQS's move tasks from this DLQ, newest first, as JSON objects.
+    pub async fn list_message_move_tasks(&self) -> Result<Vec<serde_json::Value>, SqsError> {
+        let source_arn = self.arn().await?;
+        let output = self
+            .client
+            .list_message_move_tasks()
+            .source_arn(source_arn)
+            .send()
+            .await
+            .map_err(|e| SqsError::new("ListMessageMoveTasks", e))?;
+        Ok(output
+            .results()
+            .iter()
+            .map(|task| {
+                serde_json::json!({
+                    "task_handle": task.task_handle(),
+                    "status": task.status(),
+                    "moved": task.approximate_number_of_messages_moved(),
+                    "to_move": task.approximate_number_of_messages_to_move(),
+                    "rate": task.max_number_of_messages_per_second(),
+                    "destination_arn": task.destination_arn(),
+                    "failure_reason": task.failure_reason(),
+                    "started_at_ms": task.started_timestamp(),
+                })
+            })
+            .collect())
+    }
+
+    /// Cancel a running move task; returns how many messages it had moved.
+    pub async fn cancel_message_move_task(&self, task_handle: &str) -> Result<i64, SqsError> {
+        let output = self
+            .client
+            .cancel_message_move_task()
+            .task_handle(task_handle)
+            .send()
+            .await
+            .map_err(|e| SqsError::new("CancelMessageMoveTask", e))?;
+        Ok(output.approximate_number_of_messages_moved())
+    }
+
     /// Send one message to this queue.
     pub async fn send(&self, message: OutgoingMessage) -> Result<String, SqsError> {
         let output = self

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sqs_worker::message::{self, KeySpec};
+use sqs_worker::message::{self, Envelope, KeySpec};
+use sqs_worker::redrive::{Action, RedriveOptions, redrive};
 use sqs_worker::sqs::string_attribute as attribute;
 use sqs_worker::{CheckpointStore, HandlerError, Worker};
 
@@ -94,4 +95,419 @@ async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
     );
     let same = store.find_dead_letter(fp1.id).await.unwrap().unwrap();
     assert_eq!(same.message_id, fp1.message_id);
+}
+
+fn redrive_options(dlq_url: &str, max_redrives: u32) -> RedriveOptions {
+    RedriveOptions {
+        dlq_url: dlq_url.to_owned(),
+        to: None,
+        max_redrives,
+        rate: None,
+        limit: None,
+        dry_run: false,
+        include_complete: false,
+        filter: None,
+        scope: Some("orders".into()),
+        key: KeySpec::new(vec!["/id".into()]).unwrap(),
+        envelope: Envelope::Raw,
+        operator: "test-operator".into(),
+    }
+}
+
+/// The whole operator story: poison messages reach the DLQ through maxReceiveCount, a
+/// redrive with --max-redrives 1 gives them their final pass, it fails, and they end in
+/// dead_letters with both queues empty; the handler ran a bounded number of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 2).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    for id in ["p1", "p2"] {
+        send(&client, &queue.url, &format!(r#"{{"id":"{id}"}}"#)).await;
+    }
+    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |_| {
+        Err(HandlerError::retryable("bug in the handler"))
+    });
+    let mut config = worker_config(&queue.url);
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.scope = Some("orders".into());
+    config.backoff_base = Duration::from_millis(500);
+    config.backoff_max = Duration::from_secs(1);
+    // Until SQS moves both to the DLQ (third receive > maxReceiveCount 2).
+    run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(
+            config.clone(),
+            client.clone(),
+            pool.clone(),
+            handler.clone(),
+        )],
+        Duration::from_secs(40),
+    )
+    .await;
+    wait_until(
+        "both poison messages in the DLQ",
+        Duration::from_secs(20),
+        || {
+            let (client, dlq_url) = (client.clone(), dlq_url.clone());
+            async move { messages_in(&client, &dlq_url).await == 2 }
+        },
+    )
+    .await;
+    let runs_before_redrive = calls.lock().unwrap().len();
+    assert_eq!(runs_before_redrive, 4, "two receives each before the DLQ");
+
+    let store = CheckpointStore::new(pool.clone());
+    let report = redrive(
+        client.clone(),
+        &store,
+        &redrive_options(&dlq_url, 1),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report.target_url, queue.url,
+        "found through ListDeadLetterSourceQueues"
+    );
+    assert_eq!(report.counts.redriven, 2);
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(summaries[0].final_pass_failures, 2);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        runs_before_redrive + 2,
+        "one final run each"
+    );
+    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    let letters = store.list_dead_letters(Some("orders"), 10).await.unwrap();
+    assert_eq!(letters.len(), 2);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.redrive_count == 1 && l.reason == "retryable")
+    );
+    // A further redrive finds nothing to do: nothing loops.
+    let again = redrive(
+        client.clone(),
+        &store,
+        &redrive_options(&dlq_url, 1),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.examined, 0);
+}
+
+/// After the handler is fixed, a redrive completes the dead-lettered events — including
+/// ones whose checkpoint was marked failed by a permanent error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_after_a_fix_completes_the_events() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    send(&client, &queue.url, r#"{"id":"f1","v":1}"#).await;
+    let mut config = worker_config(&queue.url);
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.scope = Some("orders".into());
+    let (broken, _) = RecordingHandler::new(Duration::ZERO, |_| {
+        Err(HandlerError::permanent("schema v1 not supported"))
+    });
+    run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(
+            config.clone(),
+            client.clone(),
+            pool.clone(),
+            broken,
+        )],
+        Duration::from_secs(30),
+    )
+    .await;
+    let store = CheckpointStore::new(pool.clone());
+    assert_eq!(
+        store.find("orders", "f1").await.unwrap().unwrap().status,
+        "failed"
+    );
+
+    let report = redrive(
+        client.clone(),
+        &store,
+        &redrive_options(&dlq_url, 3),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.counts.redriven, 1);
+    let (fixed, calls) = RecordingHandler::new(Duration::ZERO, |job| {
+        assert_eq!((job.redrive_count(), job.is_final_pass()), (1, false));
+        Ok(())
+    });
+    let summaries = run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), fixed)],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(summaries[0].processed, 1);
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    let checkpoint = store.find("orders", "f1").await.unwrap().unwrap();
+    assert_eq!(
+        (checkpoint.status.as_str(), checkpoint.attempts),
+        ("complete", 2)
+    );
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+}
+
+/// An event already complete when its copy is found in the DLQ is reported as done and
+/// deleted, not redriven; a dry run reports and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_events_in_the_dlq_are_deleted_not_redriven() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    send(&client, &queue.url, r#"{"id":"done1"}"#).await;
+    let (handler, _) = RecordingHandler::succeeding();
+    let mut config = worker_config(&queue.url);
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.scope = Some("orders".into());
+    run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        Duration::from_secs(30),
+    )
+    .await;
+    send(&client, &dlq_url, r#"{"id":"done1"}"#).await;
+    send(&client, &dlq_url, r#"{"id":"other"}"#).await;
+
+    let store = CheckpointStore::new(pool.clone());
+    let mut dry = redrive_options(&dlq_url, 3);
+    dry.dry_run = true;
+    let mut lines = Vec::new();
+    let report = redrive(client.clone(), &store, &dry, |o| lines.push(o.clone()))
+        .await
+        .unwrap();
+    lines.sort_by(|a, b| a.key.cmp(&b.key));
+    let seen: Vec<(String, Option<String>, Action)> = lines
+        .iter()
+        .map(|o| (o.key.clone(), o.checkpoint_status.clone(), o.action.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "done1".to_owned(),
+                Some("complete".to_owned()),
+                Action::AlreadyComplete
+            ),
+            (
+                "other".to_owned(),
+                None,
+                Action::Redriven {
+                    redrive_count: 1,
+                    final_pass: false
+                }
+            ),
+        ]
+    );
+    assert_eq!(report.counts.skipped_complete, 1);
+    assert_eq!(
+        messages_in(&client, &dlq_url).await,
+        2,
+        "a dry run changes nothing"
+    );
+    assert_eq!(messages_in(&client, &queue.url).await, 0);
+
+    let report = redrive(
+        client.clone(),
+        &store,
+        &redrive_options(&dlq_url, 3),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.counts.skipped_complete, report.counts.redriven),
+        (1, 1)
+    );
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    let moved = peek_all(&client, &queue.url, 1, Duration::from_secs(5)).await;
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].body(), Some(r#"{"id":"other"}"#));
+    assert_eq!(
+        string_attribute(&moved[0], message::ATTR_REDRIVE_COUNT).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        string_attribute(&moved[0], message::ATTR_DLQ_REDRIVEN).as_deref(),
+        Some("true")
+    );
+}
+
+/// Hostile marker values on DLQ messages get a definite outcome: unreadable counts and
+/// counts at or past the maximum are recorded in dead_letters and never sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_redrive_counts_are_recorded_not_redriven() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    for (id, count) in [
+        ("h1", "abc"),
+        ("h2", "-1"),
+        ("h3", "99999999999"),
+        ("h4", "4294967295"),
+        ("h5", "2"),
+    ] {
+        client
+            .send_message()
+            .queue_url(&dlq_url)
+            .message_body(format!(r#"{{"id":"{id}"}}"#))
+            .message_attributes(message::ATTR_REDRIVE_COUNT, attribute(count))
+            .message_attributes(message::ATTR_DLQ_FINAL_PASS, attribute("maybe"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let store = CheckpointStore::new(pool.clone());
+    let mut outcomes = Vec::new();
+    let report = redrive(client.clone(), &store, &redrive_options(&dlq_url, 3), |o| {
+        outcomes.push((o.key.clone(), o.action.clone()))
+    })
+    .await
+    .unwrap();
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+    let exhausted = |reason: &str| Action::Exhausted {
+        reason: reason.to_owned(),
+    };
+    assert_eq!(
+        outcomes,
+        [
+            ("h1".to_owned(), exhausted("invalid_redrive_count")),
+            ("h2".to_owned(), exhausted("invalid_redrive_count")),
+            ("h3".to_owned(), exhausted("invalid_redrive_count")),
+            ("h4".to_owned(), exhausted("redrives_exhausted")),
+            (
+                "h5".to_owned(),
+                Action::Redriven {
+                    redrive_count: 3,
+                    final_pass: true
+                }
+            ),
+        ]
+    );
+    assert_eq!(report.counts.exhausted, 4);
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    assert_eq!(
+        store
+            .list_dead_letters(Some("orders"), 10)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+    let sent = peek_all(&client, &queue.url, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        string_attribute(&sent[0], message::ATTR_DLQ_FINAL_PASS).as_deref(),
+        Some("true")
+    );
+}
+
+/// A redrive process killed midway (SIGKILL) loses nothing: every message is in the DLQ,
+/// the target, or both; a second run finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_killed_midway_loses_nothing() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    let total = 12;
+    for i in 0..total {
+        send(&client, &dlq_url, &format!(r#"{{"id":"k{i}"}}"#)).await;
+    }
+    let redrive_process = |extra: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"));
+        command
+            .args([
+                "redrive",
+                "--dlq-url",
+                &dlq_url,
+                "--key",
+                "/id",
+                "--scope",
+                "orders",
+            ])
+            .args(extra)
+            .env("DATABASE_URL", &database_url)
+            .env("AWS_ENDPOINT_URL", endpoint())
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .kill_on_drop(true);
+        command
+    };
+    let mut slow = redrive_process(&["--rate", "4"]).spawn().unwrap();
+    wait_until("a few messages to move", Duration::from_secs(20), || {
+        let (client, url) = (client.clone(), queue.url.clone());
+        async move { messages_in(&client, &url).await >= 3 }
+    })
+    .await;
+    slow.kill().await.unwrap();
+    // Sent-then-deleted: a message is in the target, the DLQ, or (killed between the two)
+    // both — never in neither.
+    let after_kill = messages_in(&client, &queue.url).await + messages_in(&client, &dlq_url).await;
+    assert!(
+        after_kill >= total as u64,
+        "{after_kill} of {total} messages left after the kill"
+    );
+
+    // The killed run held a batch invisible; once it is back, a second run finishes.
+    wait_until(
+        "the killed run's batch to be visible again",
+        Duration::from_secs(60),
+        || {
+            let (client, url) = (client.clone(), dlq_url.clone());
+            async move { messages_not_visible(&client, &url).await == 0 }
+        },
+    )
+    .await;
+    let output = tokio::time::timeout(Duration::from_secs(60), redrive_process(&[]).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    let in_target = messages_in(&client, &queue.url).await as usize;
+    let bodies: std::collections::HashSet<String> =
+        peek_all(&client, &queue.url, in_target, Duration::from_secs(30))
+            .await
+            .iter()
+            .map(|m| m.body().unwrap().to_owned())
+            .collect();
+    assert_eq!(
+        bodies.len(),
+        total,
+        "every message reached the target at least once"
+    );
+    // Two audit rows: the killed run (never finished) and the second.
+    let _ = pool;
 }

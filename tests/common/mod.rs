@@ -148,6 +148,23 @@ pub async fn messages_in(client: &Client, queue_url: &str) -> u64 {
         .sum()
 }
 
+/// Messages received by someone and not yet deleted or visible again.
+pub async fn messages_not_visible(client: &Client, queue_url: &str) -> u64 {
+    let output = client
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .unwrap();
+    output
+        .attributes()
+        .unwrap()
+        .values()
+        .map(|v| v.parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Receive everything currently visible (for asserting a DLQ's contents), then make it
 /// visible again.
 pub async fn peek_all(

@@ -1,0 +1,688 @@
+//! Operator tooling: redrive a DLQ with markers, and peek at it.
+//!
+//! A redrive moves each message back to its source queue with `dlq_redriven=true`,
+//! `redrive_count` + 1 and, on the last allowed redrive, `dlq_final_pass=true`, so the worker
+//! ends a failing final pass silently instead of looping. Sending always comes before
+//! deleting: a redrive killed midway leaves, at worst, a duplicate, which the checkpoint
+//! makes harmless.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::MessageAttributeValue;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::checkpoint::{CheckpointError, CheckpointStore, NewDeadLetter, RedriveCounts};
+use crate::message::{self, Envelope, KeySpec};
+use crate::sqs::{
+    self, MAX_MESSAGE_ATTRIBUTES, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue,
+};
+
+/// What can stop a redrive.
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    /// An SQS call failed.
+    #[error(transparent)]
+    Sqs(#[from] SqsError),
+    /// The checkpoint database failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The options cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Only redrive messages matching this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// A message attribute has this string value.
+    Attribute {
+        /// Attribute name.
+        name: String,
+        /// Expected value.
+        value: String,
+    },
+    /// The JSON pointer into the event has this value (strings, numbers and booleans
+    /// compared as text).
+    Pointer {
+        /// JSON pointer, e.g. `/customer/id`.
+        pointer: String,
+        /// Expected value.
+        value: String,
+    },
+}
+
+impl Filter {
+    /// Parse `NAME=VALUE` (a message attribute) or `/pointer=VALUE` (a field of the event).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (left, value) = text.split_once('=').ok_or_else(|| {
+            format!("filter {text:?} needs the form NAME=VALUE or /json/pointer=VALUE")
+        })?;
+        if left.is_empty() {
+            return Err(format!("filter {text:?} has no attribute name or pointer"));
+        }
+        Ok(if left.starts_with('/') {
+            Filter::Pointer {
+                pointer: left.to_owned(),
+                value: value.to_owned(),
+            }
+        } else {
+            Filter::Attribute {
+                name: left.to_owned(),
+                value: value.to_owned(),
+            }
+        })
+    }
+
+    fn matches(&self, message: &ReceivedMessage, event: Option<&Value>) -> bool {
+        match self {
+            Filter::Attribute { name, value } => {
+                message
+                    .message_attributes
+                    .get(name)
+                    .and_then(MessageAttributeValue::string_value)
+                    == Some(value.as_str())
+            }
+            Filter::Pointer { pointer, value } => match event.and_then(|e| e.pointer(pointer)) {
+                Some(Value::String(s)) => s == value,
+                Some(Value::Number(n)) => n.to_string() == *value,
+                Some(Value::Bool(b)) => b.to_string() == *value,
+                _ => false,
+            },
+        }
+    }
+}
+
+/// How to redrive.
+#[derive(Debug, Clone)]
+pub struct RedriveOptions {
+    /// The DLQ to drain.
+    pub dlq_url: String,
+    /// Where to send; `None` means the queue whose RedrivePolicy points at the DLQ.
+    pub to: Option<String>,
+    /// Redrives allowed per message; the last one carries `dlq_final_pass=true`.
+    pub max_redrives: u32,
+    /// Most messages sent per second.
+    pub rate: Option<f64>,
+    /// Stop after this many messages examined.
+    pub limit: Option<u64>,
+    /// Report what would happen; change nothing.
+    pub dry_run: bool,
+    /// Redrive messages whose event is already complete instead of deleting them.
+    pub include_complete: bool,
+    /// Only these messages.
+    pub filter: Option<Filter>,
+    /// Checkpoint scope of the target worker; `None` means the target queue's name.
+    pub scope: Option<String>,
+    /// The target worker's key pointers, to look checkpoints up.
+    pub key: KeySpec,
+    /// The target worker's envelope.
+    pub envelope: Envelope,
+    /// Who runs this, for the audit row.
+    pub operator: String,
+}
+
+/// What happened to one DLQ message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Sent back with these markers (or would be, in a dry run).
+    Redriven {
+        /// The new redrive count.
+        redrive_count: u32,
+        /// True on the last allowed redrive.
+        final_pass: bool,
+    },
+    /// The event is already complete: deleted from the DLQ (or would be).
+    AlreadyComplete,
+    /// The redrive count reached the maximum (or is unreadable): recorded in
+    /// `dead_letters` and deleted (or would be).
+    Exhausted {
+        /// Why: `redrives_exhausted` or `invalid_redrive_count`.
+        reason: String,
+    },
+    /// Did not match `--filter`; left in the DLQ.
+    FilteredOut,
+    /// Sending failed; left in the DLQ.
+    Failed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// One message's line in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// SQS message id in the DLQ.
+    pub message_id: String,
+    /// The event's idempotency key.
+    pub key: String,
+    /// The redrive count the message arrived with.
+    pub previous_redrive_count: Option<u32>,
+    /// The event's checkpoint status in the target scope, if any.
+    pub checkpoint_status: Option<String>,
+    /// What was (or would be) done.
+    pub action: Action,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RedriveReport {
+    /// The audit row id in `redrives`.
+    pub audit_id: i64,
+    /// Where messages went.
+    pub target_url: String,
+    /// True for `--dry-run`.
+    pub dry_run: bool,
+    /// Messages examined.
+    pub examined: u64,
+    /// Counts per action.
+    pub counts: RedriveCounts,
+    /// Left in the DLQ because they did not match the filter.
+    pub filtered_out: u64,
+    /// Seconds taken.
+    pub elapsed_secs: f64,
+}
+
+/// Redrive a DLQ. `on_outcome` hears about every message as it is settled (for progress).
+pub async fn redrive(
+    client: aws_sdk_sqs::Client,
+    store: &CheckpointStore,
+    options: &RedriveOptions,
+    mut on_outcome: impl FnMut(&Outcome),
+) -> Result<RedriveReport, RedriveError> {
+    if options.max_redrives == 0 {
+        return Err(RedriveError::Config(
+            "--max-redrives must be at least 1".into(),
+        ));
+    }
+    let dlq = SqsQueue::new(client, options.dlq_url.clone());
+    let target_url = match &options.to {
+        Some(url) => url.clone(),
+        None => resolve_source_queue(&dlq).await?,
+    };
+    let target = dlq.sibling(target_url.clone());
+    let scope = options
+        .scope
+        .clone()
+        .unwrap_or_else(|| target.name().to_owned());
+    let audit_id = store
+        .start_redrive_audit(
+            &options.operator,
+            dlq.url(),
+            target.url(),
+            options.max_redrives as i32,
+            options.dry_run,
+        )
+        .await?;
+
+    let started = Instant::now();
+    let mut report = RedriveReport {
+        audit_id,
+        target_url: target_url.clone(),
+        dry_run: options.dry_run,
+        ..RedriveReport::default()
+    };
+    // Messages to hand back at the end (dry run, filtered out, failed sends): they stay
+    // invisible during the scan so that the scan sees each message once.
+    let mut hold: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut next_send = Instant::now();
+    let mut empty_receives = 0;
+    let target_is_fifo = target.url().ends_with(".fifo");
+    // How long received messages stay hidden. A dry run or a filter holds messages until the
+    // scan ends, so each is seen once; a real run settles each batch at once (after its
+    // rate pacing), so a short time means a killed run's messages soon come back.
+    let hold_for = if options.dry_run || options.filter.is_some() {
+        Duration::from_secs(600)
+    } else {
+        let pacing = options.rate.map(|r| 10.0 / r).unwrap_or(0.0);
+        Duration::from_secs(20 + pacing.ceil() as u64)
+    };
+    'scan: while empty_receives < 2 {
+        let want = options
+            .limit
+            .map(|l| l.saturating_sub(report.examined).min(10) as usize)
+            .unwrap_or(10);
+        if want == 0 {
+            break;
+        }
+        let batch = dlq
+            .receive(want, Duration::from_secs(1), Some(hold_for))
+            .await?;
+        if batch.is_empty() {
+            empty_receives += 1;
+            continue;
+        }
+        empty_receives = 0;
+        for message in batch {
+            if !seen.insert(message.message_id.clone()) {
+                hold.push(message.receipt_handle.clone());
+                continue;
+            }
+            report.examined += 1;
+            let markers = message::parse_markers(message.attribute_strings());
+            let count_unreadable = markers
+                .problems
+                .iter()
+                .any(|p| p.starts_with(message::ATTR_REDRIVE_COUNT));
+            let identity = message::derive_identity(&options.key, options.envelope, &message.body);
+            let (key, event) = match &identity {
+                Ok(identity) => (identity.key.clone(), identity.json.clone()),
+                Err(_) => (message::fallback_key(&message.body), None),
+            };
+            let checkpoint_status = store.find(&scope, &key).await?.map(|c| c.status);
+            let mut outcome = Outcome {
+                message_id: message.message_id.clone(),
+                key: key.clone(),
+                previous_redrive_count: (!count_unreadable).then_some(markers.redrive_count),
+                checkpoint_status: checkpoint_status.clone(),
+                action: Action::FilteredOut,
+            };
+            if let Some(filter) = &options.filter
+                && !filter.matches(&message, event.as_ref())
+            {
+                report.filtered_out += 1;
+                hold.push(message.receipt_handle.clone());
+                on_outcome(&outcome);
+                continue;
+            }
+
+            outcome.action =
+                if checkpoint_status.as_deref() == Some("complete") && !options.include_complete {
+                    Action::AlreadyComplete
+                } else if count_unreadable {
+                    Action::Exhausted {
+                        reason: "invalid_redrive_count".into(),
+                    }
+                } else if markers.redrive_count >= options.max_redrives {
+                    Action::Exhausted {
+                        reason: "redrives_exhausted".into(),
+                    }
+                } else {
+                    let redrive_count = markers.redrive_count + 1;
+                    Action::Redriven {
+                        redrive_count,
+                        final_pass: redrive_count >= options.max_redrives,
+                    }
+                };
+
+            if options.dry_run {
+                hold.push(message.receipt_handle.clone());
+            } else {
+                match &outcome.action {
+                    Action::AlreadyComplete => {
+                        delete_one(&dlq, &message).await?;
+                    }
+                    Action::Exhausted { reason } => {
+                        let attributes = message.attributes_json();
+                        let error = format!(
+                            "redriven {} time(s) already; --max-redrives is {}",
+                            if count_unreadable {
+                                "an unreadable number of".to_owned()
+                            } else {
+                                markers.redrive_count.to_string()
+                            },
+                            options.max_redrives
+                        );
+                        let fingerprint = match &identity {
+                            Ok(identity) => identity.fingerprint.clone(),
+                            Err(_) => message::body_sha256(&message.body),
+                        };
+                        store
+                            .record_dead_letter(
+                                &NewDeadLetter {
+                                    scope: &scope,
+                                    key: &key,
+                                    queue_url: target.url(),
+                                    message_id: &message.message_id,
+                                    body: &message.body,
+                                    attributes: &attributes,
+                                    reason,
+                                    error: &error,
+                                    attempts: 0,
+                                    redrive_count: markers.redrive_count.min(i32::MAX as u32)
+                                        as i32,
+                                    payload_sha256: &fingerprint,
+                                },
+                                true,
+                                None,
+                            )
+                            .await?;
+                        delete_one(&dlq, &message).await?;
+                    }
+                    Action::Redriven {
+                        redrive_count,
+                        final_pass,
+                    } => {
+                        if let Some(rate) = options.rate {
+                            let now = Instant::now();
+                            if next_send > now {
+                                tokio::time::sleep(next_send - now).await;
+                            }
+                            next_send = next_send.max(now) + Duration::from_secs_f64(1.0 / rate);
+                        }
+                        let outgoing =
+                            redriven_message(&message, *redrive_count, *final_pass, target_is_fifo);
+                        // Send first, delete after: killed in between, the message exists
+                        // twice, and the checkpoint makes the duplicate harmless.
+                        match target.send(outgoing).await {
+                            Ok(_) => delete_one(&dlq, &message).await?,
+                            Err(error) => {
+                                hold.push(message.receipt_handle.clone());
+                                outcome.action = Action::Failed {
+                                    error: error.to_string(),
+                                };
+                            }
+                        }
+                    }
+                    Action::FilteredOut | Action::Failed { .. } => {}
+                }
+            }
+            report.counts.add(&outcome.action);
+            on_outcome(&outcome);
+            if options.limit.is_some_and(|l| report.examined >= l) {
+                break 'scan;
+            }
+        }
+    }
+
+    if !hold.is_empty() {
+        let changes: Vec<(String, Duration)> =
+            hold.into_iter().map(|h| (h, Duration::ZERO)).collect();
+        dlq.change_visibility_batch(&changes).await?;
+    }
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    store.finish_redrive_audit(audit_id, &report.counts).await?;
+    Ok(report)
+}
+
+impl RedriveCounts {
+    fn add(&mut self, action: &Action) {
+        match action {
+            Action::Redriven { .. } => self.redriven += 1,
+            Action::AlreadyComplete => self.skipped_complete += 1,
+            Action::Exhausted { .. } => self.exhausted += 1,
+            Action::Failed { .. } => self.failed += 1,
+            Action::FilteredOut => {}
+        }
+    }
+}
+
+async fn delete_one(dlq: &SqsQueue, message: &ReceivedMessage) -> Result<(), RedriveError> {
+    let failures = dlq
+        .delete_batch(std::slice::from_ref(&message.receipt_handle))
+        .await?;
+    if let Some(failure) = failures.first() {
+        tracing::warn!(
+            message_id = %message.message_id,
+            reason = %failure.reason,
+            "could not delete from the DLQ; the next redrive sees it again (harmless)"
+        );
+    }
+    Ok(())
+}
+
+/// The queue to send to: the only one whose RedrivePolicy names this DLQ.
+async fn resolve_source_queue(dlq: &SqsQueue) -> Result<String, RedriveError> {
+    let sources = dlq.dead_letter_source_queues().await?;
+    match sources.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => Err(RedriveError::Config(format!(
+            "no queue names {} as its DLQ (RedrivePolicy); pass --to QUEUE_URL",
+            dlq.name()
+        ))),
+        many => Err(RedriveError::Config(format!(
+            "{} queues use {} as their DLQ ({}); pass --to QUEUE_URL to choose one",
+            many.len(),
+            dlq.name(),
+            many.join(", ")
+        ))),
+    }
+}
+
+/// The message sent back: same body, same attributes, markers set.
+pub fn redriven_message(
+    message: &ReceivedMessage,
+    redrive_count: u32,
+    final_pass: bool,
+    fifo: bool,
+) -> OutgoingMessage {
+    let mut attributes: HashMap<String, MessageAttributeValue> = message.message_attributes.clone();
+    attributes.insert(
+        message::ATTR_DLQ_REDRIVEN.into(),
+        sqs::string_attribute("true"),
+    );
+    attributes.insert(
+        message::ATTR_REDRIVE_COUNT.into(),
+        sqs::number_attribute(redrive_count),
+    );
+    if final_pass {
+        attributes.insert(
+            message::ATTR_DLQ_FINAL_PASS.into(),
+            sqs::string_attribute("true"),
+        );
+    } else {
+        attributes.remove(message::ATTR_DLQ_FINAL_PASS);
+    }
+    // SQS allows 10 attributes: the markers must fit, the worker's failure notes go first.
+    for expendable in [message::ATTR_FAILURE_DETAIL, message::ATTR_FAILURE_REASON] {
+        if attributes.len() > MAX_MESSAGE_ATTRIBUTES {
+            attributes.remove(expendable);
+        }
+    }
+    let markers = [
+        message::ATTR_DLQ_REDRIVEN,
+        message::ATTR_REDRIVE_COUNT,
+        message::ATTR_DLQ_FINAL_PASS,
+    ];
+    let mut extra: Vec<String> = attributes
+        .keys()
+        .filter(|k| !markers.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    extra.sort();
+    while attributes.len() > MAX_MESSAGE_ATTRIBUTES {
+        let dropped = extra.pop().expect("markers alone fit");
+        tracing::warn!(attribute = %dropped, "dropping a message attribute to make room for the redrive markers");
+        attributes.remove(&dropped);
+    }
+    OutgoingMessage {
+        body: message.body.clone(),
+        attributes,
+        message_group_id: fifo.then(|| {
+            message
+                .message_group_id()
+                .unwrap_or("sqs-worker-redrive")
+                .to_owned()
+        }),
+        deduplication_id: fifo.then(|| format!("{}-redrive-{redrive_count}", message.message_id)),
+        delay: None,
+    }
+}
+
+/// One message as `dlq peek` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeekedMessage {
+    /// SQS message id.
+    pub message_id: String,
+    /// The idempotency key (with the given key pointers).
+    pub key: String,
+    /// Seconds since it was first sent to SQS.
+    pub age_secs: Option<u64>,
+    /// How often SQS delivered it (in the DLQ, plus this peek).
+    pub receive_count: Option<u32>,
+    /// Redrives so far.
+    pub redrive_count: u32,
+    /// The worker's failure reason code, if it sent the message here.
+    pub failure_reason: Option<String>,
+    /// The worker's failure text.
+    pub failure_detail: Option<String>,
+    /// The start of the body.
+    pub body_preview: String,
+}
+
+/// Look at up to `limit` DLQ messages without keeping them: each is made visible again as
+/// soon as it has been read.
+pub async fn peek(
+    client: aws_sdk_sqs::Client,
+    dlq_url: &str,
+    limit: usize,
+    key: &KeySpec,
+    envelope: Envelope,
+) -> Result<Vec<PeekedMessage>, RedriveError> {
+    let dlq = SqsQueue::new(client, dlq_url);
+    let mut peeked = Vec::new();
+    let mut seen = HashSet::new();
+    let mut handles = Vec::new();
+    let mut empty_receives = 0;
+    while peeked.len() < limit && empty_receives < 2 {
+        let want = (limit - peeked.len()).min(10);
+        // A short visibility, handed back below anyway: a peek must never hide messages.
+        let batch = dlq
+            .receive(want, Duration::from_secs(1), Some(Duration::from_secs(30)))
+            .await?;
+        if batch.is_empty() {
+            empty_receives += 1;
+            continue;
+        }
+        for message in batch {
+            handles.push(message.receipt_handle.clone());
+            if !seen.insert(message.message_id.clone()) {
+                continue;
+            }
+            peeked.push(describe(&message, key, envelope));
+        }
+    }
+    if !handles.is_empty() {
+        let changes: Vec<(String, Duration)> =
+            handles.into_iter().map(|h| (h, Duration::ZERO)).collect();
+        dlq.change_visibility_batch(&changes).await?;
+    }
+    Ok(peeked)
+}
+
+fn describe(message: &ReceivedMessage, key: &KeySpec, envelope: Envelope) -> PeekedMessage {
+    let markers = message::parse_markers(message.attribute_strings());
+    let key = message::derive_identity(key, envelope, &message.body)
+        .map(|i| i.key)
+        .unwrap_or_else(|_| message::fallback_key(&message.body));
+    let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    let attribute = |name: &str| {
+        message
+            .message_attributes
+            .get(name)
+            .and_then(MessageAttributeValue::string_value)
+            .map(str::to_owned)
+    };
+    PeekedMessage {
+        message_id: message.message_id.clone(),
+        key,
+        age_secs: message
+            .system_attributes
+            .get("SentTimestamp")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(|sent| now_ms.saturating_sub(sent) / 1000),
+        receive_count: message
+            .system_attributes
+            .get("ApproximateReceiveCount")
+            .and_then(|c| c.parse().ok()),
+        redrive_count: markers.redrive_count,
+        failure_reason: attribute(message::ATTR_FAILURE_REASON),
+        failure_detail: attribute(message::ATTR_FAILURE_DETAIL),
+        body_preview: message::truncate_for_log(&message.body, 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(attrs: &[(&str, &str)]) -> ReceivedMessage {
+        ReceivedMessage {
+            message_id: "m-1".into(),
+            receipt_handle: "r-1".into(),
+            body: r#"{"id":"x","customer":{"tier":"gold","n":3}}"#.into(),
+            system_attributes: HashMap::new(),
+            message_attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), sqs::string_attribute(*v)))
+                .collect(),
+        }
+    }
+
+    fn attr<'a>(m: &'a OutgoingMessage, name: &str) -> Option<&'a str> {
+        m.attributes.get(name).and_then(|v| v.string_value())
+    }
+
+    #[test]
+    fn markers_are_set_and_the_final_pass_flag_follows_the_count() {
+        let out = redriven_message(&received(&[("tenant", "t1")]), 1, false, false);
+        assert_eq!(attr(&out, message::ATTR_DLQ_REDRIVEN), Some("true"));
+        assert_eq!(attr(&out, message::ATTR_REDRIVE_COUNT), Some("1"));
+        assert_eq!(attr(&out, message::ATTR_DLQ_FINAL_PASS), None);
+        assert_eq!(attr(&out, "tenant"), Some("t1"));
+        assert_eq!(out.body, r#"{"id":"x","customer":{"tier":"gold","n":3}}"#);
+
+        let stale = received(&[(message::ATTR_DLQ_FINAL_PASS, "true")]);
+        assert_eq!(
+            attr(
+                &redriven_message(&stale, 2, false, false),
+                message::ATTR_DLQ_FINAL_PASS
+            ),
+            None
+        );
+        let last = redriven_message(&stale, 3, true, true);
+        assert_eq!(attr(&last, message::ATTR_DLQ_FINAL_PASS), Some("true"));
+        assert_eq!(last.deduplication_id.as_deref(), Some("m-1-redrive-3"));
+    }
+
+    #[test]
+    fn markers_always_fit_in_ten_attributes() {
+        let names: Vec<String> = (0..8).map(|i| format!("a{i}")).collect();
+        let mut attrs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        attrs.push((message::ATTR_FAILURE_REASON, "handler_permanent"));
+        attrs.push((message::ATTR_FAILURE_DETAIL, "boom"));
+        let out = redriven_message(&received(&attrs), 1, true, false);
+        assert_eq!(out.attributes.len(), MAX_MESSAGE_ATTRIBUTES);
+        for marker in [
+            message::ATTR_DLQ_REDRIVEN,
+            message::ATTR_REDRIVE_COUNT,
+            message::ATTR_DLQ_FINAL_PASS,
+        ] {
+            assert!(out.attributes.contains_key(marker), "{marker}");
+        }
+    }
+
+    #[test]
+    fn filters_parse_and_match() {
+        let message = received(&[("tenant", "t1")]);
+        let event: Value = serde_json::from_str(&message.body).unwrap();
+        let f = Filter::parse("tenant=t1").unwrap();
+        assert!(f.matches(&message, Some(&event)));
+        assert!(
+            !Filter::parse("tenant=t2")
+                .unwrap()
+                .matches(&message, Some(&event))
+        );
+        assert!(
+            Filter::parse("/customer/tier=gold")
+                .unwrap()
+                .matches(&message, Some(&event))
+        );
+        assert!(
+            Filter::parse("/customer/n=3")
+                .unwrap()
+                .matches(&message, Some(&event))
+        );
+        assert!(
+            !Filter::parse("/customer/n=4")
+                .unwrap()
+                .matches(&message, Some(&event))
+        );
+        assert!(!Filter::parse("/missing=x").unwrap().matches(&message, None));
+        assert!(Filter::parse("no-equals-sign").is_err());
+        assert!(Filter::parse("=x").is_err());
+    }
+}

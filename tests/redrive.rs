@@ -511,3 +511,166 @@ async fn a_redrive_killed_midway_loses_nothing() {
     // Two audit rows: the killed run (never finished) and the second.
     let _ = pool;
 }
+
+fn cli(database_url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"));
+    command
+        .env("DATABASE_URL", database_url)
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .kill_on_drop(true);
+    command
+}
+
+async fn json_output(command: &mut tokio::process::Command) -> serde_json::Value {
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// `dlq peek` shows the worker's failure reasons and keeps nothing: every message is
+/// visible again right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_peek_shows_reasons_and_keeps_nothing() {
+    let client = sqs_client().await;
+    let (_, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, false, 5).await;
+    for (id, reason) in [("a", "handler_permanent"), ("b", "invalid_key")] {
+        client
+            .send_message()
+            .queue_url(&queue.url)
+            .message_body(format!(r#"{{"id":"{id}"}}"#))
+            .message_attributes(message::ATTR_FAILURE_REASON, attribute(reason))
+            .message_attributes(message::ATTR_REDRIVE_COUNT, attribute("1"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let peeked = json_output(
+        cli(&database_url)
+            .args(["dlq", "peek", "--dlq-url", &queue.url, "--key", "/id"])
+            .args(["--format", "json"]),
+    )
+    .await;
+    let mut rows: Vec<(String, String, u64)> = peeked
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["key"].as_str().unwrap().to_owned(),
+                m["failure_reason"].as_str().unwrap().to_owned(),
+                m["redrive_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("a".to_owned(), "handler_permanent".to_owned(), 1),
+            ("b".to_owned(), "invalid_key".to_owned(), 1)
+        ]
+    );
+    assert_eq!(
+        messages_not_visible(&client, &queue.url).await,
+        0,
+        "peek hid nothing"
+    );
+    assert_eq!(messages_in(&client, &queue.url).await, 2);
+}
+
+/// `dead-letters list|export|show|requeue` through the binary: a requeued dead letter goes
+/// back to its queue with the redrive count reset, and is marked requeued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_listed_exported_and_requeued() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    send_with_markers(&client, &queue.url, r#"{"id":"dl1"}"#, "3").await;
+    let (handler, _) = RecordingHandler::new(Duration::ZERO, |_| {
+        Err(HandlerError::permanent("still broken"))
+    });
+    let mut config = worker_config(&queue.url);
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.scope = Some("dl".into());
+    run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let listed = json_output(cli(&database_url).args([
+        "dead-letters",
+        "list",
+        "--scope",
+        "dl",
+        "--format",
+        "json",
+    ]))
+    .await;
+    let rows = listed.as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["reason"], "handler_permanent");
+    let id = rows[0]["id"].as_i64().unwrap().to_string();
+
+    let exported = cli(&database_url)
+        .args(["dead-letters", "export", "--scope", "dl"])
+        .output()
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(exported.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["body"], r#"{"id":"dl1"}"#);
+
+    let requeue = cli(&database_url)
+        .args(["dead-letters", "requeue", "--id", &id])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        requeue.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeue.stderr)
+    );
+    let back = peek_all(&client, &queue.url, 1, Duration::from_secs(10)).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].body(), Some(r#"{"id":"dl1"}"#));
+    assert_eq!(
+        string_attribute(&back[0], message::ATTR_REDRIVE_COUNT).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        string_attribute(&back[0], message::ATTR_DLQ_REDRIVEN).as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        string_attribute(&back[0], message::ATTR_DLQ_FINAL_PASS),
+        None
+    );
+    let shown = json_output(cli(&database_url).args([
+        "dead-letters",
+        "show",
+        "--id",
+        &id,
+        "--format",
+        "json",
+    ]))
+    .await;
+    assert!(shown["requeued_at"].is_string());
+}

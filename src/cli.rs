@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
     BuiltinHandler, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
-    KeyArgs, OutputFormat, RedriveArgs, RunArgs,
+    KeyArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
 };
 use crate::handler::Handler;
 use crate::handlers::{ExecHandler, NoopHandler};
@@ -179,7 +179,11 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     if args.native {
         return redrive_native(client, &args).await;
     }
-    let pool = connect(&args.database.database_url, 2).await?;
+    let database_url = args
+        .database_url
+        .as_deref()
+        .context("--database-url (or DATABASE_URL) is required")?;
+    let pool = connect(database_url, 2).await?;
     crate::MIGRATOR
         .run(&pool)
         .await
@@ -240,7 +244,11 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             );
         }
     })
-    .await?;
+    .await
+    .context(
+        "redrive stopped; nothing was lost (a message leaves the DLQ only after it was sent). \
+         Check AWS credentials, region and AWS_ENDPOINT_URL, then run it again",
+    )?;
     if terminal && !options.dry_run {
         eprintln!();
     }
@@ -311,6 +319,15 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
 }
 
 async fn redrive_native(client: aws_sdk_sqs::Client, args: &RedriveArgs) -> anyhow::Result<()> {
+    redrive_native_calls(client, args)
+        .await
+        .context("check --dlq-url, AWS credentials, region and AWS_ENDPOINT_URL")
+}
+
+async fn redrive_native_calls(
+    client: aws_sdk_sqs::Client,
+    args: &RedriveArgs,
+) -> anyhow::Result<()> {
     let dlq = SqsQueue::new(client, args.dlq_url.clone());
     if args.status {
         let tasks = dlq.list_message_move_tasks().await?;
@@ -318,17 +335,22 @@ async fn redrive_native(client: aws_sdk_sqs::Client, args: &RedriveArgs) -> anyh
             OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&tasks)?),
             OutputFormat::Table => {
                 println!(
-                    "{:<12} {:>8} {:>8}  TASK HANDLE",
-                    "STATUS", "MOVED", "TO MOVE"
+                    "{:<12} {:>8} {:>8}  {:<40} FAILURE",
+                    "STATUS", "MOVED", "TO MOVE", "TASK HANDLE"
                 );
                 for task in &tasks {
+                    let text = |field: &str| task[field].as_str().unwrap_or("-").to_owned();
                     println!(
-                        "{:<12} {:>8} {:>8}  {}",
-                        task["status"].as_str().unwrap_or("-"),
-                        task["moved"],
-                        task["to_move"],
-                        task["task_handle"].as_str().unwrap_or("-")
+                        "{:<12} {:>8} {:>8}  {:<40} {}",
+                        text("status"),
+                        task["moved"].to_string(),
+                        task["to_move"].to_string(),
+                        text("task_handle"),
+                        text("failure_reason")
                     );
+                }
+                if tasks.is_empty() {
+                    println!("no move tasks for this DLQ");
                 }
             }
         }
@@ -353,6 +375,34 @@ async fn redrive_native(client: aws_sdk_sqs::Client, args: &RedriveArgs) -> anyh
     Ok(())
 }
 
+/// `sqs-worker send`: one message per line of standard input.
+pub async fn send(args: SendArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let queue = SqsQueue::new(sqs::client_from_env().await, args.queue_url.clone());
+    let fifo = queue.url().ends_with(".fifo");
+    let mut sent = 0;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let message_id = queue
+            .send(OutgoingMessage {
+                // FIFO queues need a deduplication id unless content-based deduplication is on.
+                deduplication_id: fifo.then(|| message::body_sha256(&line)),
+                body: line,
+                attributes: HashMap::new(),
+                message_group_id: args.group_id.clone(),
+                delay: None,
+            })
+            .await?;
+        println!("{message_id}");
+        sent += 1;
+    }
+    eprintln!("sent {sent} message(s) to {}", queue.name());
+    Ok(())
+}
+
 /// `sqs-worker dlq peek`.
 pub async fn dlq_peek(args: DlqPeekArgs) -> anyhow::Result<()> {
     let client = sqs::client_from_env().await;
@@ -364,7 +414,10 @@ pub async fn dlq_peek(args: DlqPeekArgs) -> anyhow::Result<()> {
         &key,
         args.key.envelope,
     )
-    .await?;
+    .await
+    .context(
+        "cannot read the DLQ; check --dlq-url, AWS credentials, region and AWS_ENDPOINT_URL",
+    )?;
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&peeked)?),
         OutputFormat::Table => {

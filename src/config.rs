@@ -78,6 +78,9 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadLettersCommand,
     },
+    /// Send messages to a queue, one per line of standard input (for trying things out and
+    /// for scripts; lines are sent as they are, JSON or not).
+    Send(SendArgs),
     /// Inspect checkpoints.
     Checkpoints {
         /// What to inspect.
@@ -281,9 +284,14 @@ pub struct KeyArgs {
 /// Options of `sqs-worker redrive`.
 #[derive(Debug, Clone, Args)]
 pub struct RedriveArgs {
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub database: DatabaseArgs,
+    /// PostgreSQL URL of the checkpoint database (not needed with --native).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        required_unless_present = "native"
+    )]
+    pub database_url: Option<String>,
 
     /// URL of the DLQ to drain.
     #[arg(long, env = "SQS_WORKER_DLQ_URL")]
@@ -427,6 +435,18 @@ pub struct DeadLetterIdArgs {
     /// Output format (show only).
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
+}
+
+/// Options of `sqs-worker send`.
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    /// URL of the queue.
+    #[arg(long, env = "SQS_QUEUE_URL")]
+    pub queue_url: String,
+
+    /// FIFO message group id (required by FIFO queues).
+    #[arg(long)]
+    pub group_id: Option<String>,
 }
 
 /// `sqs-worker checkpoints …`

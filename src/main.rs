@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(run) => cli::run(run, shutdown).await.map(|_| ()),
         Command::Demo(options) => demo::run(options, shutdown).await,
         Command::Redrive(redrive) => cli::redrive(redrive).await,
+        Command::Send(send) => cli::send(send).await,
         Command::Dlq {
             command: DlqCommand::Peek(peek),
         } => cli::dlq_peek(peek).await,

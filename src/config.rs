@@ -339,7 +339,7 @@ pub struct RedriveArgs {
     #[allow(missing_docs)]
     pub key: KeyArgs,
 
-    /// Who runs this, for the `redrives` audit row. [default: $USER@host]
+    /// Who runs this, for the `redrives` audit row (default: $USER@host).
     #[arg(long, env = "SQS_WORKER_OPERATOR")]
     pub operator: Option<String>,
 

@@ -441,7 +441,7 @@ async fn a_redrive_killed_midway_loses_nothing() {
         send(&client, &dlq_url, &format!(r#"{{"id":"k{i}"}}"#)).await;
     }
     let redrive_process = |extra: &[&str]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"));
+        let mut command = sqs_worker_command(&database_url);
         command
             .args([
                 "redrive",
@@ -452,13 +452,7 @@ async fn a_redrive_killed_midway_loses_nothing() {
                 "--scope",
                 "orders",
             ])
-            .args(extra)
-            .env("DATABASE_URL", &database_url)
-            .env("AWS_ENDPOINT_URL", endpoint())
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .kill_on_drop(true);
+            .args(extra);
         command
     };
     let mut slow = redrive_process(&["--rate", "4"]).spawn().unwrap();
@@ -512,18 +506,6 @@ async fn a_redrive_killed_midway_loses_nothing() {
     let _ = pool;
 }
 
-fn cli(database_url: &str) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"));
-    command
-        .env("DATABASE_URL", database_url)
-        .env("AWS_ENDPOINT_URL", endpoint())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .kill_on_drop(true);
-    command
-}
-
 async fn json_output(command: &mut tokio::process::Command) -> serde_json::Value {
     let output = tokio::time::timeout(Duration::from_secs(30), command.output())
         .await
@@ -556,7 +538,7 @@ async fn dlq_peek_shows_reasons_and_keeps_nothing() {
             .unwrap();
     }
     let peeked = json_output(
-        cli(&database_url)
+        sqs_worker_command(&database_url)
             .args(["dlq", "peek", "--dlq-url", &queue.url, "--key", "/id"])
             .args(["--format", "json"]),
     )
@@ -611,7 +593,7 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     )
     .await;
 
-    let listed = json_output(cli(&database_url).args([
+    let listed = json_output(sqs_worker_command(&database_url).args([
         "dead-letters",
         "list",
         "--scope",
@@ -625,7 +607,7 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     assert_eq!(rows[0]["reason"], "handler_permanent");
     let id = rows[0]["id"].as_i64().unwrap().to_string();
 
-    let exported = cli(&database_url)
+    let exported = sqs_worker_command(&database_url)
         .args(["dead-letters", "export", "--scope", "dl"])
         .output()
         .await
@@ -638,7 +620,7 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["body"], r#"{"id":"dl1"}"#);
 
-    let requeue = cli(&database_url)
+    let requeue = sqs_worker_command(&database_url)
         .args(["dead-letters", "requeue", "--id", &id])
         .output()
         .await
@@ -663,7 +645,7 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
         string_attribute(&back[0], message::ATTR_DLQ_FINAL_PASS),
         None
     );
-    let shown = json_output(cli(&database_url).args([
+    let shown = json_output(sqs_worker_command(&database_url).args([
         "dead-letters",
         "show",
         "--id",

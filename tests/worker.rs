@@ -312,7 +312,7 @@ async fn exec_handler_gets_body_and_environment() {
     let script = r#"body=$(cat); echo "$SQS_WORKER_KEY attempt=$SQS_WORKER_ATTEMPT final=$SQS_WORKER_FINAL_PASS body=$body" >> "$CALL_LOG"; case "$body" in *poison*) echo "cannot parse note" >&2; exit 65;; esac"#;
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"))
+        sqs_worker_command(&database_url)
             .args([
                 "run",
                 "--queue-url",
@@ -324,13 +324,7 @@ async fn exec_handler_gets_body_and_environment() {
             ])
             .args(["--wait-time-seconds", "1", "--exit-when-idle", "2"])
             .args(["--", "sh", "-c", script])
-            .env("DATABASE_URL", &database_url)
-            .env("AWS_ENDPOINT_URL", endpoint())
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
             .env("CALL_LOG", &log)
-            .kill_on_drop(true)
             .output(),
     )
     .await
@@ -387,7 +381,7 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
     let marker = dir.join("started");
     send(&client, &queue.url, r#"{"id":"k1"}"#).await;
 
-    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"))
+    let mut victim = sqs_worker_command(&database_url)
         .args([
             "run",
             "--queue-url",
@@ -400,13 +394,7 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
         .args(["--wait-time-seconds", "1", "--visibility-timeout", "4"])
         .args(["--worker-id", "victim", "--"])
         .args(["sh", "-c", r#"echo $$ > "$MARKER"; exec sleep 60"#])
-        .env("DATABASE_URL", &database_url)
-        .env("AWS_ENDPOINT_URL", endpoint())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
         .env("MARKER", &marker)
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_until(
@@ -516,7 +504,7 @@ async fn sigterm_lets_the_running_handler_finish_then_exits_zero() {
     let log = dir.join("handler.log");
     send(&client, &queue.url, r#"{"id":"t1"}"#).await;
 
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"))
+    let mut worker = sqs_worker_command(&database_url)
         .args([
             "run",
             "--queue-url",
@@ -532,13 +520,7 @@ async fn sigterm_lets_the_running_handler_finish_then_exits_zero() {
             "-c",
             r#"echo started >> "$LOG"; sleep 2; echo finished >> "$LOG""#,
         ])
-        .env("DATABASE_URL", &database_url)
-        .env("AWS_ENDPOINT_URL", endpoint())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
         .env("LOG", &log)
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_until("the handler to start", Duration::from_secs(30), || {

@@ -129,14 +129,12 @@ pub async fn send(client: &Client, queue_url: &str, body: &str) -> String {
         .to_owned()
 }
 
-/// Visible + in flight + delayed messages.
-pub async fn messages_in(client: &Client, queue_url: &str) -> u64 {
+/// The sum of some of a queue's approximate message counts.
+async fn count_messages(client: &Client, queue_url: &str, counts: &[QueueAttributeName]) -> u64 {
     let output = client
         .get_queue_attributes()
         .queue_url(queue_url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+        .set_attribute_names(Some(counts.to_vec()))
         .send()
         .await
         .unwrap();
@@ -148,21 +146,41 @@ pub async fn messages_in(client: &Client, queue_url: &str) -> u64 {
         .sum()
 }
 
+/// Visible + in flight + delayed messages.
+pub async fn messages_in(client: &Client, queue_url: &str) -> u64 {
+    count_messages(
+        client,
+        queue_url,
+        &[
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+        ],
+    )
+    .await
+}
+
 /// Messages received by someone and not yet deleted or visible again.
 pub async fn messages_not_visible(client: &Client, queue_url: &str) -> u64 {
-    let output = client
-        .get_queue_attributes()
-        .queue_url(queue_url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .unwrap();
-    output
-        .attributes()
-        .unwrap()
-        .values()
-        .map(|v| v.parse::<u64>().unwrap())
-        .sum()
+    count_messages(
+        client,
+        queue_url,
+        &[QueueAttributeName::ApproximateNumberOfMessagesNotVisible],
+    )
+    .await
+}
+
+/// The `sqs-worker` binary, pointed at LocalStack and the given database.
+pub fn sqs_worker_command(database_url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sqs-worker"));
+    command
+        .env("DATABASE_URL", database_url)
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .kill_on_drop(true);
+    command
 }
 
 /// Receive everything currently visible (for asserting a DLQ's contents), then make it

@@ -1118,34 +1118,7 @@ async fn dead_letter_mismatch(
              idempotency key must not be reused for different content",
             identity.key, stored, identity.fingerprint
         );
-        if parsed.markers.final_pass {
-            let failure = FinalFailure {
-                key: &identity.key,
-                fingerprint: &identity.fingerprint,
-                lease_token: None,
-                // The checkpoint belongs to the first payload: leave it alone.
-                mark_checkpoint: false,
-                reason: "payload_mismatch",
-                error: &detail,
-                attempts: 1,
-                redrive_count: parsed.markers.redrive_count,
-            };
-            let receipts = vec![parsed.message.receipt_handle.clone()];
-            end_final_pass(shared, &parsed.message, receipts, failure).await;
-            if let Some(lease_token) = &lease_token {
-                let _ = shared
-                    .store
-                    .release(
-                        &shared.scope,
-                        lease_token,
-                        &identity.key,
-                        "payload_mismatch",
-                    )
-                    .await;
-            }
-            return;
-        }
-        let sent = send_to_dlq(shared, &parsed.message, "payload_mismatch", &detail).await;
+        // The claim (if any) was taken for the first payload's event: give it straight back.
         if let Some(lease_token) = &lease_token
             && let Err(error) = shared
                 .store
@@ -1160,6 +1133,23 @@ async fn dead_letter_mismatch(
             Counters::add(&shared.counters.database_errors, 1);
             tracing::error!(%error, "could not release the lease; it expires on its own");
         }
+        if parsed.markers.final_pass {
+            let failure = FinalFailure {
+                key: &identity.key,
+                fingerprint: &identity.fingerprint,
+                lease_token: None,
+                // The checkpoint belongs to the first payload: leave it alone.
+                mark_checkpoint: false,
+                reason: "payload_mismatch",
+                error: &detail,
+                attempts: 1,
+                redrive_count: parsed.markers.redrive_count,
+            };
+            let receipts = vec![parsed.message.receipt_handle.clone()];
+            end_final_pass(shared, &parsed.message, receipts, failure).await;
+            return;
+        }
+        let sent = send_to_dlq(shared, &parsed.message, "payload_mismatch", &detail).await;
         if sent {
             shared
                 .ack(AckKind::Delete)

@@ -149,11 +149,7 @@ fn key_spec(args: &KeyArgs) -> anyhow::Result<KeySpec> {
 
 fn default_operator() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|| "localhost".into());
+    let host = crate::worker::host_name().unwrap_or_else(|| "localhost".into());
     format!("{user}@{host}")
 }
 

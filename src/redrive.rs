@@ -6,7 +6,7 @@
 //! deleting: a redrive killed midway leaves, at worst, a duplicate, which the checkpoint
 //! makes harmless.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::MessageAttributeValue;
@@ -15,9 +15,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore, NewDeadLetter, RedriveCounts};
 use crate::message::{self, Envelope, KeySpec};
-use crate::sqs::{
-    self, MAX_MESSAGE_ATTRIBUTES, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue,
-};
+use crate::sqs::{self, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue};
 
 /// What can stop a redrive.
 #[derive(Debug, thiserror::Error)]
@@ -389,9 +387,7 @@ pub async fn redrive(
     }
 
     if !hold.is_empty() {
-        let changes: Vec<(String, Duration)> =
-            hold.into_iter().map(|h| (h, Duration::ZERO)).collect();
-        dlq.change_visibility_batch(&changes).await?;
+        dlq.make_visible_now(hold).await?;
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     store.finish_redrive_audit(audit_id, &report.counts).await?;
@@ -449,45 +445,27 @@ pub fn redriven_message(
     final_pass: bool,
     fifo: bool,
 ) -> OutgoingMessage {
-    let mut attributes: HashMap<String, MessageAttributeValue> = message.message_attributes.clone();
-    attributes.insert(
-        message::ATTR_DLQ_REDRIVEN.into(),
-        sqs::string_attribute("true"),
-    );
-    attributes.insert(
-        message::ATTR_REDRIVE_COUNT.into(),
-        sqs::number_attribute(redrive_count),
-    );
-    if final_pass {
-        attributes.insert(
-            message::ATTR_DLQ_FINAL_PASS.into(),
-            sqs::string_attribute("true"),
-        );
-    } else {
-        attributes.remove(message::ATTR_DLQ_FINAL_PASS);
-    }
-    // SQS allows 10 attributes: the markers must fit, the worker's failure notes go first.
-    for expendable in [message::ATTR_FAILURE_DETAIL, message::ATTR_FAILURE_REASON] {
-        if attributes.len() > MAX_MESSAGE_ATTRIBUTES {
-            attributes.remove(expendable);
-        }
-    }
-    let markers = [
-        message::ATTR_DLQ_REDRIVEN,
-        message::ATTR_REDRIVE_COUNT,
-        message::ATTR_DLQ_FINAL_PASS,
+    let mut markers = vec![
+        (message::ATTR_DLQ_REDRIVEN, sqs::string_attribute("true")),
+        (
+            message::ATTR_REDRIVE_COUNT,
+            sqs::number_attribute(redrive_count),
+        ),
     ];
-    let mut extra: Vec<String> = attributes
-        .keys()
-        .filter(|k| !markers.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    extra.sort();
-    while attributes.len() > MAX_MESSAGE_ATTRIBUTES {
-        let dropped = extra.pop().expect("markers alone fit");
-        tracing::warn!(attribute = %dropped, "dropping a message attribute to make room for the redrive markers");
-        attributes.remove(&dropped);
+    if final_pass {
+        markers.push((message::ATTR_DLQ_FINAL_PASS, sqs::string_attribute("true")));
     }
+    // The markers must fit; the worker's failure notes are the first to give way.
+    let attributes = sqs::fit_attributes(
+        markers,
+        &message.message_attributes,
+        &[message::ATTR_DLQ_FINAL_PASS],
+        |name| match name {
+            message::ATTR_FAILURE_REASON => 2,
+            message::ATTR_FAILURE_DETAIL => 3,
+            _ => 1,
+        },
+    );
     OutgoingMessage {
         body: message.body.clone(),
         attributes,
@@ -556,9 +534,7 @@ pub async fn peek(
         }
     }
     if !handles.is_empty() {
-        let changes: Vec<(String, Duration)> =
-            handles.into_iter().map(|h| (h, Duration::ZERO)).collect();
-        dlq.change_visibility_batch(&changes).await?;
+        dlq.make_visible_now(handles).await?;
     }
     Ok(peeked)
 }
@@ -598,6 +574,8 @@ fn describe(message: &ReceivedMessage, key: &KeySpec, envelope: Envelope) -> Pee
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sqs::MAX_MESSAGE_ATTRIBUTES;
+    use std::collections::HashMap;
 
     fn received(attrs: &[(&str, &str)]) -> ReceivedMessage {
         ReceivedMessage {

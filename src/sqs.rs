@@ -149,6 +149,34 @@ pub async fn local_client(endpoint_url: &str) -> Client {
     Client::new(&loader.load().await)
 }
 
+/// Attributes for a message made from another: every `required` one, then as many of
+/// `original`'s others as SQS's limit of 10 allows — lowest `rank` first, then by name.
+/// Names that are required or in `omit` are not copied; each one that does not fit is logged.
+pub fn fit_attributes(
+    required: Vec<(&str, MessageAttributeValue)>,
+    original: &HashMap<String, MessageAttributeValue>,
+    omit: &[&str],
+    rank: impl Fn(&str) -> u8,
+) -> HashMap<String, MessageAttributeValue> {
+    let mut attributes: HashMap<String, MessageAttributeValue> = required
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect();
+    let mut rest: Vec<&String> = original
+        .keys()
+        .filter(|n| !attributes.contains_key(n.as_str()) && !omit.contains(&n.as_str()))
+        .collect();
+    rest.sort_by(|a, b| (rank(a), a).cmp(&(rank(b), b)));
+    for name in rest {
+        if attributes.len() >= MAX_MESSAGE_ATTRIBUTES {
+            tracing::warn!(attribute = %name, "dropping a message attribute: SQS allows 10 per message");
+            continue;
+        }
+        attributes.insert(name.clone(), original[name].clone());
+    }
+    attributes
+}
+
 /// One queue and the client that reaches it.
 #[derive(Debug, Clone)]
 pub struct SqsQueue {
@@ -433,6 +461,18 @@ impl SqsQueue {
             .await
             .map_err(|e| SqsError::new("CancelMessageMoveTask", e))?;
         Ok(output.approximate_number_of_messages_moved())
+    }
+
+    /// Make received messages visible again at once; returns the entries SQS refused.
+    pub async fn make_visible_now(
+        &self,
+        receipt_handles: Vec<String>,
+    ) -> Result<Vec<BatchEntryFailure>, SqsError> {
+        let changes: Vec<(String, Duration)> = receipt_handles
+            .into_iter()
+            .map(|handle| (handle, Duration::ZERO))
+            .collect();
+        self.change_visibility_batch(&changes).await
     }
 
     /// Send one message to this queue.

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::MessageAttributeValue;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -27,10 +26,7 @@ use crate::checkpoint::{
 };
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
-use crate::sqs::{
-    self, MAX_MESSAGE_ATTRIBUTES, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError,
-    SqsQueue,
-};
+use crate::sqs::{self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue};
 
 /// How a worker runs. Built by the CLI from flags, or directly by library users.
 #[derive(Debug, Clone)]
@@ -428,13 +424,17 @@ impl Worker {
     }
 }
 
-fn default_worker_id() -> String {
-    let host = std::env::var("HOSTNAME")
+/// This machine's name, from HOSTNAME or /etc/hostname (containers set one or the other).
+pub(crate) fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into());
+}
+
+fn default_worker_id() -> String {
+    let host = host_name().unwrap_or_else(|| "worker".into());
     format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
@@ -1204,34 +1204,24 @@ fn dlq_message(
     detail: &str,
     fifo: bool,
 ) -> OutgoingMessage {
-    let mut attributes: HashMap<String, MessageAttributeValue> = HashMap::new();
-    attributes.insert(
-        message::ATTR_FAILURE_REASON.into(),
-        sqs::string_attribute(reason),
-    );
-    attributes.insert(
-        message::ATTR_FAILURE_DETAIL.into(),
-        sqs::string_attribute(message::truncate_for_log(detail, 1000)),
-    );
-    let mut names: Vec<&String> = message
-        .message_attributes
-        .keys()
-        .filter(|n| !attributes.contains_key(n.as_str()))
-        .collect();
     let is_marker = |n: &str| {
         matches!(
             n,
             message::ATTR_DLQ_REDRIVEN | message::ATTR_REDRIVE_COUNT | message::ATTR_DLQ_FINAL_PASS
         )
     };
-    names.sort_by_key(|n| (!is_marker(n), n.to_string()));
-    for name in names {
-        if attributes.len() == MAX_MESSAGE_ATTRIBUTES {
-            tracing::warn!(attribute = %name, "dropping a message attribute: SQS allows 10 per message");
-            continue;
-        }
-        attributes.insert(name.clone(), message.message_attributes[name].clone());
-    }
+    let attributes = sqs::fit_attributes(
+        vec![
+            (message::ATTR_FAILURE_REASON, sqs::string_attribute(reason)),
+            (
+                message::ATTR_FAILURE_DETAIL,
+                sqs::string_attribute(message::truncate_for_log(detail, 1000)),
+            ),
+        ],
+        &message.message_attributes,
+        &[],
+        |name| u8::from(!is_marker(name)),
+    );
     OutgoingMessage {
         body: message.body.clone(),
         attributes,
@@ -1463,6 +1453,7 @@ async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sqs::MAX_MESSAGE_ATTRIBUTES;
 
     #[test]
     fn backoff_doubles_from_the_base_and_caps() {

@@ -386,6 +386,40 @@ impl CheckpointStore {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Heartbeat: push the lease's expiry to `lease` from now while the handler still runs.
+    /// Returns false when the lease is no longer ours (another worker took the event over).
+    pub async fn renew_lease(
+        &self,
+        scope: &str,
+        owner: &str,
+        key: &str,
+        lease: Duration,
+    ) -> Result<bool, CheckpointError> {
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress'
+            "#,
+            scope,
+            key,
+            owner,
+            lease.as_secs_f64(),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Cheapest possible round trip, for the readiness probe.
+    pub async fn ping(&self) -> Result<(), CheckpointError> {
+        sqlx::query!("select 1 as one")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Mark a claimed event failed (it went to the DLQ). Returns false when the lease was no
     /// longer ours.
     pub async fn mark_failed(

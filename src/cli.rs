@@ -18,6 +18,7 @@ use crate::handlers::{ExecHandler, NoopHandler};
 use crate::message::{self, KeySpec};
 use crate::redrive::{self, Action, Filter, Outcome, RedriveOptions};
 use crate::sqs::{self, OutgoingMessage, SqsQueue};
+use crate::telemetry::{self, Readiness};
 use crate::worker::{RunSummary, Worker};
 
 /// Connect to PostgreSQL with an error that says what to do.
@@ -68,10 +69,17 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         )?;
     }
     let client = crate::sqs::client_from_env().await;
-    let summary = Worker::new(config, client, pool, handler)
-        .with_shutdown(shutdown)
-        .run()
-        .await?;
+    let mut worker = Worker::new(config, client, pool, handler).with_shutdown(shutdown.clone());
+    // The endpoints outlive the worker's drain by a little: they stop when this returns.
+    let endpoints = CancellationToken::new();
+    let _stop_endpoints = endpoints.clone().drop_guard();
+    if let Some(addr) = args.metrics_addr {
+        let prometheus = telemetry::install_recorder()?;
+        let readiness = Arc::new(Readiness::new());
+        telemetry::serve(addr, prometheus, readiness.clone(), endpoints).await?;
+        worker = worker.with_readiness(readiness);
+    }
+    let summary = worker.run().await?;
     Ok(summary)
 }
 

@@ -162,9 +162,24 @@ pub struct RunArgs {
     pub visibility_timeout: Option<u64>,
 
     /// Longest a handler may run, in seconds; then it is stopped (the exec handler's process
-    /// is killed) and the event retried. [default: the visibility timeout]
-    #[arg(long, env = "SQS_WORKER_HANDLER_TIMEOUT", value_parser = parse_seconds)]
-    pub handler_timeout: Option<Duration>,
+    /// is killed) and the event retried. While it runs, a heartbeat extends the message's
+    /// visibility and the checkpoint lease every third of the visibility timeout, so a
+    /// handler may run longer than the visibility timeout without a second delivery.
+    #[arg(
+        long,
+        visible_alias = "handler-timeout",
+        value_name = "SECS",
+        env = "SQS_WORKER_MAX_HANDLER_TIME",
+        default_value = "900",
+        value_parser = parse_seconds
+    )]
+    pub max_handler_time: Duration,
+
+    /// Serve /healthz (alive), /readyz (SQS and the database answered recently; 503 while
+    /// not, and from the start of a shutdown) and /metrics (Prometheus text) on this
+    /// address, e.g. 0.0.0.0:9090. Off by default.
+    #[arg(long, value_name = "ADDR", env = "SQS_WORKER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// First retry delay in seconds; it doubles with each attempt, with jitter.
     #[arg(long, env = "SQS_WORKER_BACKOFF_BASE", default_value = "2", value_parser = parse_seconds)]
@@ -225,7 +240,8 @@ impl RunArgs {
             concurrency: self.concurrency as usize,
             wait_time: Duration::from_secs(self.wait_time_seconds),
             visibility_timeout: self.visibility_timeout.map(Duration::from_secs),
-            handler_timeout: self.handler_timeout,
+            max_handler_time: self.max_handler_time,
+            heartbeat: true,
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
             exit_when_idle: self.exit_when_idle,

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{CheckpointStore, RecordedStep};
 
@@ -42,9 +43,10 @@ pub enum HandlerError {
         /// A short reason code for the DLQ attributes (default `handler_permanent`).
         reason: String,
     },
-    /// Another worker took this event's lease (ours expired): nothing more may be recorded,
-    /// and the message is left to the new holder. Steps return it; propagate it with `?`.
-    #[error("the lease was taken by another worker; stopping at this step")]
+    /// Another worker took this event's lease (ours expired), or it could not be renewed:
+    /// nothing more may be recorded, and the message is left to SQS and the next holder.
+    /// Steps return it; propagate it with `?`.
+    #[error("the lease was lost or could not be renewed; stopping at this step")]
     LeaseLost,
 }
 
@@ -120,6 +122,7 @@ pub struct Job {
     pub(crate) recorded: Vec<RecordedStep>,
     pub(crate) next_step: usize,
     pub(crate) lease_lost: bool,
+    pub(crate) cancel: CancellationToken,
 }
 
 impl Job {
@@ -172,6 +175,14 @@ impl Job {
     /// True on the last redrive an operator allows: a failure now ends the message.
     pub fn is_final_pass(&self) -> bool {
         self.final_pass
+    }
+
+    /// Cancelled when the worker can no longer vouch for this event: a heartbeat could not
+    /// renew the lease or the visibility, or the shutdown deadline passed. A long handler
+    /// should stop at the next safe point (`tokio::select!` on `cancelled()`); steps refuse
+    /// to start once it is cancelled, and the handler is stopped when the lease ends.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
     }
 
     /// Names of the steps completed so far, earlier attempts included.
@@ -292,6 +303,13 @@ impl Job {
     /// The stored output of the next step, if an earlier attempt completed it.
     fn replay<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, HandlerError> {
         if self.lease_lost {
+            return Err(HandlerError::LeaseLost);
+        }
+        if self.cancel.is_cancelled() {
+            tracing::warn!(
+                step = name,
+                "not starting the step: the lease could not be renewed or the worker is stopping"
+            );
             return Err(HandlerError::LeaseLost);
         }
         let Some(step) = self.recorded.get(self.next_step) else {

@@ -1,12 +1,32 @@
-//! Logging: a tracing subscriber writing text or JSON lines to stderr.
+//! Telemetry: logs (a tracing subscriber writing text or JSON lines to stderr) and the
+//! operations endpoints of a long-running worker (`/healthz`, `/readyz`, `/metrics`).
 //!
-//! Stderr, so stdout stays clean for command output (JSON listings, the demo's summary).
-//! Message bodies are never logged at info level; the AWS SDK and sqlx are quiet unless
-//! RUST_LOG asks for them.
+//! Logs go to stderr, so stdout stays clean for command output (JSON listings, the demo's
+//! summary, Lambda's batch response). Message bodies are never logged at info level; the AWS
+//! SDK and sqlx are quiet unless RUST_LOG asks for them.
+//!
+//! Counters and the handler-duration histogram go through the `metrics` facade (a no-op until
+//! a recorder is installed, so library users who never ask for metrics pay nothing); the CLI
+//! installs the Prometheus recorder and serves its text on `--metrics-addr`.
+//!
+//! Readiness is "SQS and the database answered recently": the worker marks each outcome of
+//! its own calls (receives, claims), and a probe pings the database every few seconds so an
+//! idle worker still notices an outage.
 
-use tracing_subscriber::EnvFilter;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::config::LogFormat;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 const DEFAULT_FILTER: &str = "info,aws_config=warn,aws_smithy_runtime=warn,sqlx=warn";
 
@@ -23,4 +43,204 @@ pub fn init(format: LogFormat) {
     };
     // A subscriber may already be installed (tests, embedding): keep it.
     let _ = result;
+}
+
+/// Metric names, shared by the worker and the README's list.
+pub mod names {
+    /// Messages received from SQS.
+    pub const RECEIVED: &str = "sqs_worker_messages_received_total";
+    /// Events whose handler succeeded and were marked complete.
+    pub const PROCESSED: &str = "sqs_worker_events_processed_total";
+    /// Deliveries of events already complete or failed, deleted without running anything.
+    pub const DUPLICATES: &str = "sqs_worker_duplicates_skipped_total";
+    /// Retryable failures put back with a backoff.
+    pub const RETRIED: &str = "sqs_worker_retries_total";
+    /// Messages sent to the DLQ.
+    pub const SENT_TO_DLQ: &str = "sqs_worker_sent_to_dlq_total";
+    /// Final-pass failures recorded in `dead_letters`.
+    pub const DEAD_LETTERED: &str = "sqs_worker_dead_lettered_total";
+    /// Deliveries whose event was leased by another worker (claim conflicts).
+    pub const CLAIM_CONFLICTS: &str = "sqs_worker_claim_conflicts_total";
+    /// Failed ReceiveMessage calls.
+    pub const RECEIVE_ERRORS: &str = "sqs_worker_receive_errors_total";
+    /// Messages SQS did not delete.
+    pub const DELETE_ERRORS: &str = "sqs_worker_delete_errors_total";
+    /// Failed checkpoint statements.
+    pub const DATABASE_ERRORS: &str = "sqs_worker_database_errors_total";
+    /// Completions or steps refused because another worker held the lease.
+    pub const LEASE_LOST: &str = "sqs_worker_lease_lost_total";
+    /// Visibility + lease renewals of long-running handlers.
+    pub const HEARTBEATS: &str = "sqs_worker_heartbeats_total";
+    /// Heartbeats that failed (the handler was told to stop).
+    pub const HEARTBEAT_FAILURES: &str = "sqs_worker_heartbeat_failures_total";
+    /// Messages handed back at shutdown (lease released, visible again at once).
+    pub const RELEASED_AT_SHUTDOWN: &str = "sqs_worker_released_at_shutdown_total";
+    /// Handlers running now.
+    pub const IN_FLIGHT: &str = "sqs_worker_in_flight";
+    /// Handler run time in seconds.
+    pub const HANDLER_DURATION: &str = "sqs_worker_handler_duration_seconds";
+}
+
+/// Install the Prometheus recorder for this process. Call once, before the worker starts
+/// (counters created before it stay no-ops).
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(names::HANDLER_DURATION.to_owned()),
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                900.0,
+            ],
+        )?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Whether the worker can do its job now: fed by the worker, read by `/readyz`.
+///
+/// Each dependency counts as reached when its latest call succeeded. Calls are frequent: a
+/// long poll at least every `--wait-time-seconds` while there is room for work, deletes,
+/// visibility changes and heartbeats while there is work, and a database ping every 5 s.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    sqs: AtomicBool,
+    database: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReadinessReport {
+    /// True when every part below is fine.
+    pub ready: bool,
+    /// The latest SQS call succeeded.
+    pub sqs: bool,
+    /// The latest database call succeeded.
+    pub database: bool,
+    /// A shutdown has begun.
+    pub stopping: bool,
+}
+
+impl Readiness {
+    /// Nothing reached yet: not ready.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record the outcome of an SQS call.
+    pub fn sqs(&self, ok: bool) {
+        self.sqs.store(ok, Ordering::Relaxed);
+    }
+
+    /// Record the outcome of a database call.
+    pub fn database(&self, ok: bool) {
+        self.database.store(ok, Ordering::Relaxed);
+    }
+
+    /// A shutdown began: an orchestrator should send no more work here.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// The current state.
+    pub fn report(&self) -> ReadinessReport {
+        let sqs = self.sqs.load(Ordering::Relaxed);
+        let database = self.database.load(Ordering::Relaxed);
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        ReadinessReport {
+            ready: sqs && database && !stopping,
+            sqs,
+            database,
+            stopping,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    prometheus: PrometheusHandle,
+    readiness: Arc<Readiness>,
+}
+
+/// Serve `/healthz`, `/readyz` and `/metrics` on `addr` until `shutdown` is cancelled.
+/// Returns once bound (the server runs in a task), so a taken port fails the start.
+pub async fn serve(
+    addr: SocketAddr,
+    prometheus: PrometheusHandle,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let upkeep = prometheus.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            prometheus,
+            readiness,
+        });
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        // Histograms and summaries need periodic upkeep when nothing scrapes for a while.
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the metrics server stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /healthz, /readyz and /metrics");
+    Ok(bound)
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let report = state.readiness.report();
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::to_string(&report).unwrap_or_default() + "\n";
+    (status, [(header::CONTENT_TYPE, "application/json")], body)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.prometheus.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_both_answered_and_not_stopping() {
+        let readiness = Readiness::new();
+        assert!(!readiness.report().ready, "nothing reached yet");
+        readiness.sqs(true);
+        assert!(!readiness.report().ready, "database not reached yet");
+        readiness.database(true);
+        assert!(readiness.report().ready);
+        readiness.database(false);
+        let report = readiness.report();
+        assert!(!report.ready && report.sqs && !report.database);
+        readiness.database(true);
+        readiness.stopping();
+        let report = readiness.report();
+        assert!(!report.ready && report.sqs && report.database && report.stopping);
+    }
 }

@@ -27,6 +27,7 @@ use crate::checkpoint::{
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
 use crate::sqs::{self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue};
+use crate::telemetry::{self, Readiness};
 
 /// How a worker runs. Built by the CLI from flags, or directly by library users.
 #[derive(Debug, Clone)]
@@ -50,8 +51,11 @@ pub struct WorkerConfig {
     /// Visibility timeout requested on receive; `None` uses the queue's own. Leases last as
     /// long, so an abandoned message and its lease expire together.
     pub visibility_timeout: Option<Duration>,
-    /// Longest a handler may run before it is stopped and retried; `None` means the lease.
-    pub handler_timeout: Option<Duration>,
+    /// Longest a handler may run, heartbeats included, before it is stopped and retried.
+    pub max_handler_time: Duration,
+    /// Extend the visibility timeout and the lease while a handler runs (every third of the
+    /// lease), so a handler may outlast the visibility timeout without a second delivery.
+    pub heartbeat: bool,
     /// First retry delay; doubles per attempt.
     pub backoff_base: Duration,
     /// Longest retry delay.
@@ -77,7 +81,8 @@ impl WorkerConfig {
             concurrency: 20,
             wait_time: Duration::from_secs(20),
             visibility_timeout: None,
-            handler_timeout: None,
+            max_handler_time: Duration::from_secs(900),
+            heartbeat: true,
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(900),
             exit_when_idle: None,
@@ -137,44 +142,99 @@ pub struct RunSummary {
     pub receive_errors: u64,
     /// Failed checkpoint statements.
     pub database_errors: u64,
+    /// Visibility and lease renewals of long-running handlers.
+    pub heartbeats: u64,
+    /// Renewals that failed (the handler was told to stop; its writes stay fenced).
+    pub heartbeat_failures: u64,
+    /// Messages handed back at shutdown (lease released, visible again at once): handlers
+    /// stopped at the deadline, and messages received but not started.
+    pub released_at_shutdown: u64,
     /// Handlers still running when the shutdown deadline passed.
     pub abandoned_at_shutdown: u64,
 }
 
-#[derive(Default)]
+/// One count: kept for the run summary and mirrored to the `metrics` facade.
+struct Count {
+    value: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Count {
+    fn new(name: &'static str, queue: &str) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            metric: metrics::counter!(name, "queue" => queue.to_owned()),
+        }
+    }
+
+    fn add(&self, n: usize) {
+        self.value.fetch_add(n as u64, Ordering::Relaxed);
+        self.metric.increment(n as u64);
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
 struct Counters {
-    received: AtomicU64,
-    processed: AtomicU64,
-    duplicates_skipped: AtomicU64,
-    busy_deferred: AtomicU64,
-    retried: AtomicU64,
-    dead_lettered: AtomicU64,
-    final_pass_failures: AtomicU64,
-    delete_failures: AtomicU64,
-    lease_lost: AtomicU64,
-    receive_errors: AtomicU64,
-    database_errors: AtomicU64,
+    received: Count,
+    processed: Count,
+    duplicates_skipped: Count,
+    busy_deferred: Count,
+    retried: Count,
+    dead_lettered: Count,
+    final_pass_failures: Count,
+    delete_failures: Count,
+    lease_lost: Count,
+    receive_errors: Count,
+    database_errors: Count,
+    heartbeats: Count,
+    heartbeat_failures: Count,
+    released_at_shutdown: Count,
+    in_flight: metrics::Gauge,
+    handler_seconds: metrics::Histogram,
 }
 
 impl Counters {
-    fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    fn new(queue: &str) -> Self {
+        use telemetry::names;
+        Self {
+            received: Count::new(names::RECEIVED, queue),
+            processed: Count::new(names::PROCESSED, queue),
+            duplicates_skipped: Count::new(names::DUPLICATES, queue),
+            busy_deferred: Count::new(names::CLAIM_CONFLICTS, queue),
+            retried: Count::new(names::RETRIED, queue),
+            dead_lettered: Count::new(names::SENT_TO_DLQ, queue),
+            final_pass_failures: Count::new(names::DEAD_LETTERED, queue),
+            delete_failures: Count::new(names::DELETE_ERRORS, queue),
+            lease_lost: Count::new(names::LEASE_LOST, queue),
+            receive_errors: Count::new(names::RECEIVE_ERRORS, queue),
+            database_errors: Count::new(names::DATABASE_ERRORS, queue),
+            heartbeats: Count::new(names::HEARTBEATS, queue),
+            heartbeat_failures: Count::new(names::HEARTBEAT_FAILURES, queue),
+            released_at_shutdown: Count::new(names::RELEASED_AT_SHUTDOWN, queue),
+            in_flight: metrics::gauge!(names::IN_FLIGHT, "queue" => queue.to_owned()),
+            handler_seconds: metrics::histogram!(names::HANDLER_DURATION, "queue" => queue.to_owned()),
+        }
     }
 
     fn snapshot(&self) -> RunSummary {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RunSummary {
-            received: get(&self.received),
-            processed: get(&self.processed),
-            duplicates_skipped: get(&self.duplicates_skipped),
-            busy_deferred: get(&self.busy_deferred),
-            retried: get(&self.retried),
-            dead_lettered: get(&self.dead_lettered),
-            final_pass_failures: get(&self.final_pass_failures),
-            delete_failures: get(&self.delete_failures),
-            lease_lost: get(&self.lease_lost),
-            receive_errors: get(&self.receive_errors),
-            database_errors: get(&self.database_errors),
+            received: self.received.get(),
+            processed: self.processed.get(),
+            duplicates_skipped: self.duplicates_skipped.get(),
+            busy_deferred: self.busy_deferred.get(),
+            retried: self.retried.get(),
+            dead_lettered: self.dead_lettered.get(),
+            final_pass_failures: self.final_pass_failures.get(),
+            delete_failures: self.delete_failures.get(),
+            lease_lost: self.lease_lost.get(),
+            receive_errors: self.receive_errors.get(),
+            database_errors: self.database_errors.get(),
+            heartbeats: self.heartbeats.get(),
+            heartbeat_failures: self.heartbeat_failures.get(),
+            released_at_shutdown: self.released_at_shutdown.get(),
             abandoned_at_shutdown: 0,
         }
     }
@@ -201,6 +261,7 @@ pub struct WorkerBuilder {
     pool: Option<PgPool>,
     handler: Option<Arc<dyn Handler>>,
     shutdown: Option<CancellationToken>,
+    readiness: Option<Arc<Readiness>>,
 }
 
 impl WorkerBuilder {
@@ -240,19 +301,28 @@ impl WorkerBuilder {
         self
     }
 
+    /// Where to report whether SQS and the database answer (optional; `/readyz` reads it).
+    pub fn readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
     /// The worker, or which part is missing.
     pub fn build(self) -> Result<Worker, WorkerError> {
         let missing = |what: &str| WorkerError::Config(format!("the worker builder needs {what}"));
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             self.config.ok_or_else(|| missing("a config"))?,
             self.client.ok_or_else(|| missing("an SQS client"))?,
             self.pool.ok_or_else(|| missing("a database pool"))?,
             self.handler.ok_or_else(|| missing("a handler"))?,
         );
-        Ok(match self.shutdown {
-            Some(token) => worker.with_shutdown(token),
-            None => worker,
-        })
+        if let Some(token) = self.shutdown {
+            worker = worker.with_shutdown(token);
+        }
+        if let Some(readiness) = self.readiness {
+            worker = worker.with_readiness(readiness);
+        }
+        Ok(worker)
     }
 }
 
@@ -263,7 +333,13 @@ pub struct Worker {
     store: CheckpointStore,
     handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
+    readiness: Option<Arc<Readiness>>,
 }
+
+/// After the drain deadline, how long stopped handlers get to hand their messages back
+/// (release the lease, visibility 0). ECS's 30 s stopTimeout leaves 5 s over the default
+/// 25 s drain.
+const HAND_BACK_GRACE: Duration = Duration::from_secs(3);
 
 impl Worker {
     /// Start building a worker.
@@ -285,95 +361,54 @@ impl Worker {
             store: CheckpointStore::new(pool),
             handler,
             shutdown: CancellationToken::new(),
+            readiness: None,
         }
     }
 
     /// Stop when `token` is cancelled (e.g. on SIGTERM): no new receives, in-flight handlers
-    /// get `shutdown_timeout` to finish.
+    /// get `shutdown_timeout` to finish, then are stopped and their messages handed back.
     pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
         self.shutdown = token;
         self
     }
 
+    /// Report whether SQS and the database answer to `readiness` (`/readyz` reads it).
+    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
     /// Run until shut down (or idle, with `exit_when_idle`). Returns what happened.
     pub async fn run(self) -> Result<RunSummary, WorkerError> {
-        let config = self.config;
-        if config.concurrency == 0 || config.pollers == 0 {
-            return Err(WorkerError::Config(
-                "--concurrency and --pollers must be at least 1".into(),
-            ));
-        }
-        let lease = match config.visibility_timeout {
-            Some(v) => v,
-            None => self
-                .sqs
-                .visibility_timeout()
-                .await
-                .map_err(WorkerError::Queue)?,
-        };
-        if lease.is_zero() {
-            return Err(WorkerError::Config(
-                "the visibility timeout is 0 s, so no lease could hold; set --visibility-timeout"
-                    .into(),
-            ));
-        }
-        let dlq = self
-            .sqs
-            .dead_letter_queue_url()
-            .await
-            .map_err(WorkerError::Queue)?
-            .map(|url| self.sqs.sibling(url));
-        if dlq.is_none() {
-            tracing::warn!(
-                queue = self.sqs.name(),
-                "the queue has no RedrivePolicy, so permanent failures cannot go to a DLQ and \
-                 will be retried with backoff; give the queue a DLQ"
-            );
-        }
-        let scope = config
-            .scope
-            .clone()
-            .unwrap_or_else(|| self.sqs.name().to_owned());
-        let owner = config.worker_id.clone().unwrap_or_else(default_worker_id);
-        tracing::info!(
-            queue = self.sqs.name(),
-            %scope,
-            worker_id = %owner,
-            lease_secs = lease.as_secs(),
-            pollers = config.pollers,
-            concurrency = config.concurrency,
-            "worker starting"
-        );
-
-        let (ack_sender, ack_receiver) = mpsc::channel(config.concurrency * 2 + 16);
-        let shared = Arc::new(Shared {
-            sqs: self.sqs,
-            dlq,
-            store: self.store,
-            handler: self.handler,
-            scope,
-            owner,
-            claim_sequence: AtomicU64::new(1),
-            lease,
-            counters: Counters::default(),
-            in_flight: AtomicUsize::new(0),
-            last_activity: Mutex::new(Instant::now()),
-            acks: ack_sender,
-            config,
-        });
-
-        let acker_stop = CancellationToken::new();
-        let acker = tokio::spawn(run_acker(shared.clone(), ack_receiver, acker_stop.clone()));
+        let core = Core::start(
+            CoreParts {
+                config: self.config,
+                sqs: self.sqs,
+                store: self.store,
+                handler: self.handler,
+                readiness: self.readiness,
+            },
+            Mode::Service,
+        )
+        .await?;
+        let shared = core.shared.clone();
         let stop = self.shutdown.child_token();
+        let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
         let semaphore = Arc::new(Semaphore::new(shared.config.concurrency));
+        if shared.readiness.is_some() {
+            tokio::spawn(probe_database(shared.clone(), stop.clone()));
+        }
         let mut pollers = JoinSet::new();
         for _ in 0..shared.config.pollers {
             pollers.spawn(poll(
                 shared.clone(),
                 semaphore.clone(),
                 tracker.clone(),
-                stop.clone(),
+                BatchTokens {
+                    stop: stop.clone(),
+                    abandon: abandon.clone(),
+                },
             ));
         }
         if let Some(idle) = shared.config.exit_when_idle {
@@ -387,6 +422,9 @@ impl Worker {
             _ = async { while pollers.join_next().await.is_some() {} } => {}
         }
         stop.cancel();
+        if let Some(readiness) = &shared.readiness {
+            readiness.stopping();
+        }
         let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
         tracker.close();
         let running = shared.in_flight.load(Ordering::Relaxed);
@@ -405,22 +443,169 @@ impl Worker {
         .is_ok();
         let mut abandoned = 0;
         if !drained {
-            pollers.abort_all();
-            abandoned = shared.in_flight.load(Ordering::Relaxed) as u64;
+            let running = shared.in_flight.load(Ordering::Relaxed);
             tracing::warn!(
-                abandoned,
-                "shutdown deadline passed with handlers still running; their leases expire \
-                 and SQS delivers those messages again"
+                in_flight = running,
+                "shutdown deadline passed; stopping the handlers still running and handing \
+                 their messages back (lease released, visible again at once)"
             );
+            abandon.cancel();
+            let handed_back = tokio::time::timeout(HAND_BACK_GRACE, async {
+                while pollers.join_next().await.is_some() {}
+                tracker.wait().await;
+            })
+            .await
+            .is_ok();
+            if !handed_back {
+                pollers.abort_all();
+                abandoned = shared.in_flight.load(Ordering::Relaxed) as u64;
+                tracing::warn!(
+                    abandoned,
+                    "some messages could not be handed back in time; their leases expire and \
+                     SQS delivers them again after the visibility timeout"
+                );
+            }
         }
-        acker_stop.cancel();
-        if let Err(error) = acker.await {
-            tracing::error!(%error, "the delete task failed");
-        }
-        let mut summary = shared.counters.snapshot();
+        let mut summary = core.stop().await;
         summary.abandoned_at_shutdown = abandoned;
         tracing::info!(?summary, "worker stopped");
         Ok(summary)
+    }
+}
+
+/// The parts a [`Core`] is made of.
+pub(crate) struct CoreParts {
+    pub(crate) config: WorkerConfig,
+    pub(crate) sqs: SqsQueue,
+    pub(crate) store: CheckpointStore,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) readiness: Option<Arc<Readiness>>,
+}
+
+/// How settled messages leave the queue.
+pub(crate) enum Mode {
+    /// A long-running service: deletes and visibility changes go to SQS.
+    Service,
+    /// Lambda: SQS deletes what the invocation does not report as failed, so a "delete"
+    /// records the receipt as settled instead. Visibility changes (a retry's backoff) go to
+    /// SQS only when `change_visibility` (a real invocation, not a local `--event` run whose
+    /// receipt handles are made up).
+    Lambda {
+        settled: Mutex<HashSet<String>>,
+        change_visibility: bool,
+    },
+}
+
+/// The claim/run/settle core shared by the poll loop and the Lambda adapter: the state of
+/// one queue and the task that batches completions and deletes.
+pub(crate) struct Core {
+    pub(crate) shared: Arc<Shared>,
+    acker: tokio::task::JoinHandle<()>,
+    acker_stop: CancellationToken,
+}
+
+impl Core {
+    /// Check the configuration, read the queue's visibility timeout and DLQ, start the acker.
+    pub(crate) async fn start(parts: CoreParts, mode: Mode) -> Result<Core, WorkerError> {
+        let CoreParts {
+            config,
+            sqs,
+            store,
+            handler,
+            readiness,
+        } = parts;
+        if config.concurrency == 0 || config.pollers == 0 {
+            return Err(WorkerError::Config(
+                "--concurrency and --pollers must be at least 1".into(),
+            ));
+        }
+        // Lambda has no start phase to fail in: a queue that cannot be inspected still gets
+        // its messages claimed and run, with Lambda's default visibility and no DLQ.
+        let lambda = matches!(mode, Mode::Lambda { .. });
+        let lease = match config.visibility_timeout {
+            Some(v) => v,
+            None => match sqs.visibility_timeout().await {
+                Ok(v) => v,
+                Err(error) if lambda => {
+                    tracing::warn!(%error, "cannot read the queue's visibility timeout; assuming 30 s");
+                    Duration::from_secs(30)
+                }
+                Err(error) => return Err(WorkerError::Queue(error)),
+            },
+        };
+        if lease.is_zero() {
+            return Err(WorkerError::Config(
+                "the visibility timeout is 0 s, so no lease could hold; set --visibility-timeout"
+                    .into(),
+            ));
+        }
+        let dlq = match sqs.dead_letter_queue_url().await {
+            Ok(url) => url.map(|url| sqs.sibling(url)),
+            Err(error) if lambda => {
+                tracing::warn!(%error, "cannot read the queue's RedrivePolicy; permanent failures will be reported as batch item failures");
+                None
+            }
+            Err(error) => return Err(WorkerError::Queue(error)),
+        };
+        if dlq.is_none() {
+            tracing::warn!(
+                queue = sqs.name(),
+                "the queue has no RedrivePolicy, so permanent failures cannot go to a DLQ and \
+                 will be retried with backoff; give the queue a DLQ"
+            );
+        }
+        let scope = config
+            .scope
+            .clone()
+            .unwrap_or_else(|| sqs.name().to_owned());
+        let owner = config.worker_id.clone().unwrap_or_else(default_worker_id);
+        let fifo = sqs.url().ends_with(".fifo");
+        tracing::info!(
+            queue = sqs.name(),
+            %scope,
+            worker_id = %owner,
+            lease_secs = lease.as_secs(),
+            pollers = config.pollers,
+            concurrency = config.concurrency,
+            fifo,
+            "worker starting"
+        );
+
+        let (ack_sender, ack_receiver) = mpsc::channel(config.concurrency * 2 + 16);
+        let shared = Arc::new(Shared {
+            counters: Counters::new(sqs.name()),
+            sqs,
+            dlq,
+            store,
+            handler,
+            scope,
+            owner,
+            claim_sequence: AtomicU64::new(1),
+            lease,
+            fifo,
+            in_flight: AtomicUsize::new(0),
+            last_activity: Mutex::new(Instant::now()),
+            acks: ack_sender,
+            readiness,
+            mode,
+            config,
+        });
+        let acker_stop = CancellationToken::new();
+        let acker = tokio::spawn(run_acker(shared.clone(), ack_receiver, acker_stop.clone()));
+        Ok(Core {
+            shared,
+            acker,
+            acker_stop,
+        })
+    }
+
+    /// Settle what the acker still holds and stop it. Returns the run's counts.
+    pub(crate) async fn stop(self) -> RunSummary {
+        self.acker_stop.cancel();
+        if let Err(error) = self.acker.await {
+            tracing::error!(%error, "the delete task failed");
+        }
+        self.shared.counters.snapshot()
     }
 }
 
@@ -439,7 +624,7 @@ fn default_worker_id() -> String {
 }
 
 /// What every task of one run shares.
-struct Shared {
+pub(crate) struct Shared {
     config: WorkerConfig,
     sqs: SqsQueue,
     dlq: Option<SqsQueue>,
@@ -452,10 +637,14 @@ struct Shared {
     /// over by a newer claim here) is fenced out.
     claim_sequence: AtomicU64,
     lease: Duration,
+    /// A FIFO queue: a message group's messages run one at a time, in order.
+    fifo: bool,
     counters: Counters,
     in_flight: AtomicUsize,
     last_activity: Mutex<Instant>,
     acks: mpsc::Sender<AckRequest>,
+    readiness: Option<Arc<Readiness>>,
+    mode: Mode,
 }
 
 impl Shared {
@@ -470,6 +659,55 @@ impl Shared {
             self.config.backoff_max,
             fastrand::f64(),
         )
+    }
+
+    fn sqs_reached(&self, ok: bool) {
+        if let Some(readiness) = &self.readiness {
+            readiness.sqs(ok);
+        }
+    }
+
+    fn database_reached(&self, ok: bool) {
+        if let Some(readiness) = &self.readiness {
+            readiness.database(ok);
+        }
+    }
+
+    pub(crate) fn lease(&self) -> Duration {
+        self.lease
+    }
+}
+
+/// Tokens every batch of a run watches: `stop` (no new work: a FIFO group's messages not
+/// started yet are handed back) and `abandon` (the drain deadline passed: running handlers
+/// are stopped and their messages handed back).
+#[derive(Clone)]
+pub(crate) struct BatchTokens {
+    pub(crate) stop: CancellationToken,
+    pub(crate) abandon: CancellationToken,
+}
+
+/// What one received batch runs under.
+pub(crate) struct BatchContext {
+    pub(crate) received_at: Instant,
+    /// No lease may outlive this (a Lambda invocation's deadline).
+    pub(crate) lease_cap: Option<Instant>,
+    pub(crate) tokens: BatchTokens,
+}
+
+/// Ping the database every few seconds while the worker runs, so `/readyz` notices an outage
+/// even when no messages arrive.
+async fn probe_database(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await,
+            Ok(Ok(()))
+        );
+        shared.database_reached(ok);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
     }
 }
 
@@ -497,8 +735,9 @@ async fn poll(
     shared: Arc<Shared>,
     semaphore: Arc<Semaphore>,
     tracker: TaskTracker,
-    stop: CancellationToken,
+    tokens: BatchTokens,
 ) {
+    let stop = tokens.stop.clone();
     let mut error_backoff = Duration::from_millis(500);
     loop {
         // Wait for one free slot, then take up to 9 more without waiting: receive only as
@@ -537,7 +776,8 @@ async fn poll(
         let received_at = Instant::now();
         match received {
             Err(error) => {
-                Counters::add(&shared.counters.receive_errors, 1);
+                shared.sqs_reached(false);
+                shared.counters.receive_errors.add(1);
                 tracing::error!(%error, retry_in_ms = error_backoff.as_millis() as u64, "receive failed");
                 drop(permits);
                 tokio::select! {
@@ -547,13 +787,20 @@ async fn poll(
                 error_backoff = (error_backoff * 2).min(Duration::from_secs(30));
             }
             Ok(messages) if messages.is_empty() => {
+                shared.sqs_reached(true);
                 error_backoff = Duration::from_millis(500);
             }
             Ok(messages) => {
+                shared.sqs_reached(true);
                 error_backoff = Duration::from_millis(500);
                 shared.touch();
-                Counters::add(&shared.counters.received, messages.len());
-                handle_batch(&shared, &tracker, messages, permits, received_at).await;
+                shared.counters.received.add(messages.len());
+                let context = BatchContext {
+                    received_at,
+                    lease_cap: None,
+                    tokens: tokens.clone(),
+                };
+                handle_batch(&shared, &tracker, messages, permits, &context).await;
             }
         }
     }
@@ -568,6 +815,7 @@ async fn release_unstarted(shared: &Shared, messages: &[ReceivedMessage]) {
         messages = messages.len(),
         "shutting down: returning messages received but not started"
     );
+    shared.counters.released_at_shutdown.add(messages.len());
     let changes: Vec<(String, Duration)> = messages
         .iter()
         .map(|m| (m.receipt_handle.clone(), Duration::ZERO))
@@ -580,6 +828,8 @@ struct Parsed {
     message: ReceivedMessage,
     markers: RedriveMarkers,
     identity: Result<EventIdentity, KeyError>,
+    /// Place in the receive batch (FIFO: order within a message group).
+    position: usize,
 }
 
 impl Parsed {
@@ -589,25 +839,51 @@ impl Parsed {
             Err(_) => message::fallback_key(&self.message.body),
         }
     }
+
+    fn group(&self) -> &str {
+        self.message.message_group_id().unwrap_or_default()
+    }
 }
 
-async fn handle_batch(
+/// A claimed event about to run: its first delivery, the claim, and later deliveries of the
+/// same key in this batch (they share its fate).
+struct ClaimedEvent {
+    parsed: Parsed,
+    claim: Claim,
+    siblings: Vec<ReceivedMessage>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ClaimedEvent {
+    fn receipts(&self) -> Vec<String> {
+        std::iter::once(&self.parsed.message)
+            .chain(&self.siblings)
+            .map(|m| m.receipt_handle.clone())
+            .collect()
+    }
+}
+
+/// Claim a receive batch in one statement and start what was claimed. Returns once every
+/// message has a task or a fate; the tasks run on `tracker`.
+pub(crate) async fn handle_batch(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     messages: Vec<ReceivedMessage>,
     mut permits: Vec<OwnedSemaphorePermit>,
-    received_at: Instant,
+    context: &BatchContext,
 ) {
     // The lease starts now but the visibility timeout started at receive: shorten the lease
-    // by the difference so both expire together.
-    let lease = shared
-        .lease
-        .saturating_sub(received_at.elapsed())
-        .max(Duration::from_secs(1));
+    // by the difference so both expire together (and, on Lambda, before the deadline).
+    let mut lease = shared.lease.saturating_sub(context.received_at.elapsed());
+    if let Some(cap) = context.lease_cap {
+        lease = lease.min(cap.saturating_duration_since(Instant::now()));
+    }
+    let lease = lease.max(Duration::from_secs(1));
 
     let parsed: Vec<Parsed> = messages
         .into_iter()
-        .map(|message| {
+        .enumerate()
+        .map(|(position, message)| {
             let markers = message::parse_markers(message.attribute_strings());
             for problem in &markers.problems {
                 tracing::warn!(message_id = %message.message_id, %problem, "ignoring an unreadable redrive marker");
@@ -620,6 +896,7 @@ async fn handle_batch(
                 ),
                 markers,
                 message,
+                position,
             }
         })
         .collect();
@@ -646,9 +923,13 @@ async fn handle_batch(
         .claim_batch(&shared.scope, &lease_token, lease, &requests)
         .await
     {
-        Ok(outcomes) => outcomes,
+        Ok(outcomes) => {
+            shared.database_reached(true);
+            outcomes
+        }
         Err(error) => {
-            Counters::add(&shared.counters.database_errors, 1);
+            shared.database_reached(false);
+            shared.counters.database_errors.add(1);
             tracing::error!(
                 %error,
                 messages = parsed.len(),
@@ -662,9 +943,12 @@ async fn handle_batch(
 
     // Group deliveries by key: the first delivery of a claimed key runs; later deliveries of
     // the same key in this batch ride along and share its fate (deleted once it completes).
-    let mut claimed: Vec<(Parsed, Claim, Vec<ReceivedMessage>)> = Vec::new();
+    let mut claimed: Vec<ClaimedEvent> = Vec::new();
     let mut claimed_index: HashMap<String, usize> = HashMap::new();
     let mut busy: Vec<(String, Duration)> = Vec::new();
+    // FIFO: the first position in each group that did not get its claim; later messages of
+    // that group must wait for it.
+    let mut blocked_from: HashMap<String, usize> = HashMap::new();
     for p in parsed {
         let Ok(identity) = &p.identity else {
             let permit = permits.pop();
@@ -678,7 +962,7 @@ async fn handle_batch(
         let key = identity.key.clone();
         if let Some(&i) = claimed_index.get(&key) {
             let first = claimed[i]
-                .0
+                .parsed
                 .identity
                 .as_ref()
                 .expect("claimed messages have a key");
@@ -693,7 +977,7 @@ async fn handle_batch(
                     dead_letter_mismatch(&shared, p, None, stored).await;
                 });
             } else {
-                claimed[i].2.push(p.message);
+                claimed[i].siblings.push(p.message);
             }
             continue;
         }
@@ -726,10 +1010,15 @@ async fn handle_batch(
             }
             Some(ClaimOutcome::Claimed(claim)) => {
                 claimed_index.insert(key, claimed.len());
-                claimed.push((p, claim.clone(), Vec::new()));
+                claimed.push(ClaimedEvent {
+                    parsed: p,
+                    claim: claim.clone(),
+                    siblings: Vec::new(),
+                    permit: permits.pop(),
+                });
             }
             Some(ClaimOutcome::Complete { .. }) | Some(ClaimOutcome::Failed) => {
-                Counters::add(&shared.counters.duplicates_skipped, 1);
+                shared.counters.duplicates_skipped.add(1);
                 tracing::info!(
                     message_id = %p.message.message_id,
                     %key,
@@ -738,13 +1027,16 @@ async fn handle_batch(
                 shared.enqueue_delete(vec![p.message.receipt_handle]).await;
             }
             Some(ClaimOutcome::Busy { retry_after }) => {
-                Counters::add(&shared.counters.busy_deferred, 1);
+                shared.counters.busy_deferred.add(1);
                 tracing::info!(
                     message_id = %p.message.message_id,
                     %key,
                     retry_in_secs = retry_after.as_secs_f64(),
                     "event is leased by another worker; this delivery comes back when the lease ends"
                 );
+                blocked_from
+                    .entry(p.group().to_owned())
+                    .or_insert(p.position);
                 busy.push((
                     p.message.receipt_handle,
                     (*retry_after).max(Duration::from_secs(1)),
@@ -752,6 +1044,9 @@ async fn handle_batch(
             }
             None => {
                 tracing::error!(%key, "claim returned no row for a key; leaving the message for redelivery");
+                blocked_from
+                    .entry(p.group().to_owned())
+                    .or_insert(p.position);
             }
         }
     }
@@ -759,41 +1054,129 @@ async fn handle_batch(
         shared.change_visibility(&busy).await;
     }
 
-    for (p, claim, siblings) in claimed {
-        let lease_token = lease_token.clone();
-        let permit = permits.pop();
-        let shared = shared.clone();
-        let handler_timeout = shared.config.handler_timeout.unwrap_or(lease);
-        let span = tracing::info_span!(
-            "message",
-            message_id = %p.message.message_id,
-            key = %p.key(),
-            attempt = claim.attempts,
-        );
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                run_claimed(&shared, p, claim, &lease_token, siblings, handler_timeout).await;
-                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                shared.touch();
-            }
-            .instrument(span),
-        );
+    if !shared.fifo {
+        for event in claimed {
+            let shared = shared.clone();
+            let lease_token = lease_token.clone();
+            let tokens = context.tokens.clone();
+            tracker.spawn(async move {
+                run_event(&shared, event, &lease_token, lease, &tokens).await;
+            });
+        }
+        return;
     }
+
+    // FIFO: one task per message group runs its events one at a time, in receive order
+    // (SQS returns a group's messages in order). After a failure the rest of the group is
+    // handed back instead of running out of order; SQS keeps the group blocked until the
+    // failed message is visible again and delivers it first.
+    let mut groups: Vec<(String, Vec<ClaimedEvent>)> = Vec::new();
+    for event in claimed {
+        let group = event.parsed.group().to_owned();
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, events)) => events.push(event),
+            None => groups.push((group, vec![event])),
+        }
+    }
+    for (group, events) in groups {
+        let shared = shared.clone();
+        let lease_token = lease_token.clone();
+        let tokens = context.tokens.clone();
+        let blocked = blocked_from.get(&group).copied();
+        tracker.spawn(async move {
+            let mut holding: Option<&str> = None;
+            for event in events {
+                if holding.is_none() && blocked.is_some_and(|b| b < event.parsed.position) {
+                    holding = Some("an earlier message of its group is leased elsewhere");
+                }
+                if holding.is_none() && tokens.stop.is_cancelled() {
+                    holding = Some("shutting down before it started");
+                }
+                if let Some(reason) = holding {
+                    hand_back(&shared, &event, &lease_token, reason).await;
+                    continue;
+                }
+                if !run_event(&shared, event, &lease_token, lease, &tokens).await {
+                    holding = Some("an earlier message of its group did not complete");
+                }
+            }
+        });
+    }
+}
+
+/// Give a claimed event back untouched: release its lease and make its message(s) visible
+/// at once (in order behind a FIFO group's failure, or at shutdown).
+async fn hand_back(shared: &Shared, event: &ClaimedEvent, lease_token: &str, reason: &str) {
+    let key = event.parsed.key();
+    tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
+    if let Err(error) = shared
+        .store
+        .release(&shared.scope, lease_token, &key, reason)
+        .await
+    {
+        shared.counters.database_errors.add(1);
+        tracing::error!(%error, "could not release the lease; it expires on its own");
+    }
+    let receipts = event.receipts();
+    if reason.starts_with("shutting down") {
+        shared.counters.released_at_shutdown.add(receipts.len());
+    }
+    let changes: Vec<(String, Duration)> =
+        receipts.into_iter().map(|r| (r, Duration::ZERO)).collect();
+    shared.change_visibility(&changes).await;
+}
+
+/// Run one claimed event in its own span, counted in flight. True when it was settled
+/// (complete, or ended in the DLQ or `dead_letters`): a FIFO group may go on.
+async fn run_event(
+    shared: &Arc<Shared>,
+    event: ClaimedEvent,
+    lease_token: &str,
+    lease: Duration,
+    tokens: &BatchTokens,
+) -> bool {
+    let span = tracing::info_span!(
+        "message",
+        message_id = %event.parsed.message.message_id,
+        key = %event.parsed.key(),
+        attempt = event.claim.attempts,
+    );
+    shared.in_flight.fetch_add(1, Ordering::Relaxed);
+    shared.counters.in_flight.increment(1.0);
+    let settled = run_claimed(shared, event, lease_token, lease, tokens)
+        .instrument(span)
+        .await;
+    shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    shared.counters.in_flight.decrement(1.0);
+    shared.touch();
+    settled
+}
+
+/// How a handler run ended, before its outcome is settled.
+enum Ended {
+    Finished(Result<(), HandlerError>),
+    /// The drain deadline passed: the handler was stopped.
+    Abandoned,
 }
 
 async fn run_claimed(
     shared: &Arc<Shared>,
-    parsed: Parsed,
-    claim: Claim,
+    event: ClaimedEvent,
     lease_token: &str,
-    siblings: Vec<ReceivedMessage>,
-    handler_timeout: Duration,
-) {
+    lease: Duration,
+    tokens: &BatchTokens,
+) -> bool {
+    let receipts = event.receipts();
+    let ClaimedEvent {
+        parsed,
+        claim,
+        siblings,
+        permit: _permit,
+    } = event;
     let identity = parsed.identity.expect("claimed messages have a key");
     let message = parsed.message;
     let markers = parsed.markers;
+    let cancel = CancellationToken::new();
     let mut job = Job {
         scope: shared.scope.clone(),
         key: identity.key.clone(),
@@ -813,6 +1196,7 @@ async fn run_claimed(
         recorded: checkpoint::parse_steps(&claim.steps),
         next_step: 0,
         lease_lost: false,
+        cancel: cancel.clone(),
     };
     if claim.resumed {
         tracing::info!(
@@ -823,7 +1207,8 @@ async fn run_claimed(
     // The handler runs in its own task so a panic is caught as a JoinError instead of taking
     // the permit and the outcome with it.
     let handler = shared.handler.clone();
-    let mut task = tokio::spawn(
+    let started = Instant::now();
+    let task = tokio::spawn(
         async move {
             // A handler that returns early without an error must still have reached every
             // recorded step, or its plan changed under this event.
@@ -834,25 +1219,48 @@ async fn run_claimed(
         }
         .instrument(tracing::Span::current()),
     );
-    let result = match tokio::time::timeout(handler_timeout, &mut task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join_error)) if join_error.is_panic() => {
-            Err(HandlerError::retryable("the handler panicked"))
-        }
-        Ok(Err(join_error)) => Err(HandlerError::retryable(format!(
-            "the handler task ended abnormally: {join_error}"
-        ))),
-        Err(_) => {
-            task.abort();
-            Err(HandlerError::retryable(format!(
-                "the handler timed out after {:.1} s (--handler-timeout)",
-                handler_timeout.as_secs_f64()
-            )))
+    let ended = supervise(
+        shared,
+        task,
+        &cancel,
+        lease_token,
+        &identity.key,
+        &receipts,
+        lease,
+        tokens,
+    )
+    .await;
+    shared
+        .counters
+        .handler_seconds
+        .record(started.elapsed().as_secs_f64());
+    let result = match ended {
+        Ended::Finished(result) => result,
+        Ended::Abandoned => {
+            tracing::warn!("stopped at the shutdown deadline; handing the message back");
+            if let Err(error) = shared
+                .store
+                .release(
+                    &shared.scope,
+                    lease_token,
+                    &identity.key,
+                    "stopped at the shutdown deadline",
+                )
+                .await
+            {
+                shared.counters.database_errors.add(1);
+                tracing::error!(%error, "could not release the lease; it expires on its own");
+            }
+            shared.counters.released_at_shutdown.add(receipts.len());
+            let changes: Vec<(String, Duration)> = receipts
+                .iter()
+                .map(|r| (r.clone(), Duration::ZERO))
+                .collect();
+            shared.change_visibility(&changes).await;
+            return false;
         }
     };
 
-    let mut receipts = vec![message.receipt_handle.clone()];
-    receipts.extend(siblings.iter().map(|s| s.receipt_handle.clone()));
     // The last redrive an operator allowed: any failure ends here, recorded, never looping.
     if markers.final_pass
         && let Err(error @ (HandlerError::Retryable { .. } | HandlerError::Permanent { .. })) =
@@ -872,8 +1280,7 @@ async fn run_claimed(
             attempts: claim.attempts,
             redrive_count: markers.redrive_count,
         };
-        end_final_pass(shared, &message, receipts, failure).await;
-        return;
+        return end_final_pass(shared, &message, receipts, failure).await;
     }
     match result {
         Ok(()) => {
@@ -886,28 +1293,32 @@ async fn run_claimed(
                 .await
             {
                 AckResult::Done => {
-                    Counters::add(&shared.counters.processed, 1);
-                    Counters::add(&shared.counters.duplicates_skipped, siblings.len());
+                    shared.counters.processed.add(1);
+                    shared.counters.duplicates_skipped.add(siblings.len());
                     tracing::info!("event complete");
+                    true
                 }
                 AckResult::LeaseLost => {
-                    Counters::add(&shared.counters.lease_lost, 1);
+                    shared.counters.lease_lost.add(1);
                     tracing::warn!(
                         "the lease was taken by another worker before completion; leaving the \
                          message to the lease holder"
                     );
+                    false
                 }
                 AckResult::Failed(error) => {
                     tracing::error!(%error, "could not record completion; the message will be delivered again");
+                    false
                 }
             }
         }
         Err(HandlerError::LeaseLost) => {
-            Counters::add(&shared.counters.lease_lost, 1);
+            shared.counters.lease_lost.add(1);
             tracing::warn!(
-                "stopped at a step boundary: another worker took the lease; leaving the message \
-                 to it"
+                "stopped at a step boundary: the lease was lost or could not be renewed; \
+                 leaving the message to SQS and the next lease holder"
             );
+            false
         }
         Err(HandlerError::Retryable {
             message: error,
@@ -915,6 +1326,7 @@ async fn run_claimed(
         }) => {
             let delay = retry_after.unwrap_or_else(|| shared.backoff(claim.attempts));
             retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
+            false
         }
         Err(HandlerError::Permanent {
             message: error,
@@ -924,7 +1336,7 @@ async fn run_claimed(
             if !sent {
                 let delay = shared.backoff(claim.attempts);
                 retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
-                return;
+                return false;
             }
             match shared
                 .store
@@ -936,13 +1348,142 @@ async fn run_claimed(
                     tracing::warn!("lease lost before the checkpoint could be marked failed")
                 }
                 Err(error) => {
-                    Counters::add(&shared.counters.database_errors, 1);
+                    shared.counters.database_errors.add(1);
                     tracing::error!(%error, "could not mark the checkpoint failed; the message is in the DLQ");
                 }
             }
             // The message is safely in the DLQ: delete it whatever the checkpoint said.
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
-            Counters::add(&shared.counters.duplicates_skipped, siblings.len());
+            shared.counters.duplicates_skipped.add(siblings.len());
+            true
+        }
+    }
+}
+
+/// Wait for a handler task while keeping its message and lease alive.
+///
+/// Heartbeat: every third of the lease, extend the visibility of the event's messages and
+/// the checkpoint lease together, each to a whole lease from now. If either renewal fails,
+/// the handler is told (its [`Job::cancellation`] token) and gets until the current lease
+/// ends; its checkpoint writes stay fenced by the lease token either way. The run is bounded
+/// by `--max-handler-time` (by the lease itself without heartbeats, as on Lambda).
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    shared: &Shared,
+    mut task: tokio::task::JoinHandle<Result<(), HandlerError>>,
+    cancel: &CancellationToken,
+    lease_token: &str,
+    key: &str,
+    receipts: &[String],
+    lease: Duration,
+    tokens: &BatchTokens,
+) -> Ended {
+    let now = tokio::time::Instant::now();
+    let mut lease_until = now + lease;
+    let (limit, limit_reason) = if shared.config.heartbeat {
+        (shared.config.max_handler_time, "--max-handler-time")
+    } else {
+        (
+            shared.config.max_handler_time.min(lease),
+            "the lease (no heartbeat)",
+        )
+    };
+    let mut hard_deadline = now + limit;
+    let beat_every = (shared.lease / 3).max(Duration::from_millis(500));
+    let mut next_beat = shared.config.heartbeat.then(|| now + (lease / 3));
+    loop {
+        let beat = async {
+            match next_beat {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            joined = &mut task => {
+                return Ended::Finished(match joined {
+                    Ok(result) => result,
+                    Err(join_error) if join_error.is_panic() => {
+                        Err(HandlerError::retryable("the handler panicked"))
+                    }
+                    Err(join_error) => Err(HandlerError::retryable(format!(
+                        "the handler task ended abnormally: {join_error}"
+                    ))),
+                });
+            }
+            _ = tokens.abandon.cancelled() => {
+                cancel.cancel();
+                task.abort();
+                return Ended::Abandoned;
+            }
+            _ = tokio::time::sleep_until(hard_deadline) => {
+                cancel.cancel();
+                task.abort();
+                let expired = hard_deadline >= lease_until;
+                return Ended::Finished(Err(HandlerError::retryable(if expired && next_beat.is_none() && shared.config.heartbeat {
+                    "the handler was stopped when its lease ended (the heartbeat could not renew it)".to_owned()
+                } else {
+                    format!(
+                        "the handler was stopped after {:.1} s ({limit_reason})",
+                        limit.as_secs_f64()
+                    )
+                })));
+            }
+            _ = beat => {
+                match renew(shared, lease_token, key, receipts).await {
+                    Ok(()) => {
+                        shared.counters.heartbeats.add(1);
+                        let beat_at = tokio::time::Instant::now();
+                        lease_until = beat_at + shared.lease;
+                        next_beat = Some(beat_at + beat_every);
+                        tracing::debug!(lease_secs = shared.lease.as_secs(), "heartbeat: visibility and lease extended");
+                    }
+                    Err(problem) => {
+                        shared.counters.heartbeat_failures.add(1);
+                        tracing::warn!(
+                            %problem,
+                            "heartbeat failed; telling the handler to stop (its writes stay \
+                             fenced) and giving it until its lease ends"
+                        );
+                        cancel.cancel();
+                        next_beat = None;
+                        hard_deadline = hard_deadline.min(lease_until);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One heartbeat: visibility and lease, renewed concurrently.
+async fn renew(
+    shared: &Shared,
+    lease_token: &str,
+    key: &str,
+    receipts: &[String],
+) -> Result<(), String> {
+    let changes: Vec<(String, Duration)> =
+        receipts.iter().map(|r| (r.clone(), shared.lease)).collect();
+    let (visibility, lease) = tokio::join!(
+        shared.sqs.change_visibility_batch(&changes),
+        shared
+            .store
+            .renew_lease(&shared.scope, lease_token, key, shared.lease)
+    );
+    match (visibility, lease) {
+        (Ok(failures), Ok(true)) if failures.is_empty() => Ok(()),
+        (Ok(failures), Ok(true)) => Err(format!(
+            "SQS refused to extend the visibility: {}",
+            failures
+                .iter()
+                .map(|f| f.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        (Err(error), _) => Err(format!("cannot extend the visibility: {error}")),
+        (_, Ok(false)) => Err("the lease is no longer ours".into()),
+        (_, Err(error)) => {
+            shared.counters.database_errors.add(1);
+            Err(format!("cannot renew the lease: {error}"))
         }
     }
 }
@@ -966,7 +1507,7 @@ async fn end_final_pass(
     message: &ReceivedMessage,
     receipts: Vec<String>,
     failure: FinalFailure<'_>,
-) {
+) -> bool {
     let attributes = message.attributes_json();
     let letter = NewDeadLetter {
         scope: &shared.scope,
@@ -988,7 +1529,7 @@ async fn end_final_pass(
     {
         Ok(id) => {
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
-            Counters::add(&shared.counters.final_pass_failures, 1);
+            shared.counters.final_pass_failures.add(1);
             tracing::warn!(
                 dead_letter_id = id,
                 reason = failure.reason,
@@ -996,14 +1537,16 @@ async fn end_final_pass(
                 redrive_count = failure.redrive_count,
                 "final redrive pass failed; recorded in dead_letters and deleted (no retry, no DLQ)"
             );
+            true
         }
         Err(error) => {
-            Counters::add(&shared.counters.database_errors, 1);
+            shared.counters.database_errors.add(1);
             tracing::error!(
                 %error,
                 "final redrive pass failed but could not be recorded in dead_letters; the \
                  message comes back after its visibility timeout"
             );
+            false
         }
     }
 }
@@ -1017,7 +1560,7 @@ async fn retry_later(
     receipts: &[String],
     delay: Duration,
 ) {
-    Counters::add(&shared.counters.retried, 1);
+    shared.counters.retried.add(1);
     tracing::warn!(
         %error,
         retry_in_secs = sqs::visibility_seconds(delay),
@@ -1029,7 +1572,7 @@ async fn retry_later(
         .await
     {
         // Not fatal: the lease expires on its own, only later than the backoff.
-        Counters::add(&shared.counters.database_errors, 1);
+        shared.counters.database_errors.add(1);
         tracing::error!(%error, "could not release the lease; the retry waits for it to expire");
     }
     let changes: Vec<(String, Duration)> = receipts.iter().map(|r| (r.clone(), delay)).collect();
@@ -1069,7 +1612,7 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
                 .get("ApproximateReceiveCount")
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(1);
-            Counters::add(&shared.counters.retried, 1);
+            shared.counters.retried.add(1);
             shared
                 .change_visibility(&[(
                     parsed.message.receipt_handle.clone(),
@@ -1089,7 +1632,7 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
             )
             .await
         {
-            Counters::add(&shared.counters.database_errors, 1);
+            shared.counters.database_errors.add(1);
             tracing::error!(error = %db_error, "could not record the failed checkpoint; the message is in the DLQ");
         }
         shared
@@ -1130,7 +1673,7 @@ async fn dead_letter_mismatch(
                 )
                 .await
         {
-            Counters::add(&shared.counters.database_errors, 1);
+            shared.counters.database_errors.add(1);
             tracing::error!(%error, "could not release the lease; it expires on its own");
         }
         if parsed.markers.final_pass {
@@ -1185,7 +1728,7 @@ async fn send_to_dlq(
     let outgoing = dlq_message(message, reason, detail, dlq.url().ends_with(".fifo"));
     match dlq.send(outgoing).await {
         Ok(_) => {
-            Counters::add(&shared.counters.dead_lettered, 1);
+            shared.counters.dead_lettered.add(1);
             tracing::warn!(reason, error = %detail, dlq = dlq.name(), "sent to the DLQ");
             true
         }
@@ -1289,6 +1832,11 @@ impl Shared {
     /// Queue a delete without waiting for it (skipped duplicates: a failed delete only costs
     /// another cheap skip).
     async fn enqueue_delete(&self, receipts: Vec<String>) {
+        // Lambda: the invocation's answer must already count the duplicate as settled.
+        if let Mode::Lambda { settled, .. } = &self.mode {
+            settled.lock().expect("not poisoned").extend(receipts);
+            return;
+        }
         let request = AckRequest {
             kind: AckKind::Delete,
             receipts,
@@ -1302,13 +1850,24 @@ impl Shared {
     }
 
     async fn change_visibility(&self, changes: &[(String, Duration)]) {
+        if let Mode::Lambda {
+            change_visibility: false,
+            ..
+        } = &self.mode
+        {
+            // A local `--event` run: the receipt handles are not SQS's; the batch response
+            // alone says what comes back.
+            return;
+        }
         match self.sqs.change_visibility_batch(changes).await {
             Ok(failures) => {
+                self.sqs_reached(true);
                 for failure in failures {
                     tracing::warn!(reason = %failure.reason, "could not change a message's visibility; it returns after its current timeout");
                 }
             }
             Err(error) => {
+                self.sqs_reached(false);
                 tracing::warn!(%error, "could not change visibility; the messages return after their current timeout");
             }
         }
@@ -1414,14 +1973,14 @@ async fn complete_with_retries(
         match shared.store.complete_batch(&shared.scope, keys).await {
             Ok(done) => return Ok(done),
             Err(error) if tries < 3 => {
-                Counters::add(&shared.counters.database_errors, 1);
+                shared.counters.database_errors.add(1);
                 tracing::warn!(%error, "marking events complete failed; trying again");
                 tokio::time::sleep(delay).await;
                 delay *= 4;
                 tries += 1;
             }
             Err(error) => {
-                Counters::add(&shared.counters.database_errors, 1);
+                shared.counters.database_errors.add(1);
                 return Err(error);
             }
         }
@@ -1434,16 +1993,26 @@ async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec<String> {
     if receipts.is_empty() {
         return Vec::new();
     }
+    // Lambda deletes every message the invocation does not report as failed.
+    if let Mode::Lambda { settled, .. } = &shared.mode {
+        settled
+            .lock()
+            .expect("not poisoned")
+            .extend(receipts.iter().cloned());
+        return Vec::new();
+    }
     match shared.sqs.delete_batch(receipts).await {
         Ok(failures) => {
-            Counters::add(&shared.counters.delete_failures, failures.len());
+            shared.sqs_reached(true);
+            shared.counters.delete_failures.add(failures.len());
             for failure in &failures {
                 tracing::warn!(reason = %failure.reason, "SQS refused a delete; the message returns and is skipped as a duplicate");
             }
             failures.into_iter().map(|f| f.receipt_handle).collect()
         }
         Err(error) => {
-            Counters::add(&shared.counters.delete_failures, receipts.len());
+            shared.sqs_reached(false);
+            shared.counters.delete_failures.add(receipts.len());
             tracing::warn!(%error, messages = receipts.len(), "delete failed; the messages return and are skipped as duplicates");
             receipts.to_vec()
         }

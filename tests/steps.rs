@@ -78,7 +78,7 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
     config.key = KeySpec::new(vec!["/doc".into()]).unwrap();
     config.scope = Some("steps".into());
     config.visibility_timeout = Some(Duration::from_secs(3));
-    config.handler_timeout = Some(Duration::from_secs(3600));
+    config.max_handler_time = Duration::from_secs(3600);
 
     // The first worker lives in its own runtime, so that shutting the runtime down drops
     // every task of it mid-await: no drain, no lease release — what a kill leaves behind.
@@ -290,7 +290,7 @@ async fn only_the_lease_holder_records_steps() {
         config.key = KeySpec::new(vec!["/doc".into()]).unwrap();
         config.scope = Some("lease".into());
         config.visibility_timeout = Some(Duration::from_secs(2));
-        config.handler_timeout = Some(Duration::from_secs(30));
+        config.max_handler_time = Duration::from_secs(30);
         config.worker_id = Some(id.to_owned());
         config.pollers = pollers;
         config.concurrency = pollers;

@@ -386,6 +386,32 @@ impl CheckpointStore {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Give back a claim whose handler never started (a FIFO message held behind its group,
+    /// or one received as a shutdown began): release the lease and take back the attempt
+    /// the claim counted. Returns false when the lease was no longer ours.
+    pub async fn unclaim(
+        &self,
+        scope: &str,
+        owner: &str,
+        key: &str,
+    ) -> Result<bool, CheckpointError> {
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set lease_owner = null, lease_expires_at = null,
+                attempts = greatest(attempts - 1, 0), updated_at = now()
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress'
+            "#,
+            scope,
+            key,
+            owner,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Heartbeat: push the lease's expiry to `lease` from now while the handler still runs.
     /// Returns false when the lease is no longer ours (another worker took the event over).
     pub async fn renew_lease(

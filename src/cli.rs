@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
     BuiltinHandler, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
-    KeyArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
+    KeyArgs, LambdaArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
 };
 use crate::handler::Handler;
 use crate::handlers::{ExecHandler, NoopHandler};
+use crate::lambda::LambdaWorker;
 use crate::message::{self, KeySpec};
 use crate::redrive::{self, Action, Filter, Outcome, RedriveOptions};
 use crate::sqs::{self, OutgoingMessage, SqsQueue};
@@ -50,20 +51,14 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         .worker_config()
         .map_err(anyhow::Error::msg)
         .context("invalid --key")?;
-    let handler: Arc<dyn Handler> = match (ExecHandler::from_command(&args.command), args.handler) {
-        (Some(exec), _) => Arc::new(exec),
-        (None, Some(BuiltinHandler::Noop)) => Arc::new(NoopHandler),
-        (None, None) => bail!(
-            "no handler: give a command after `--` (e.g. `sqs-worker run --queue-url URL -- ./handle.sh`) or --handler noop"
-        ),
-    };
+    let handler = choose_handler(&args.command, args.handler)?;
     // Enough connections for the claim, the acker and the handlers' own checkpoint writes.
     let pool = connect(
         &args.database.database_url,
         (config.concurrency as u32 / 2).clamp(4, 32),
     )
     .await?;
-    if !args.no_migrate {
+    if !args.processing.no_migrate {
         crate::MIGRATOR.run(&pool).await.context(
             "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
         )?;
@@ -81,6 +76,67 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
     }
     let summary = worker.run().await?;
     Ok(summary)
+}
+
+/// `sqs-worker lambda`: serve the Lambda runtime API, or run one local invocation on an
+/// event file and print the batch response.
+pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
+    let mut config = args
+        .processing
+        .worker_config("")
+        .map_err(anyhow::Error::msg)
+        .context("invalid --key")?;
+    config.concurrency = args.concurrency as usize;
+    let handler = choose_handler(&args.command, args.handler)?;
+    let pool = connect(
+        &args.database.database_url,
+        (config.concurrency as u32 / 2).clamp(2, 16),
+    )
+    .await?;
+    if !args.processing.no_migrate {
+        crate::MIGRATOR.run(&pool).await.context(
+            "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
+        )?;
+    }
+    let client = crate::sqs::client_from_env().await;
+    let worker = LambdaWorker::new(config, client, pool, handler);
+    let Some(path) = args.event else {
+        return worker
+            .run()
+            .await
+            .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"));
+    };
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the event from stdin")?
+    } else {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the event file {}", path.display()))?
+    };
+    let event: aws_lambda_events::event::sqs::SqsEvent =
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not an SQS event (a JSON object with a Records array)",
+                path.display()
+            )
+        })?;
+    let deadline = std::time::SystemTime::now() + args.event_timeout;
+    let response = worker.local().handle(event, deadline).await;
+    println!("{}", serde_json::to_string(&response)?);
+    Ok(())
+}
+
+/// The handler the options choose: a command after `--`, or a built-in one.
+fn choose_handler(
+    command: &[String],
+    builtin: Option<BuiltinHandler>,
+) -> anyhow::Result<Arc<dyn Handler>> {
+    Ok(match (ExecHandler::from_command(command), builtin) {
+        (Some(exec), _) => Arc::new(exec),
+        (None, Some(BuiltinHandler::Noop)) => Arc::new(NoopHandler),
+        (None, None) => bail!(
+            "no handler: give a command after `--` (e.g. `sqs-worker run --queue-url URL -- ./handle.sh`) or --handler noop"
+        ),
+    })
 }
 
 /// `sqs-worker checkpoints show`.

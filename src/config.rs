@@ -60,6 +60,11 @@ pub enum Command {
     /// The handler is a command after `--` (body on stdin; exit 0 done, 65 permanent, other
     /// retryable) or a built-in one chosen with --handler.
     Run(RunArgs),
+    /// Run as an AWS Lambda function on an SQS event source: the same claim/step/complete
+    /// core and handler options as `run`; returns a partial batch response listing only the
+    /// retryable failures (enable ReportBatchItemFailures on the event source mapping).
+    /// With --event FILE, runs one invocation locally and prints the response.
+    Lambda(LambdaArgs),
     /// Send sample orders (with duplicates and a poison message) to the local `orders` queue,
     /// process them with a built-in sample handler until idle, and print a summary.
     Demo(DemoArgs),
@@ -116,6 +121,81 @@ pub struct RunArgs {
     #[arg(long, env = "SQS_QUEUE_URL")]
     pub queue_url: String,
 
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub processing: ProcessingArgs,
+
+    /// Most messages in flight at once (handlers running plus messages waiting to be
+    /// settled).
+    #[arg(long, env = "SQS_WORKER_CONCURRENCY", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// Concurrent long polls (each receives up to 10 messages).
+    #[arg(long, env = "SQS_WORKER_POLLERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub pollers: u32,
+
+    /// Long-poll wait per ReceiveMessage, in seconds (0–20).
+    #[arg(long, env = "SQS_WORKER_WAIT_TIME_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
+    pub wait_time_seconds: u64,
+
+    /// Visibility timeout to request on receive, in seconds; checkpoint leases last as
+    /// long. [default: the queue's VisibilityTimeout]
+    #[arg(long, env = "SQS_WORKER_VISIBILITY_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..=43_199))]
+    pub visibility_timeout: Option<u64>,
+
+    /// Serve /healthz (alive), /readyz (SQS and the database answered recently; 503 while
+    /// not, and from the start of a shutdown) and /metrics (Prometheus text) on this
+    /// address, e.g. 0.0.0.0:9090. Off by default.
+    #[arg(long, value_name = "ADDR", env = "SQS_WORKER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Exit 0 once nothing was received and nothing was in flight for this many seconds
+    /// (drain mode for batch jobs and tests). Messages waiting out a retry backoff are not
+    /// in flight.
+    #[arg(long, value_name = "SECS", env = "SQS_WORKER_EXIT_WHEN_IDLE", value_parser = parse_seconds)]
+    pub exit_when_idle: Option<Duration>,
+
+    /// After SIGTERM/SIGINT, how long the drain may take, in seconds: running handlers finish
+    /// and long polls already in flight complete (their messages are handed back at once, as
+    /// a dropped poll would hide them for a visibility timeout). Keep it below the
+    /// orchestrator's stop timeout (ECS: 30 s) and above --wait-time-seconds.
+    #[arg(long, value_name = "SECS", env = "SQS_WORKER_SHUTDOWN_TIMEOUT", default_value = "25", value_parser = parse_seconds)]
+    pub shutdown_timeout: Duration,
+
+    /// A built-in handler instead of a command.
+    #[arg(
+        long,
+        env = "SQS_WORKER_HANDLER",
+        value_enum,
+        conflicts_with = "command"
+    )]
+    pub handler: Option<BuiltinHandler>,
+
+    /// The command to run for each event, after `--`. It gets the body on stdin and
+    /// SQS_WORKER_KEY, SQS_WORKER_SCOPE, SQS_WORKER_MESSAGE_ID, SQS_WORKER_ATTEMPT,
+    /// SQS_WORKER_REDRIVE_COUNT, SQS_WORKER_FINAL_PASS in its environment. Exit 0: done;
+    /// 65: permanent failure (to the DLQ); anything else or a timeout: retried.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The worker configuration these options describe.
+    pub fn worker_config(&self) -> Result<WorkerConfig, String> {
+        let mut config = self.processing.worker_config(&self.queue_url)?;
+        config.pollers = self.pollers as usize;
+        config.concurrency = self.concurrency as usize;
+        config.wait_time = Duration::from_secs(self.wait_time_seconds);
+        config.visibility_timeout = self.visibility_timeout.map(Duration::from_secs);
+        config.exit_when_idle = self.exit_when_idle;
+        config.shutdown_timeout = self.shutdown_timeout;
+        Ok(config)
+    }
+}
+
+/// How events are identified, retried and bounded: the same for `run` and `lambda`.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessingArgs {
     /// JSON pointer to the idempotency key in the body, e.g. /order_id. Repeat it (or give
     /// a comma-separated list in the env variable) for a composite key. Without it the key
     /// is the SHA-256 of the body. Never the SQS MessageId, which changes on every re-send.
@@ -143,24 +223,6 @@ pub struct RunArgs {
     #[arg(long, env = "SQS_WORKER_SCOPE")]
     pub scope: Option<String>,
 
-    /// Most messages in flight at once (handlers running plus messages waiting to be
-    /// settled).
-    #[arg(long, env = "SQS_WORKER_CONCURRENCY", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub concurrency: u32,
-
-    /// Concurrent long polls (each receives up to 10 messages).
-    #[arg(long, env = "SQS_WORKER_POLLERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub pollers: u32,
-
-    /// Long-poll wait per ReceiveMessage, in seconds (0–20).
-    #[arg(long, env = "SQS_WORKER_WAIT_TIME_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
-    pub wait_time_seconds: u64,
-
-    /// Visibility timeout to request on receive, in seconds; checkpoint leases last as
-    /// long. [default: the queue's VisibilityTimeout]
-    #[arg(long, env = "SQS_WORKER_VISIBILITY_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..=43_199))]
-    pub visibility_timeout: Option<u64>,
-
     /// Longest a handler may run, in seconds; then it is stopped (the exec handler's process
     /// is killed) and the event retried. While it runs, a heartbeat extends the message's
     /// visibility and the checkpoint lease every third of the visibility timeout, so a
@@ -175,12 +237,6 @@ pub struct RunArgs {
     )]
     pub max_handler_time: Duration,
 
-    /// Serve /healthz (alive), /readyz (SQS and the database answered recently; 503 while
-    /// not, and from the start of a shutdown) and /metrics (Prometheus text) on this
-    /// address, e.g. 0.0.0.0:9090. Off by default.
-    #[arg(long, value_name = "ADDR", env = "SQS_WORKER_METRICS_ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-
     /// First retry delay in seconds; it doubles with each attempt, with jitter.
     #[arg(long, env = "SQS_WORKER_BACKOFF_BASE", default_value = "2", value_parser = parse_seconds)]
     pub backoff_base: Duration,
@@ -189,26 +245,56 @@ pub struct RunArgs {
     #[arg(long, env = "SQS_WORKER_BACKOFF_MAX", default_value = "900", value_parser = parse_seconds)]
     pub backoff_max: Duration,
 
-    /// Exit 0 once nothing was received and nothing was in flight for this many seconds
-    /// (drain mode for batch jobs and tests). Messages waiting out a retry backoff are not
-    /// in flight.
-    #[arg(long, value_name = "SECS", env = "SQS_WORKER_EXIT_WHEN_IDLE", value_parser = parse_seconds)]
-    pub exit_when_idle: Option<Duration>,
-
-    /// After SIGTERM/SIGINT, how long the drain may take, in seconds: running handlers finish
-    /// and long polls already in flight complete (their messages are handed back at once, as
-    /// a dropped poll would hide them for a visibility timeout). Keep it below the
-    /// orchestrator's stop timeout (ECS: 30 s) and above --wait-time-seconds.
-    #[arg(long, value_name = "SECS", env = "SQS_WORKER_SHUTDOWN_TIMEOUT", default_value = "25", value_parser = parse_seconds)]
-    pub shutdown_timeout: Duration,
-
     /// This worker's name as a lease owner. [default: host-pid-random]
     #[arg(long, env = "SQS_WORKER_WORKER_ID")]
     pub worker_id: Option<String>,
 
-    /// Do not apply database migrations at start.
+    /// Do not apply database migrations at start (on Lambda, recommended: run `sqs-worker
+    /// migrate` once per deploy instead of on every cold start).
     #[arg(long, env = "SQS_WORKER_NO_MIGRATE")]
     pub no_migrate: bool,
+}
+
+impl ProcessingArgs {
+    /// A worker configuration for `queue_url` with these options (the rest default).
+    pub fn worker_config(&self, queue_url: &str) -> Result<WorkerConfig, String> {
+        let mut config = WorkerConfig::new(queue_url);
+        config.scope = self.scope.clone();
+        config.key = KeySpec::new(self.keys.clone())?;
+        config.envelope = self.envelope;
+        config.on_payload_mismatch = self.on_payload_mismatch;
+        config.max_handler_time = self.max_handler_time;
+        config.backoff_base = self.backoff_base;
+        config.backoff_max = self.backoff_max;
+        config.worker_id = self.worker_id.clone();
+        Ok(config)
+    }
+}
+
+/// Options of `sqs-worker lambda`.
+#[derive(Debug, Clone, Args)]
+pub struct LambdaArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub processing: ProcessingArgs,
+
+    /// Most messages of one invocation running at once.
+    #[arg(long, env = "SQS_WORKER_CONCURRENCY", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+
+    /// Run one invocation locally on this SQS event JSON file (`-` for stdin) and print only
+    /// the batch response JSON on stdout, instead of serving the Lambda runtime API. Receipt
+    /// handles in the file are not used: nothing is deleted or hidden in SQS.
+    #[arg(long, value_name = "FILE")]
+    pub event: Option<std::path::PathBuf>,
+
+    /// With --event: the time the local invocation has, in seconds (Lambda's timeout).
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
+    pub event_timeout: Duration,
 
     /// A built-in handler instead of a command.
     #[arg(
@@ -219,36 +305,9 @@ pub struct RunArgs {
     )]
     pub handler: Option<BuiltinHandler>,
 
-    /// The command to run for each event, after `--`. It gets the body on stdin and
-    /// SQS_WORKER_KEY, SQS_WORKER_SCOPE, SQS_WORKER_MESSAGE_ID, SQS_WORKER_ATTEMPT,
-    /// SQS_WORKER_REDRIVE_COUNT, SQS_WORKER_FINAL_PASS in its environment. Exit 0: done;
-    /// 65: permanent failure (to the DLQ); anything else or a timeout: retried.
+    /// The command to run for each event, after `--` (as for `run`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
-}
-
-impl RunArgs {
-    /// The worker configuration these options describe.
-    pub fn worker_config(&self) -> Result<WorkerConfig, String> {
-        Ok(WorkerConfig {
-            queue_url: self.queue_url.clone(),
-            scope: self.scope.clone(),
-            key: KeySpec::new(self.keys.clone())?,
-            envelope: self.envelope,
-            on_payload_mismatch: self.on_payload_mismatch,
-            pollers: self.pollers as usize,
-            concurrency: self.concurrency as usize,
-            wait_time: Duration::from_secs(self.wait_time_seconds),
-            visibility_timeout: self.visibility_timeout.map(Duration::from_secs),
-            max_handler_time: self.max_handler_time,
-            heartbeat: true,
-            backoff_base: self.backoff_base,
-            backoff_max: self.backoff_max,
-            exit_when_idle: self.exit_when_idle,
-            shutdown_timeout: self.shutdown_timeout,
-            worker_id: self.worker_id.clone(),
-        })
-    }
 }
 
 /// Options of `sqs-worker demo`.

@@ -52,6 +52,7 @@ pub mod config;
 pub mod demo;
 pub mod handler;
 pub mod handlers;
+pub mod lambda;
 pub mod message;
 pub mod redrive;
 pub mod sqs;

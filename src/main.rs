@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Migrate(db) => cli::migrate(&db.database_url).await,
         Command::Run(run) => cli::run(run, shutdown).await.map(|_| ()),
+        Command::Lambda(lambda) => cli::lambda(lambda).await,
         Command::Demo(options) => demo::run(options, shutdown).await,
         Command::Redrive(redrive) => cli::redrive(redrive).await,
         Command::Send(send) => cli::send(send).await,

@@ -55,6 +55,9 @@ pub struct WorkerConfig {
     pub max_handler_time: Duration,
     /// Extend the visibility timeout and the lease while a handler runs (every third of the
     /// lease), so a handler may outlast the visibility timeout without a second delivery.
+    /// Turn it off only when the visibility timeout covers every handler (or to simulate a
+    /// stalled worker in tests): a handler past its lease then races the next delivery, and
+    /// only the lease fencing keeps its late writes out.
     pub heartbeat: bool,
     /// First retry delay; doubles per attempt.
     pub backoff_base: Duration,
@@ -673,8 +676,12 @@ impl Shared {
         }
     }
 
-    pub(crate) fn lease(&self) -> Duration {
-        self.lease
+    pub(crate) fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    pub(crate) fn count_received(&self, n: usize) {
+        self.counters.received.add(n);
     }
 }
 
@@ -946,9 +953,9 @@ pub(crate) async fn handle_batch(
     let mut claimed: Vec<ClaimedEvent> = Vec::new();
     let mut claimed_index: HashMap<String, usize> = HashMap::new();
     let mut busy: Vec<(String, Duration)> = Vec::new();
-    // FIFO: the first position in each group that did not get its claim; later messages of
-    // that group must wait for it.
-    let mut blocked_from: HashMap<String, usize> = HashMap::new();
+    // FIFO: the first position in each group that did not get its claim, and about when it
+    // is visible again; later messages of that group must wait for it.
+    let mut blocked_from: HashMap<String, (usize, Duration)> = HashMap::new();
     for p in parsed {
         let Ok(identity) = &p.identity else {
             let permit = permits.pop();
@@ -1036,7 +1043,7 @@ pub(crate) async fn handle_batch(
                 );
                 blocked_from
                     .entry(p.group().to_owned())
-                    .or_insert(p.position);
+                    .or_insert((p.position, *retry_after));
                 busy.push((
                     p.message.receipt_handle,
                     (*retry_after).max(Duration::from_secs(1)),
@@ -1046,7 +1053,7 @@ pub(crate) async fn handle_batch(
                 tracing::error!(%key, "claim returned no row for a key; leaving the message for redelivery");
                 blocked_from
                     .entry(p.group().to_owned())
-                    .or_insert(p.position);
+                    .or_insert((p.position, lease));
             }
         }
     }
@@ -1084,57 +1091,80 @@ pub(crate) async fn handle_batch(
         let tokens = context.tokens.clone();
         let blocked = blocked_from.get(&group).copied();
         tracker.spawn(async move {
-            let mut holding: Option<&str> = None;
+            // Once one message is held, the rest of the group waits until shortly after it
+            // is visible again: SQS itself blocks a group while a message is in flight, and
+            // the extra second keeps the order even where a broker does not.
+            let mut hold: Option<(Duration, &str)> = None;
             for event in events {
-                if holding.is_none() && blocked.is_some_and(|b| b < event.parsed.position) {
-                    holding = Some("an earlier message of its group is leased elsewhere");
+                if tokens.stop.is_cancelled() {
+                    hold = Some((
+                        hold.map_or(Duration::ZERO, |(back_in, _)| back_in),
+                        SHUTTING_DOWN,
+                    ));
                 }
-                if holding.is_none() && tokens.stop.is_cancelled() {
-                    holding = Some("shutting down before it started");
+                if hold.is_none()
+                    && let Some((position, back_in)) = blocked
+                    && position < event.parsed.position
+                {
+                    hold = Some((
+                        back_in,
+                        "an earlier message of its group is leased elsewhere",
+                    ));
                 }
-                if let Some(reason) = holding {
-                    hand_back(&shared, &event, &lease_token, reason).await;
+                if let Some((back_in, reason)) = hold {
+                    hand_back(&shared, &event, &lease_token, reason, back_in).await;
                     continue;
                 }
-                if !run_event(&shared, event, &lease_token, lease, &tokens).await {
-                    holding = Some("an earlier message of its group did not complete");
+                if let Some(back_in) = run_event(&shared, event, &lease_token, lease, &tokens).await
+                {
+                    hold = Some((back_in, "an earlier message of its group did not complete"));
                 }
             }
         });
     }
 }
 
+const SHUTTING_DOWN: &str = "shutting down before it started";
+
 /// Give a claimed event back untouched: release its lease and make its message(s) visible
-/// at once (in order behind a FIFO group's failure, or at shutdown).
-async fn hand_back(shared: &Shared, event: &ClaimedEvent, lease_token: &str, reason: &str) {
+/// again — at once at shutdown, or just after `back_in` behind a FIFO group's held message.
+async fn hand_back(
+    shared: &Shared,
+    event: &ClaimedEvent,
+    lease_token: &str,
+    reason: &str,
+    back_in: Duration,
+) {
     let key = event.parsed.key();
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
-    if let Err(error) = shared
-        .store
-        .release(&shared.scope, lease_token, &key, reason)
-        .await
-    {
+    // The claim never ran: it does not count as an attempt.
+    if let Err(error) = shared.store.unclaim(&shared.scope, lease_token, &key).await {
         shared.counters.database_errors.add(1);
         tracing::error!(%error, "could not release the lease; it expires on its own");
     }
     let receipts = event.receipts();
-    if reason.starts_with("shutting down") {
+    if reason == SHUTTING_DOWN {
         shared.counters.released_at_shutdown.add(receipts.len());
     }
-    let changes: Vec<(String, Duration)> =
-        receipts.into_iter().map(|r| (r, Duration::ZERO)).collect();
+    let visibility = if back_in.is_zero() {
+        Duration::ZERO
+    } else {
+        (back_in + Duration::from_secs(1)).min(MAX_VISIBILITY)
+    };
+    let changes: Vec<(String, Duration)> = receipts.into_iter().map(|r| (r, visibility)).collect();
     shared.change_visibility(&changes).await;
 }
 
-/// Run one claimed event in its own span, counted in flight. True when it was settled
-/// (complete, or ended in the DLQ or `dead_letters`): a FIFO group may go on.
+/// Run one claimed event in its own span, counted in flight. `None` when it was settled
+/// (complete, or ended in the DLQ or `dead_letters`): a FIFO group may go on. Otherwise
+/// about when its message becomes visible again.
 async fn run_event(
     shared: &Arc<Shared>,
     event: ClaimedEvent,
     lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
-) -> bool {
+) -> Option<Duration> {
     let span = tracing::info_span!(
         "message",
         message_id = %event.parsed.message.message_id,
@@ -1165,7 +1195,7 @@ async fn run_claimed(
     lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
-) -> bool {
+) -> Option<Duration> {
     let receipts = event.receipts();
     let ClaimedEvent {
         parsed,
@@ -1257,7 +1287,7 @@ async fn run_claimed(
                 .map(|r| (r.clone(), Duration::ZERO))
                 .collect();
             shared.change_visibility(&changes).await;
-            return false;
+            return Some(Duration::ZERO);
         }
     };
 
@@ -1280,7 +1310,8 @@ async fn run_claimed(
             attempts: claim.attempts,
             redrive_count: markers.redrive_count,
         };
-        return end_final_pass(shared, &message, receipts, failure).await;
+        return (!end_final_pass(shared, &message, receipts, failure).await)
+            .then_some(shared.lease);
     }
     match result {
         Ok(()) => {
@@ -1296,7 +1327,7 @@ async fn run_claimed(
                     shared.counters.processed.add(1);
                     shared.counters.duplicates_skipped.add(siblings.len());
                     tracing::info!("event complete");
-                    true
+                    None
                 }
                 AckResult::LeaseLost => {
                     shared.counters.lease_lost.add(1);
@@ -1304,11 +1335,11 @@ async fn run_claimed(
                         "the lease was taken by another worker before completion; leaving the \
                          message to the lease holder"
                     );
-                    false
+                    Some(shared.lease)
                 }
                 AckResult::Failed(error) => {
                     tracing::error!(%error, "could not record completion; the message will be delivered again");
-                    false
+                    Some(shared.lease)
                 }
             }
         }
@@ -1318,7 +1349,7 @@ async fn run_claimed(
                 "stopped at a step boundary: the lease was lost or could not be renewed; \
                  leaving the message to SQS and the next lease holder"
             );
-            false
+            Some(shared.lease)
         }
         Err(HandlerError::Retryable {
             message: error,
@@ -1326,7 +1357,7 @@ async fn run_claimed(
         }) => {
             let delay = retry_after.unwrap_or_else(|| shared.backoff(claim.attempts));
             retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
-            false
+            Some(delay)
         }
         Err(HandlerError::Permanent {
             message: error,
@@ -1336,7 +1367,7 @@ async fn run_claimed(
             if !sent {
                 let delay = shared.backoff(claim.attempts);
                 retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
-                return false;
+                return Some(delay);
             }
             match shared
                 .store
@@ -1355,7 +1386,7 @@ async fn run_claimed(
             // The message is safely in the DLQ: delete it whatever the checkpoint said.
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
             shared.counters.duplicates_skipped.add(siblings.len());
-            true
+            None
         }
     }
 }
@@ -1380,13 +1411,12 @@ async fn supervise(
 ) -> Ended {
     let now = tokio::time::Instant::now();
     let mut lease_until = now + lease;
-    let (limit, limit_reason) = if shared.config.heartbeat {
-        (shared.config.max_handler_time, "--max-handler-time")
-    } else {
-        (
-            shared.config.max_handler_time.min(lease),
-            "the lease (no heartbeat)",
-        )
+    // On Lambda the lease ends before the invocation does: the handler must too.
+    let (limit, limit_reason) = match shared.mode {
+        Mode::Lambda { .. } if lease < shared.config.max_handler_time => {
+            (lease, "the invocation deadline")
+        }
+        _ => (shared.config.max_handler_time, "--max-handler-time"),
     };
     let mut hard_deadline = now + limit;
     let beat_every = (shared.lease / 3).max(Duration::from_millis(500));

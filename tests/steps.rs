@@ -296,8 +296,11 @@ async fn only_the_lease_holder_records_steps() {
         config.concurrency = pollers;
         config
     };
+    // A stalls without renewing its lease (no heartbeat), so B may take the event over.
+    let mut stalled = config("A", 1);
+    stalled.heartbeat = false;
     let slow = Worker::new(
-        config("A", 1),
+        stalled,
         client.clone(),
         pool.clone(),
         Arc::new(Named {

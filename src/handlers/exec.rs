@@ -1,8 +1,9 @@
 //! The exec handler: runs a command per event, body on stdin.
 //!
 //! Exit 0 means done, exit 65 (EX_DATAERR) means the event is bad and goes to the DLQ, any
-//! other exit or a signal is retryable. The worker's `--handler-timeout` drops the future,
-//! and `kill_on_drop` then kills the child.
+//! other exit or a signal is retryable. When the worker stops the handler (`--max-handler-time`,
+//! a failed heartbeat, the shutdown deadline) the future is dropped and `kill_on_drop` kills
+//! the child.
 
 use std::process::Stdio;
 
@@ -68,7 +69,16 @@ impl Handler for ExecHandler {
             let _ = stdin.write_all(body.as_bytes()).await;
             drop(stdin);
         };
-        let (_, output) = tokio::join!(writer, child.wait_with_output());
+        let cancel = job.cancellation().clone();
+        let (_, output) = tokio::select! {
+            done = async { tokio::join!(writer, child.wait_with_output()) } => done,
+            // Dropping the child's future kills it.
+            _ = cancel.cancelled() => {
+                return Err(HandlerError::retryable(
+                    "handler command stopped: the lease could not be renewed or the worker is stopping",
+                ));
+            }
+        };
         let output = output.map_err(|error| {
             HandlerError::retryable(format!("waiting for the handler command failed: {error}"))
         })?;

@@ -813,6 +813,7 @@ async fn run_claimed(
         recorded: checkpoint::parse_steps(&claim.steps),
         next_step: 0,
         lease_lost: false,
+        unrecorded_effect: None,
     };
     if claim.resumed {
         tracing::info!(

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -10,11 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
-    BuiltinHandler, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
-    KeyArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
+    CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs, KeyArgs, OutputFormat,
+    RedriveArgs, RunArgs, SendArgs,
 };
-use crate::handler::Handler;
-use crate::handlers::{ExecHandler, NoopHandler};
 use crate::message::{self, KeySpec};
 use crate::redrive::{self, Action, Filter, Outcome, RedriveOptions};
 use crate::sqs::{self, OutgoingMessage, SqsQueue};
@@ -49,13 +46,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         .worker_config()
         .map_err(anyhow::Error::msg)
         .context("invalid --key")?;
-    let handler: Arc<dyn Handler> = match (ExecHandler::from_command(&args.command), args.handler) {
-        (Some(exec), _) => Arc::new(exec),
-        (None, Some(BuiltinHandler::Noop)) => Arc::new(NoopHandler),
-        (None, None) => bail!(
-            "no handler: give a command after `--` (e.g. `sqs-worker run --queue-url URL -- ./handle.sh`) or --handler noop"
-        ),
-    };
+    let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
     // Enough connections for the claim, the acker and the handlers' own checkpoint writes.
     let pool = connect(
         &args.database.database_url,

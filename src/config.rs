@@ -242,10 +242,10 @@ pub struct HandlerArgs {
     pub handler: Option<BuiltinHandler>,
 
     /// POST each event to this URL instead of running a command. Headers: Idempotency-Key
-    /// (<scope>:<key>; receivers must dedupe on it), X-Sqs-Worker-Message-Id,
+    /// (`<scope>:<key>`; receivers must dedupe on it), X-Sqs-Worker-Message-Id,
     /// X-Sqs-Worker-Attempt, X-Sqs-Worker-Redrive-Count, X-Sqs-Worker-Final-Pass. 2xx: done;
     /// 408, 429, 5xx, timeouts and connection errors: retried (Retry-After honoured); other
-    /// 3xx and 4xx: to the DLQ. A delivery is recorded at once and never POSTed again.
+    /// 3xx and 4xx: to the DLQ. Once a delivery is recorded, it is never POSTed again.
     #[arg(
         long,
         value_name = "URL",

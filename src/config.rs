@@ -250,6 +250,7 @@ pub struct HandlerArgs {
         long,
         value_name = "URL",
         env = "SQS_WORKER_HTTP_URL",
+        hide_env_values = true,
         conflicts_with = "command"
     )]
     pub http_url: Option<String>,

@@ -44,12 +44,21 @@ const RESERVED_HEADERS: [&str; 6] = [
 const RESERVED_PREFIX: &str = "x-sqs-worker-";
 
 /// POSTs each event to a URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpHandler {
     client: reqwest::Client,
     url: Url,
     /// The URL without credentials or query, for error messages and logs.
     display_url: String,
+}
+
+/// Shows the URL without user info or query, which may hold credentials.
+impl fmt::Debug for HttpHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpHandler")
+            .field("url", &self.display_url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The output of the `deliver` step, stored in the checkpoint.
@@ -539,6 +548,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.display_url, "https://hooks.example.com:8443/in");
+        let debug = format!("{ok:?}");
+        assert!(!debug.contains("pw") && !debug.contains("token"), "{debug}");
         for bad in ["ftp://example.com/x", "not a url", "http://"] {
             assert!(
                 HttpHandler::new(bad, Duration::from_secs(5), &[]).is_err(),

@@ -301,7 +301,7 @@ impl HandlerArgs {
         }
         if let Some(url) = &self.http_url {
             let http = HttpHandler::new(url, self.http_timeout, &self.http_headers)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("--http-url: {e}"))?;
             return Ok(Arc::new(http));
         }
         match self.handler {

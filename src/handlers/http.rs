@@ -72,7 +72,7 @@ struct Delivered {
 #[derive(Debug, thiserror::Error)]
 pub enum HttpHandlerError {
     /// The URL does not parse.
-    #[error("invalid --http-url {url:?}: {reason}")]
+    #[error("invalid HTTP delivery URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as given, with any password removed.
         url: String,

@@ -10,11 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
-    BuiltinHandler, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
-    KeyArgs, LambdaArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
+    CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs, KeyArgs, LambdaArgs,
+    OutputFormat, RedriveArgs, RunArgs, SendArgs,
 };
-use crate::handler::Handler;
-use crate::handlers::{ExecHandler, NoopHandler};
 use crate::lambda::LambdaWorker;
 use crate::message::{self, KeySpec};
 use crate::redrive::{self, Action, Filter, Outcome, RedriveOptions};
@@ -51,7 +49,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         .worker_config()
         .map_err(anyhow::Error::msg)
         .context("invalid --key")?;
-    let handler = choose_handler(&args.command, args.handler)?;
+    let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
     // Enough connections for the claim, the acker and the handlers' own checkpoint writes.
     let pool = connect(
         &args.database.database_url,
@@ -87,7 +85,7 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("invalid --key")?;
     config.concurrency = args.concurrency as usize;
-    let handler = choose_handler(&args.command, args.handler)?;
+    let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
     let pool = connect(
         &args.database.database_url,
         (config.concurrency as u32 / 2).clamp(2, 16),
@@ -101,8 +99,8 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     let client = crate::sqs::client_from_env().await;
     let worker = LambdaWorker::new(config, client, pool, handler);
     let Some(path) = args.event else {
-        return worker
-            .run()
+        // Boxed: the runtime's service stack makes a future too deep to lay out inline.
+        return Box::pin(worker.run())
             .await
             .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"));
     };
@@ -123,20 +121,6 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     let response = worker.local().handle(event, deadline).await;
     println!("{}", serde_json::to_string(&response)?);
     Ok(())
-}
-
-/// The handler the options choose: a command after `--`, or a built-in one.
-fn choose_handler(
-    command: &[String],
-    builtin: Option<BuiltinHandler>,
-) -> anyhow::Result<Arc<dyn Handler>> {
-    Ok(match (ExecHandler::from_command(command), builtin) {
-        (Some(exec), _) => Arc::new(exec),
-        (None, Some(BuiltinHandler::Noop)) => Arc::new(NoopHandler),
-        (None, None) => bail!(
-            "no handler: give a command after `--` (e.g. `sqs-worker run --queue-url URL -- ./handle.sh`) or --handler noop"
-        ),
-    })
 }
 
 /// `sqs-worker checkpoints show`.

@@ -4,10 +4,14 @@
 //! conventional `SQS_QUEUE_URL`, `DATABASE_URL`, `AWS_ENDPOINT_URL`), and a doc comment that
 //! becomes its `--help`.
 
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::handler::Handler;
+use crate::handlers::{ExecHandler, HttpHandler, HttpHeader, NoopHandler};
 use crate::message::{Envelope, KeySpec};
 use crate::worker::{PayloadMismatch, WorkerConfig};
 
@@ -58,7 +62,8 @@ pub enum Command {
     /// Consume a queue: claim each event's checkpoint, run the handler, delete when done.
     ///
     /// The handler is a command after `--` (body on stdin; exit 0 done, 65 permanent, other
-    /// retryable) or a built-in one chosen with --handler.
+    /// retryable), an HTTP endpoint given with --http-url, or a built-in one chosen with
+    /// --handler.
     Run(RunArgs),
     /// Run as an AWS Lambda function on an SQS event source: the same claim/step/complete
     /// core and handler options as `run`; returns a partial batch response listing only the
@@ -162,21 +167,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", env = "SQS_WORKER_SHUTDOWN_TIMEOUT", default_value = "25", value_parser = parse_seconds)]
     pub shutdown_timeout: Duration,
 
-    /// A built-in handler instead of a command.
-    #[arg(
-        long,
-        env = "SQS_WORKER_HANDLER",
-        value_enum,
-        conflicts_with = "command"
-    )]
-    pub handler: Option<BuiltinHandler>,
-
-    /// The command to run for each event, after `--`. It gets the body on stdin and
-    /// SQS_WORKER_KEY, SQS_WORKER_SCOPE, SQS_WORKER_MESSAGE_ID, SQS_WORKER_ATTEMPT,
-    /// SQS_WORKER_REDRIVE_COUNT, SQS_WORKER_FINAL_PASS in its environment. Exit 0: done;
-    /// 65: permanent failure (to the DLQ); anything else or a timeout: retried.
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub handler: HandlerArgs,
 }
 
 impl RunArgs {
@@ -296,18 +289,96 @@ pub struct LambdaArgs {
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
     pub event_timeout: Duration,
 
-    /// A built-in handler instead of a command.
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub handler: HandlerArgs,
+}
+
+/// How events are handled: a command after `--`, `--http-url`, or a built-in `--handler`
+/// (exactly one). Shared by the subcommands that run a handler.
+#[derive(Debug, Clone, Args)]
+pub struct HandlerArgs {
+    /// A built-in handler instead of a command or --http-url.
     #[arg(
         long,
         env = "SQS_WORKER_HANDLER",
         value_enum,
-        conflicts_with = "command"
+        conflicts_with_all = ["command", "http_url"]
     )]
     pub handler: Option<BuiltinHandler>,
 
-    /// The command to run for each event, after `--` (as for `run`).
+    /// POST each event to this URL instead of running a command. Headers: Idempotency-Key
+    /// (`<scope>:<key>`; receivers must dedupe on it), X-Sqs-Worker-Message-Id,
+    /// X-Sqs-Worker-Attempt, X-Sqs-Worker-Redrive-Count, X-Sqs-Worker-Final-Pass. 2xx: done;
+    /// 408, 429, 5xx, timeouts and connection errors: retried (Retry-After honoured); other
+    /// 3xx and 4xx: to the DLQ. Once a delivery is recorded, it is never POSTed again.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SQS_WORKER_HTTP_URL",
+        hide_env_values = true,
+        conflicts_with = "command"
+    )]
+    pub http_url: Option<String>,
+
+    /// Longest an HTTP delivery may take, in seconds; then it is retried. Keep it below
+    /// --handler-timeout.
+    // `conflicts_with_all` as well as `requires`: clap drops a requirement that conflicts
+    // with an argument given, so `requires` alone would let `--http-timeout 5 -- cmd` pass.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "SQS_WORKER_HTTP_TIMEOUT",
+        default_value = "30",
+        value_parser = parse_seconds,
+        requires = "http_url",
+        conflicts_with_all = ["command", "handler"]
+    )]
+    pub http_timeout: Duration,
+
+    /// An extra header for every HTTP delivery, e.g. 'Authorization: Bearer TOKEN'. Repeat
+    /// it for more (the env variable takes a comma-separated list, so values cannot contain
+    /// commas; repeat a header instead). Values are never logged.
+    #[arg(
+        long = "http-header",
+        value_name = "'NAME: VALUE'",
+        env = "SQS_WORKER_HTTP_HEADERS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        value_parser = HttpHeader::from_str,
+        requires = "http_url",
+        conflicts_with_all = ["command", "handler"]
+    )]
+    pub http_headers: Vec<HttpHeader>,
+
+    /// The command to run for each event, after `--`. It gets the body on stdin and
+    /// SQS_WORKER_KEY, SQS_WORKER_SCOPE, SQS_WORKER_MESSAGE_ID, SQS_WORKER_ATTEMPT,
+    /// SQS_WORKER_REDRIVE_COUNT, SQS_WORKER_FINAL_PASS in its environment. Exit 0: done;
+    /// 65: permanent failure (to the DLQ); anything else or a timeout: retried.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+impl HandlerArgs {
+    /// The handler these options choose.
+    pub fn build_handler(&self) -> Result<Arc<dyn Handler>, String> {
+        if let Some(exec) = ExecHandler::from_command(&self.command) {
+            return Ok(Arc::new(exec));
+        }
+        if let Some(url) = &self.http_url {
+            let http = HttpHandler::new(url, self.http_timeout, &self.http_headers)
+                .map_err(|e| format!("--http-url: {e}"))?;
+            return Ok(Arc::new(http));
+        }
+        match self.handler {
+            Some(BuiltinHandler::Noop) => Ok(Arc::new(NoopHandler)),
+            None => Err(
+                "no handler: give a command after `--` (e.g. `sqs-worker run --queue-url \
+                 URL -- ./handle.sh`), --http-url URL, or --handler noop"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// Options of `sqs-worker demo`.
@@ -607,11 +678,91 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("expected run")
         };
-        assert_eq!(args.command, ["handle.sh", "--flag"]);
+        assert_eq!(args.handler.command, ["handle.sh", "--flag"]);
         let config = args.worker_config().unwrap();
         assert_eq!(config.key.pointers(), ["/a", "/b"]);
         assert_eq!(config.exit_when_idle, Some(Duration::from_millis(1500)));
         assert_eq!(config.pollers, 2);
+    }
+
+    fn parse_run(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec![
+            "sqs-worker",
+            "run",
+            "--database-url",
+            "postgres://x",
+            "--queue-url",
+            "q",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(args),
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn http_options_choose_the_http_handler() {
+        let args = parse_run(&[
+            "--http-url",
+            "https://hooks.example.com/in",
+            "--http-timeout",
+            "2.5",
+            "--http-header",
+            "Authorization: Bearer s3cret",
+            "--http-header",
+            "X-Tenant: t1",
+        ])
+        .unwrap();
+        let handler = &args.handler;
+        assert_eq!(handler.http_timeout, Duration::from_millis(2500));
+        assert_eq!(handler.http_headers.len(), 2);
+        assert!(handler.build_handler().is_ok());
+        let debug = format!("{args:?}");
+        assert!(
+            !debug.contains("s3cret"),
+            "header values stay out of Debug: {debug}"
+        );
+    }
+
+    #[test]
+    fn exactly_one_handler_may_be_chosen() {
+        let url = ["--http-url", "http://127.0.0.1:9/hook"];
+        for extra in [
+            &[&url[..], &["--", "handle.sh"]].concat()[..],
+            &[&url[..], &["--handler", "noop"]].concat()[..],
+            &["--handler", "noop", "--", "handle.sh"][..],
+            &["--http-timeout", "5", "--", "handle.sh"][..],
+            &["--http-timeout", "5"][..],
+            &["--http-header", "X-A: b", "--handler", "noop"][..],
+        ] {
+            let error = parse_run(extra).unwrap_err();
+            assert!(
+                matches!(
+                    error.kind(),
+                    clap::error::ErrorKind::ArgumentConflict
+                        | clap::error::ErrorKind::MissingRequiredArgument
+                ),
+                "{extra:?}: {error}"
+            );
+        }
+        let error = parse_run(&[])
+            .unwrap()
+            .handler
+            .build_handler()
+            .err()
+            .unwrap();
+        assert!(error.contains("--http-url"), "{error}");
+        let error = parse_run(&["--http-url", "ftp://x/y"])
+            .unwrap()
+            .handler
+            .build_handler()
+            .err()
+            .unwrap();
+        assert!(error.contains("http or https"), "{error}");
+        let error =
+            parse_run(&[&url[..], &["--http-header", "Idempotency-Key: x"]].concat()).unwrap_err();
+        assert!(error.to_string().contains("set by sqs-worker"), "{error}");
     }
 
     #[test]

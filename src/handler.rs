@@ -8,6 +8,8 @@
 //! Multi-step handlers use [`Job::step`] and [`Job::step_tx`]: each completed step's output
 //! is written to the checkpoint before the next step starts, so a crash, a lost lease or a
 //! redelivery resumes after the last completed step instead of starting over.
+//! [`Job::step_effect`] is the variant for an outside effect (an HTTP POST, an email) that
+//! must not be repeated just because its record could not be written.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +24,15 @@ use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{CheckpointStore, RecordedStep};
+
+/// How long [`Job::step_effect`] waits before each further attempt to record a step after a
+/// database error. Short on purpose: the whole wait runs inside the handler timeout, and a
+/// handler stopped by its timeout is retried, which would repeat the effect.
+const EFFECT_RECORD_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_secs(1),
+];
 
 /// How a handler failed. Retry is a type, not a string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,6 +134,9 @@ pub struct Job {
     pub(crate) next_step: usize,
     pub(crate) lease_lost: bool,
     pub(crate) cancel: CancellationToken,
+    /// The name of a [`Job::step_effect`] that succeeded but could not be recorded: later
+    /// steps of this attempt cannot be appended in order after it.
+    pub(crate) unrecorded_effect: Option<String>,
 }
 
 impl Job {
@@ -209,6 +223,9 @@ impl Job {
         if let Some(output) = self.replay(name)? {
             return Ok(output);
         }
+        if self.unrecorded_effect.is_some() {
+            return self.run_unrecorded(name, run).await;
+        }
         let output = run().await?;
         let value = step_output_json(name, &output)?;
         let recorded = self
@@ -265,6 +282,12 @@ impl Job {
         if let Some(output) = self.replay(name)? {
             return Ok(output);
         }
+        if let Some(effect) = &self.unrecorded_effect {
+            return Err(HandlerError::retryable(format!(
+                "step {name:?} cannot run in the checkpoint's transaction: the earlier step \
+                 {effect:?} could not be recorded in this attempt"
+            )));
+        }
         let index = self.next_step;
         let transaction = self
             .store
@@ -297,6 +320,118 @@ impl Job {
             .await
             .map_err(|e| HandlerError::retryable(format!("could not commit step {name:?}: {e}")))?;
         self.after_record(true, name, value)?;
+        Ok(output)
+    }
+
+    /// Run a named step whose effect lies outside this database and must not be repeated
+    /// just because its record could not be written: an HTTP POST, an email, a payment.
+    ///
+    /// Like [`Job::step`], the stored output is returned on later attempts and `run` is not
+    /// called again. The difference is what happens after `run` succeeded:
+    ///
+    /// - a database error while recording is retried a few times with a short backoff; if it
+    ///   persists, it is logged at error level and the output is returned anyway, so the
+    ///   worker goes on to complete the event instead of retrying it (which would repeat the
+    ///   effect). Later steps of this attempt then cannot be recorded in order: [`Job::step`]
+    ///   and `step_effect` run their closures without recording them, and [`Job::step_tx`]
+    ///   fails retryably (as does any failing later step: the retry repeats the effect).
+    ///   Keep an effect step last where you can.
+    /// - a lost lease is still [`HandlerError::LeaseLost`]: the effect happened, and the
+    ///   worker that holds the lease now will run it again. Effects must therefore carry an
+    ///   idempotency key (e.g. [`Job::scope`] and [`Job::key`]) that the receiver dedupes on.
+    ///
+    /// If the event's completion fails too, the message comes back and `run` runs again,
+    /// since nothing recorded that it ran: the idempotency key is the last line of defence.
+    pub async fn step_effect<T, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>>,
+    {
+        if let Some(output) = self.replay(name)? {
+            return Ok(output);
+        }
+        if self.unrecorded_effect.is_some() {
+            return self.run_unrecorded(name, run).await;
+        }
+        let output = run().await?;
+        // From here on the effect has happened: no error may make the worker retry it.
+        let value = match step_output_json(name, &output) {
+            Ok(value) => value,
+            Err(error) => {
+                tracing::error!(step = name, %error, "the effect happened but its output cannot be recorded; completing the event without the record");
+                self.unrecorded_effect = Some(name.to_owned());
+                return Ok(output);
+            }
+        };
+        let index = self.next_step;
+        let mut retry_delays = EFFECT_RECORD_RETRY_DELAYS.iter();
+        let mut had_error = false;
+        loop {
+            match self
+                .store
+                .record_step(&self.scope, &self.key, &self.owner, index, name, &value)
+                .await
+            {
+                Ok(true) => {
+                    self.after_record(true, name, value)?;
+                    return Ok(output);
+                }
+                // After an error the earlier write may have committed (the connection broke
+                // after the commit): then the step is ours and already there.
+                Ok(false) if had_error && self.step_is_recorded(index, name).await => {
+                    self.after_record(true, name, value)?;
+                    return Ok(output);
+                }
+                Ok(false) => return Err(self.lose_lease(name)),
+                Err(error) => {
+                    had_error = true;
+                    let Some(delay) = retry_delays.next() else {
+                        tracing::error!(
+                            step = name,
+                            %error,
+                            "the effect happened but could not be recorded; completing the event \
+                             without the record (a redelivery would run the effect again)"
+                        );
+                        self.unrecorded_effect = Some(name.to_owned());
+                        return Ok(output);
+                    };
+                    tracing::warn!(step = name, %error, retry_in_ms = delay.as_millis() as u64, "could not record the step; trying again");
+                    tokio::time::sleep(*delay).await;
+                }
+            }
+        }
+    }
+
+    /// True when the checkpoint holds step `index` under `name` and our lease still holds.
+    async fn step_is_recorded(&self, index: usize, name: &str) -> bool {
+        match self.store.find(&self.scope, &self.key).await {
+            Ok(Some(checkpoint)) => {
+                checkpoint.status == "in_progress"
+                    && checkpoint.lease_owner.as_deref() == Some(self.owner.as_str())
+                    && checkpoint.steps.get(index).and_then(|s| s["name"].as_str()) == Some(name)
+            }
+            Ok(None) => false,
+            Err(error) => {
+                tracing::warn!(step = name, %error, "could not check whether the step was recorded");
+                false
+            }
+        }
+    }
+
+    /// A step after an unrecorded effect: run it, since stopping now would repeat that
+    /// effect, but do not record it (the checkpoint's steps must stay in order).
+    async fn run_unrecorded<T, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>>,
+    {
+        let output = run().await?;
+        tracing::warn!(
+            step = name,
+            effect = self.unrecorded_effect.as_deref(),
+            "step ran without a record: an earlier effect step could not be recorded"
+        );
         Ok(output)
     }
 

@@ -10,7 +10,7 @@
 //! - [`sqs`]: the only code that talks to SQS.
 //! - [`message`]: pure parsing — keys, redrive markers.
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
-//! - [`handlers`]: built-in handlers (exec, noop).
+//! - [`handlers`]: built-in handlers (exec, http, noop).
 //! - [`redrive`]: operator tooling — redrive a DLQ with markers, peek at it.
 //! - [`config`], [`cli`], [`demo`], [`telemetry`]: the binary's glue.
 //!

@@ -1227,6 +1227,7 @@ async fn run_claimed(
         next_step: 0,
         lease_lost: false,
         cancel: cancel.clone(),
+        unrecorded_effect: None,
     };
     if claim.resumed {
         tracing::info!(

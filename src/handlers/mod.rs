@@ -1,8 +1,10 @@
 //! Built-in handlers, usable from the CLI without writing Rust.
 
 mod exec;
+mod http;
 
 pub use exec::ExecHandler;
+pub use http::{DELIVER_STEP, HttpHandler, HttpHandlerError, HttpHeader, MAX_RETRY_AFTER};
 
 use async_trait::async_trait;
 

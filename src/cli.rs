@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
-    CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs, KeyArgs, LambdaArgs,
-    OutputFormat, RedriveArgs, RunArgs, SendArgs,
+    CheckpointsPruneArgs, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
+    KeyArgs, LambdaArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
 };
 use crate::lambda::LambdaWorker;
 use crate::message::{self, KeySpec};
@@ -73,6 +73,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         worker = worker.with_readiness(readiness);
     }
     let summary = worker.run().await?;
+    // One JSON line on stdout for scripts and benchmarks (logs are on stderr).
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(summary)
 }
 
@@ -120,6 +122,63 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     let deadline = std::time::SystemTime::now() + args.event_timeout;
     let response = worker.local().handle(event, deadline).await;
     println!("{}", serde_json::to_string(&response)?);
+    Ok(())
+}
+
+/// `sqs-worker checkpoints prune`.
+pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()> {
+    const SQS_MAX_RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
+    if args.older_than < SQS_MAX_RETENTION {
+        tracing::warn!(
+            older_than_secs = args.older_than.as_secs(),
+            "the retention is shorter than SQS's longest message retention (14 days): a \
+             duplicate delivered later than this runs its event again"
+        );
+    }
+    let pool = connect(&args.database.database_url, 1).await?;
+    let store = CheckpointStore::new(pool);
+    let started = Instant::now();
+    // Progress on stderr: one updating line on a terminal, a line per 20 statements otherwise.
+    let terminal = std::io::stderr().is_terminal();
+    let mut deleted: u64 = 0;
+    let mut batches: u64 = 0;
+    loop {
+        let n = store
+            .prune_complete(
+                args.scope.as_deref(),
+                args.older_than,
+                i64::from(args.batch_size),
+            )
+            .await
+            .context(
+                "pruning checkpoints failed; rows deleted so far stay deleted, run it again",
+            )?;
+        deleted += n;
+        batches += 1;
+        let rate = deleted as f64 / started.elapsed().as_secs_f64().max(0.001);
+        if terminal {
+            eprint!("\r{deleted} deleted · {batches} statements · {rate:.0}/s   ");
+        } else if batches % 20 == 0 {
+            eprintln!("{deleted} deleted · {batches} statements · {rate:.0}/s");
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    if terminal {
+        eprintln!();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    match args.format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({"deleted": deleted, "statements": batches, "seconds": seconds})
+        ),
+        OutputFormat::Table => println!(
+            "deleted {deleted} complete checkpoints older than {} in {batches} statements ({seconds:.1} s)",
+            humantime::format_duration(args.older_than)
+        ),
+    }
     Ok(())
 }
 

@@ -63,7 +63,8 @@ pub enum Command {
     ///
     /// The handler is a command after `--` (body on stdin; exit 0 done, 65 permanent, other
     /// retryable), an HTTP endpoint given with --http-url, or a built-in one chosen with
-    /// --handler.
+    /// --handler. On exit, prints what happened (counts, active time) as one JSON line on
+    /// stdout; logs go to stderr.
     Run(RunArgs),
     /// Run as an AWS Lambda function on an SQS event source: the same claim/step/complete
     /// core and handler options as `run`; returns a partial batch response listing only the
@@ -600,6 +601,44 @@ pub struct SendArgs {
 pub enum CheckpointsCommand {
     /// Show one event's checkpoint: status, steps, lease, attempts, last error.
     Show(CheckpointsShowArgs),
+    /// Delete complete checkpoints older than a retention period, in small batches (each a
+    /// short transaction that skips rows in use), so the table stays bounded. A duplicate
+    /// delivered after its event's row was pruned runs again: keep the retention above the
+    /// longest time a message can come back (SQS keeps messages up to 14 days).
+    Prune(CheckpointsPruneArgs),
+}
+
+/// Options of `sqs-worker checkpoints prune`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointsPruneArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// Delete complete checkpoints completed longer ago than this: a number and a unit,
+    /// e.g. 30d, 12h, 90m, 3600s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub older_than: Duration,
+
+    /// Only this scope. [default: every scope]
+    #[arg(long)]
+    pub scope: Option<String>,
+
+    /// Rows deleted per statement (per short transaction).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Output format of the final report.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+/// Parse a duration with a unit: `30d`, `12h`, `90m`, `3600s` (or humantime forms such as
+/// `1day 2h`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write a number and a unit, e.g. 30d, 12h, 90m")
+    })
 }
 
 /// Options of `sqs-worker checkpoints show`.

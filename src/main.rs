@@ -33,6 +33,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Checkpoints {
             command: CheckpointsCommand::Show(show),
         } => cli::show_checkpoint(show).await,
+        Command::Checkpoints {
+            command: CheckpointsCommand::Prune(prune),
+        } => cli::prune_checkpoints(prune).await,
     }
 }
 

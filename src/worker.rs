@@ -154,6 +154,9 @@ pub struct RunSummary {
     pub released_at_shutdown: u64,
     /// Handlers still running when the shutdown deadline passed.
     pub abandoned_at_shutdown: u64,
+    /// Milliseconds from the first message received to the last one settled (throughput
+    /// is `received` over this; startup and idle time are not in it).
+    pub active_millis: u64,
 }
 
 /// One count: kept for the run summary and mirrored to the `metrics` facade.
@@ -239,6 +242,7 @@ impl Counters {
             heartbeat_failures: self.heartbeat_failures.get(),
             released_at_shutdown: self.released_at_shutdown.get(),
             abandoned_at_shutdown: 0,
+            active_millis: 0,
         }
     }
 }
@@ -587,6 +591,7 @@ impl Core {
             lease,
             fifo,
             in_flight: AtomicUsize::new(0),
+            first_received: std::sync::OnceLock::new(),
             last_activity: Mutex::new(Instant::now()),
             acks: ack_sender,
             readiness,
@@ -608,7 +613,12 @@ impl Core {
         if let Err(error) = self.acker.await {
             tracing::error!(%error, "the delete task failed");
         }
-        self.shared.counters.snapshot()
+        let mut summary = self.shared.counters.snapshot();
+        if let Some(first) = self.shared.first_received.get() {
+            let last = *self.shared.last_activity.lock().expect("not poisoned");
+            summary.active_millis = last.saturating_duration_since(*first).as_millis() as u64;
+        }
+        summary
     }
 }
 
@@ -644,6 +654,8 @@ pub(crate) struct Shared {
     fifo: bool,
     counters: Counters,
     in_flight: AtomicUsize,
+    /// When the first message arrived (for `RunSummary::active_millis`).
+    first_received: std::sync::OnceLock<Instant>,
     last_activity: Mutex<Instant>,
     acks: mpsc::Sender<AckRequest>,
     readiness: Option<Arc<Readiness>>,
@@ -681,6 +693,7 @@ impl Shared {
     }
 
     pub(crate) fn count_received(&self, n: usize) {
+        self.first_received.get_or_init(Instant::now);
         self.counters.received.add(n);
     }
 }
@@ -801,7 +814,7 @@ async fn poll(
                 shared.sqs_reached(true);
                 error_backoff = Duration::from_millis(500);
                 shared.touch();
-                shared.counters.received.add(messages.len());
+                shared.count_received(messages.len());
                 let context = BatchContext {
                     received_at,
                     lease_cap: None,
@@ -1987,6 +2000,7 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
     // A failed delete does not change the answer: the event is settled, and the message
     // that comes back is skipped as a duplicate.
     delete_receipts(shared, &to_delete).await;
+    shared.touch();
     for (reply, result) in replies {
         if let Some(reply) = reply {
             let _ = reply.send(result);

@@ -1,0 +1,220 @@
+"""Orchestrates the benchmark (bench/run): seeds queues, runs the release worker and the
+bare loop under /usr/bin/time, counts PostgreSQL transactions, checks correctness, prints
+the table. Standard library only."""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "target/release/sqs-worker")
+BENCH = os.path.join(ROOT, "target/release/examples/bench")
+ADMIN = os.environ.get("ADMIN_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+DB_NAME = "sqsw_bench"
+DB_URL = ADMIN.rsplit("/", 1)[0] + "/" + DB_NAME
+ENV = dict(
+    os.environ,
+    AWS_ENDPOINT_URL=os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
+    AWS_ACCESS_KEY_ID="test",
+    AWS_SECRET_ACCESS_KEY="test",
+    AWS_REGION="us-east-1",
+    DATABASE_URL=DB_URL,
+    RUST_LOG=os.environ.get("RUST_LOG", "warn"),
+    RUST_BACKTRACE="0",
+)
+
+
+def psql(url, sql):
+    out = subprocess.run(["psql", "-Atq", url, "-c", sql], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def transactions():
+    """Committed + rolled-back transactions of the bench database so far (each statement the
+    worker sends outside an explicit transaction is one)."""
+    return int(psql(ADMIN, f"select xact_commit + xact_rollback from pg_stat_database where datname = '{DB_NAME}'"))
+
+
+def timed(cmd):
+    """Run cmd under /usr/bin/time; returns (stdout, user+sys seconds, peak RSS in MB)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
+        out = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", t.name] + cmd,
+                             env=ENV, check=True, capture_output=True, text=True)
+        user, system, rss_kb = t.read().split()[-3:]
+    return out.stdout, float(user) + float(system), int(rss_kb) / 1024
+
+
+def bench(*args):
+    return json.loads(subprocess.run([BENCH] + list(args), env=ENV, check=True,
+                                     capture_output=True, text=True).stdout)
+
+
+def fresh_queue():
+    return bench("create-queue", "--name", "bench-" + uuid.uuid4().hex[:10])["queue_url"]
+
+
+def seed(queue, n, dup):
+    run_id = uuid.uuid4().hex[:8]
+    out = bench("seed", "--queue-url", queue, "--count", str(n), "--duplicates", str(dup), "--run-id", run_id)
+    return out["unique"]
+
+
+def scope_of(queue):
+    return queue.rsplit("/", 1)[1]
+
+
+def run_worker(queue, args, extra=()):
+    before = transactions()
+    stdout, cpu, rss = timed([WORKER, "run", "--queue-url", queue, "--key", "/id", "--handler", "noop",
+                              "--no-migrate", "--exit-when-idle", "1", "--wait-time-seconds", "1",
+                              "--pollers", str(args.pollers), "--concurrency", str(args.concurrency),
+                              *extra])
+    time.sleep(0.5)  # statistics of ended backends are flushed at exit; let them land
+    statements = transactions() - before - 1  # minus the reading query itself
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return summary, cpu, rss, statements
+
+
+def check(queue, unique, summary):
+    complete = int(psql(DB_URL, f"select count(*) from checkpoints where scope = '{scope_of(queue)}' and status = 'complete'"))
+    left = bench("count", "--queue-url", queue)["messages"]
+    ok = complete == unique and left == 0
+    return ok, f"{complete}/{unique} events complete, {left} left in queue"
+
+
+def row(name, received, active_ms, cpu, rss, statements, correct, note=""):
+    rate = received / (active_ms / 1000) if active_ms else 0.0
+    return {"name": name, "messages": received, "rate": rate, "cpu_ms_per_1000": cpu * 1000 / received * 1000 if received else 0.0,
+            "rss_mb": rss, "statements_per_message": (statements / received) if statements is not None and received else None,
+            "correct": correct, "note": note}
+
+
+def startup_ms(args, repeats=5):
+    """Process start to the worker's 'worker starting' log line (its next call is the first
+    ReceiveMessage), migrations already applied."""
+    queue = fresh_queue()
+    samples = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        proc = subprocess.Popen([WORKER, "--log-format", "json", "run", "--queue-url", queue, "--handler", "noop",
+                                 "--no-migrate", "--exit-when-idle", "0.2", "--wait-time-seconds", "0"],
+                                env=dict(ENV, RUST_LOG="info"), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for line in proc.stderr:
+            if "worker starting" in line:
+                samples.append((time.monotonic() - started) * 1000)
+                break
+        proc.stderr.read()
+        proc.wait()
+    return statistics.median(samples)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--messages", type=int, default=20_000)
+    p.add_argument("--duplicates", type=float, default=0.2)
+    p.add_argument("--pollers", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--scale-rows", type=int, default=1_000_000)
+    p.add_argument("--smoke", action="store_true", help="a few hundred messages, a small scale table")
+    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = p.parse_args()
+    if args.smoke:
+        args.messages, args.scale_rows = 300, 10_000
+
+    psql(ADMIN, f"drop database if exists {DB_NAME}")
+    psql(ADMIN, f"create database {DB_NAME}")
+    subprocess.run([WORKER, "migrate"], env=ENV, check=True, capture_output=True)
+    n, rows = args.messages, []
+    failures = []
+
+    # The ceiling: receive + delete, same pollers, no database.
+    q = fresh_queue()
+    seed(q, n, args.duplicates)
+    stdout, cpu, rss = timed([BENCH, "bare", "--queue-url", q, "--pollers", str(args.pollers), "--expect", str(n)])
+    bare = json.loads(stdout)
+    left = bench("count", "--queue-url", q)["messages"]
+    rows.append(row("bare receive+delete loop", bare["received"], bare["active_secs"] * 1000, cpu, rss, None,
+                    left == 0, f"{left} left in queue"))
+
+    # The worker, checkpoints on.
+    q = fresh_queue()
+    unique = seed(q, n, args.duplicates)
+    summary, cpu, rss, statements = run_worker(q, args)
+    ok, note = check(q, unique, summary)
+    rows.append(row("sqs-worker run --handler noop", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note))
+    empty_rate = rows[-1]["rate"]
+
+    # The step path: a 3-step handler through the library API.
+    q = fresh_queue()
+    unique = seed(q, n, args.duplicates)
+    before = transactions()
+    stdout, cpu, rss = timed([BENCH, "steps", "--queue-url", q, "--database-url", DB_URL,
+                              "--pollers", str(args.pollers), "--concurrency", str(args.concurrency)])
+    time.sleep(0.5)
+    statements = transactions() - before - 1
+    summary = json.loads(stdout)
+    ok, note = check(q, unique, summary)
+    rows.append(row("3-step handler (library)", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note))
+
+    # At scale: the checkpoint table already holds many completed rows.
+    scale = None
+    if args.scale_rows:
+        t0 = time.monotonic()
+        psql(DB_URL, f"""insert into checkpoints (scope, idempotency_key, status, payload_sha256, first_message_id,
+                          last_message_id, created_at, updated_at, completed_at)
+                        select 'bulk', 'old-' || g, 'complete', 'h', 'm', 'm', now() - interval '40 days',
+                               now() - interval '40 days', now() - interval '40 days'
+                        from generate_series(1, {args.scale_rows}) g""")
+        psql(DB_URL, "analyze checkpoints")
+        fill = time.monotonic() - t0
+        q = fresh_queue()
+        unique = seed(q, n, args.duplicates)
+        summary, cpu, rss, statements = run_worker(q, args)
+        ok, note = check(q, unique, summary)
+        rows.append(row(f"sqs-worker run, {args.scale_rows:,} rows in the table", summary["received"],
+                        summary["active_millis"], cpu, rss, statements, ok, note))
+        out = subprocess.run([WORKER, "checkpoints", "prune", "--older-than", "30d", "--scope", "bulk", "--format", "json"],
+                             env=ENV, check=True, capture_output=True, text=True)
+        pruned = json.loads(out.stdout)
+        scale = {"rows": args.scale_rows, "fill_seconds": fill, "rate_ratio": rows[-1]["rate"] / empty_rate if empty_rate else 0,
+                 "pruned": pruned}
+        if pruned["deleted"] != args.scale_rows:
+            failures.append(f"prune deleted {pruned['deleted']} of {args.scale_rows} rows")
+
+    start_ms = startup_ms(args)
+
+    base = rows[0]
+    print()
+    print(f"{n:,} messages ({args.duplicates:.0%} duplicate deliveries), {args.pollers} pollers, concurrency {args.concurrency}")
+    print()
+    print("| run | msgs/s | vs bare | CPU ms / 1,000 msgs | vs bare | peak RSS MB | PG statements / msg | correct |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        spm = "—" if r["statements_per_message"] is None else f"{r['statements_per_message']:.3f}"
+        print(f"| {r['name']} | {r['rate']:,.0f} | {r['rate'] / base['rate']:.0%} | {r['cpu_ms_per_1000']:,.0f} | "
+              f"{r['cpu_ms_per_1000'] / base['cpu_ms_per_1000']:.2f}× | {r['rss_mb']:.1f} | {spm} | "
+              f"{'yes' if r['correct'] else 'NO'}: {r['note']} |")
+        if not r["correct"]:
+            failures.append(f"{r['name']}: {r['note']}")
+    print()
+    if scale:
+        print(f"Scale: {scale['rows']:,} completed rows (filled in {scale['fill_seconds']:.1f} s): throughput "
+              f"{scale['rate_ratio']:.0%} of the empty-table run; `checkpoints prune --older-than 30d` deleted "
+              f"{scale['pruned']['deleted']:,} rows in {scale['pruned']['statements']} statements, "
+              f"{scale['pruned']['seconds']:.1f} s.")
+    print(f"Start to first ReceiveMessage (migrations applied, median of 5): {start_ms:.0f} ms")
+    if args.json:
+        print(json.dumps({"rows": rows, "scale": scale, "startup_ms": start_ms}, indent=2))
+    if failures:
+        print("FAILED: " + "; ".join(failures), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

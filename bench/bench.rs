@@ -1,0 +1,305 @@
+//! Benchmark helpers, run by `bench/run` (see the README's "Performance" section):
+//!
+//! - `seed`: fill a queue with N messages, a share of them duplicate deliveries of earlier
+//!   events (same key, new MessageId), with parallel SendMessageBatch calls;
+//! - `bare`: the ceiling — a receive + DeleteMessageBatch loop with the worker's pollers and
+//!   no database, deletes pipelined like the worker's acker;
+//! - `steps`: the step path — a 3-step handler through the library API.
+//!
+//! Each prints one JSON object on stdout; `bench/run` turns them into the table.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use clap::{Parser, Subcommand};
+use sqs_worker::message::KeySpec;
+use sqs_worker::{Handler, HandlerError, Job, Worker, WorkerConfig};
+use tokio::sync::{Mutex, Semaphore};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a queue (visibility timeout 30 s); prints its URL.
+    CreateQueue {
+        #[arg(long)]
+        name: String,
+    },
+    /// Messages visible, in flight or delayed.
+    Count {
+        #[arg(long)]
+        queue_url: String,
+    },
+    /// Send `count` messages, `duplicates` of them (a fraction) repeats of earlier keys.
+    Seed {
+        #[arg(long)]
+        queue_url: String,
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        #[arg(long, default_value_t = 0.2)]
+        duplicates: f64,
+        /// Prefix of the keys, so runs never share events.
+        #[arg(long)]
+        run_id: String,
+    },
+    /// Receive and delete until `expect` messages were deleted.
+    Bare {
+        #[arg(long)]
+        queue_url: String,
+        #[arg(long, default_value_t = 2)]
+        pollers: usize,
+        #[arg(long)]
+        expect: u64,
+    },
+    /// Run a 3-step handler on the queue until idle.
+    Steps {
+        #[arg(long)]
+        queue_url: String,
+        #[arg(long)]
+        database_url: String,
+        #[arg(long, default_value_t = 2)]
+        pollers: usize,
+        #[arg(long, default_value_t = 20)]
+        concurrency: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = sqs_worker::sqs::client_from_env().await;
+    match args.command {
+        Command::CreateQueue { name } => {
+            let output = client
+                .create_queue()
+                .queue_name(name)
+                .attributes(QueueAttributeName::VisibilityTimeout, "30")
+                .send()
+                .await?;
+            println!(
+                "{}",
+                serde_json::json!({"queue_url": output.queue_url().unwrap_or_default()})
+            );
+            Ok(())
+        }
+        Command::Count { queue_url } => {
+            let output = client
+                .get_queue_attributes()
+                .queue_url(queue_url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+                .send()
+                .await?;
+            let messages: u64 = output
+                .attributes()
+                .map(|a| a.values().filter_map(|v| v.parse::<u64>().ok()).sum())
+                .unwrap_or(0);
+            println!("{}", serde_json::json!({ "messages": messages }));
+            Ok(())
+        }
+        Command::Seed {
+            queue_url,
+            count,
+            duplicates,
+            run_id,
+        } => seed(client, queue_url, count, duplicates, run_id).await,
+        Command::Bare {
+            queue_url,
+            pollers,
+            expect,
+        } => bare(client, queue_url, pollers, expect).await,
+        Command::Steps {
+            queue_url,
+            database_url,
+            pollers,
+            concurrency,
+        } => steps(client, queue_url, database_url, pollers, concurrency).await,
+    }
+}
+
+async fn seed(
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    count: usize,
+    duplicates: f64,
+    run_id: String,
+) -> anyhow::Result<()> {
+    let unique = ((count as f64) * (1.0 - duplicates)).round().max(1.0) as usize;
+    let mut rng = fastrand::Rng::with_seed(7);
+    // Event i for the first `unique` messages, then repeats of random earlier events, all
+    // shuffled so duplicates arrive at any distance from their original.
+    let mut keys: Vec<usize> = (0..unique)
+        .chain((unique..count).map(|_| rng.usize(..unique)))
+        .collect();
+    rng.shuffle(&mut keys);
+    let padding = "x".repeat(200);
+    let bodies: Vec<String> = keys
+        .iter()
+        .map(|k| format!(r#"{{"id":"{run_id}-{k}","pad":"{padding}"}}"#))
+        .collect();
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in bodies.chunks(10) {
+        let permit = limit.clone().acquire_owned().await?;
+        let (client, queue_url) = (client.clone(), queue_url.clone());
+        let entries: Vec<SendMessageBatchRequestEntry> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body)
+                    .build()
+                    .expect("id and body set")
+            })
+            .collect();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let output = client
+                .send_message_batch()
+                .queue_url(queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await?;
+            anyhow::ensure!(output.failed().is_empty(), "some sends failed");
+            Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"sent": count, "unique": unique,
+                           "seconds": started.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
+async fn bare(
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    pollers: usize,
+    expect: u64,
+) -> anyhow::Result<()> {
+    let deleted = Arc::new(AtomicU64::new(0));
+    let window: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
+    let deletes = Arc::new(Semaphore::new(pollers * 2));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..pollers {
+        let (client, queue_url) = (client.clone(), queue_url.clone());
+        let (deleted, window, deletes) = (deleted.clone(), window.clone(), deletes.clone());
+        tasks.spawn(async move {
+            let mut in_flight = tokio::task::JoinSet::new();
+            while deleted.load(Ordering::Relaxed) < expect {
+                let output = client
+                    .receive_message()
+                    .queue_url(&queue_url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await?;
+                let messages = output.messages();
+                if messages.is_empty() {
+                    continue;
+                }
+                window.lock().await.0.get_or_insert_with(Instant::now);
+                let entries: Vec<DeleteMessageBatchRequestEntry> = messages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(m.receipt_handle().unwrap_or_default())
+                            .build()
+                            .expect("id and handle set")
+                    })
+                    .collect();
+                let permit = deletes.clone().acquire_owned().await?;
+                let (client, queue_url) = (client.clone(), queue_url.clone());
+                let (deleted, window) = (deleted.clone(), window.clone());
+                in_flight.spawn(async move {
+                    let _permit = permit;
+                    let n = entries.len() as u64;
+                    client
+                        .delete_message_batch()
+                        .queue_url(queue_url)
+                        .set_entries(Some(entries))
+                        .send()
+                        .await?;
+                    deleted.fetch_add(n, Ordering::Relaxed);
+                    window.lock().await.1 = Some(Instant::now());
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(result) = in_flight.join_next().await {
+                result??;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let (first, last) = *window.lock().await;
+    let active = match (first, last) {
+        (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+        _ => 0.0,
+    };
+    println!(
+        "{}",
+        serde_json::json!({"received": deleted.load(Ordering::Relaxed), "active_secs": active})
+    );
+    Ok(())
+}
+
+/// Three steps, each recorded in the checkpoint: the step path's cost per event.
+struct ThreeSteps;
+
+#[async_trait]
+impl Handler for ThreeSteps {
+    async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
+        let parsed: u64 = job.step("parse", || async { Ok(1u64) }).await?;
+        let stored: u64 = job.step("store", || async move { Ok(parsed + 1) }).await?;
+        job.step("notify", || async move { Ok(stored + 1) }).await?;
+        Ok(())
+    }
+}
+
+async fn steps(
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    database_url: String,
+    pollers: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let pool = sqs_worker::connect_database(&database_url, 16).await?;
+    sqs_worker::MIGRATOR.run(&pool).await?;
+    let mut config = WorkerConfig::new(queue_url);
+    config.key = KeySpec::new(vec!["/id".into()]).map_err(anyhow::Error::msg)?;
+    config.pollers = pollers;
+    config.concurrency = concurrency;
+    config.wait_time = Duration::from_secs(1);
+    config.exit_when_idle = Some(Duration::from_secs(1));
+    let summary = Worker::builder()
+        .config(config)
+        .sqs_client(client)
+        .pool(pool)
+        .handler(ThreeSteps)
+        .build()?
+        .run()
+        .await?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -591,6 +592,7 @@ impl Core {
             lease,
             fifo,
             in_flight: AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
             first_received: std::sync::OnceLock::new(),
             last_activity: Mutex::new(Instant::now()),
             acks: ack_sender,
@@ -654,6 +656,9 @@ pub(crate) struct Shared {
     fifo: bool,
     counters: Counters,
     in_flight: AtomicUsize,
+    /// Events running in this process, with deliveries of them that arrived meanwhile
+    /// (claimed Busy by our own lease): they ride along instead of waiting out the lease.
+    running: Mutex<HashMap<String, Riders>>,
     /// When the first message arrived (for `RunSummary::active_millis`).
     first_received: std::sync::OnceLock<Instant>,
     last_activity: Mutex<Instant>,
@@ -688,6 +693,45 @@ impl Shared {
         }
     }
 
+    /// Register an event as running here; returns its riders' slot.
+    fn start_running(&self, key: &str) -> Riders {
+        let riders: Riders = Arc::new(Mutex::new(Some(Vec::new())));
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .insert(key.to_owned(), riders.clone());
+        riders
+    }
+
+    /// The event stopped running: close its slot (later deliveries wait for its lease as
+    /// usual) and return the receipts that rode along.
+    fn stop_running(&self, key: &str, riders: &Riders) -> Vec<String> {
+        let mut running = self.running.lock().expect("not poisoned");
+        if running.get(key).is_some_and(|r| Arc::ptr_eq(r, riders)) {
+            running.remove(key);
+        }
+        riders
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Attach a delivery to the run of its event in this process, if there is one.
+    fn ride_along(&self, key: &str, receipt: &str) -> bool {
+        let running = self.running.lock().expect("not poisoned");
+        let Some(riders) = running.get(key) else {
+            return false;
+        };
+        match riders.lock().expect("not poisoned").as_mut() {
+            Some(receipts) => {
+                receipts.push(receipt.to_owned());
+                true
+            }
+            None => false,
+        }
+    }
+
     pub(crate) fn mode(&self) -> &Mode {
         &self.mode
     }
@@ -697,6 +741,9 @@ impl Shared {
         self.counters.received.add(n);
     }
 }
+
+/// Receipts of deliveries riding along with a running event; `None` once it settled.
+type Riders = Arc<Mutex<Option<Vec<String>>>>;
 
 /// Tokens every batch of a run watches: `stop` (no new work: a FIFO group's messages not
 /// started yet are handed back) and `abandon` (the drain deadline passed: running handlers
@@ -1046,6 +1093,15 @@ pub(crate) async fn handle_batch(
                 );
                 shared.enqueue_delete(vec![p.message.receipt_handle]).await;
             }
+            Some(ClaimOutcome::Busy { .. })
+                if shared.ride_along(&key, &p.message.receipt_handle) =>
+            {
+                tracing::info!(
+                    message_id = %p.message.message_id,
+                    %key,
+                    "event is running in this worker; this delivery rides along with it"
+                );
+            }
             Some(ClaimOutcome::Busy { retry_after }) => {
                 shared.counters.busy_deferred.add(1);
                 tracing::info!(
@@ -1209,13 +1265,14 @@ async fn run_claimed(
     lease: Duration,
     tokens: &BatchTokens,
 ) -> Option<Duration> {
-    let receipts = event.receipts();
+    let mut receipts = event.receipts();
     let ClaimedEvent {
         parsed,
         claim,
         siblings,
-        permit: _permit,
+        permit,
     } = event;
+    let mut duplicates = siblings.len();
     let identity = parsed.identity.expect("claimed messages have a key");
     let message = parsed.message;
     let markers = parsed.markers;
@@ -1252,6 +1309,7 @@ async fn run_claimed(
     // the permit and the outcome with it.
     let handler = shared.handler.clone();
     let started = Instant::now();
+    let riders = shared.start_running(&identity.key);
     let task = tokio::spawn(
         async move {
             // A handler that returns early without an error must still have reached every
@@ -1278,6 +1336,13 @@ async fn run_claimed(
         .counters
         .handler_seconds
         .record(started.elapsed().as_secs_f64());
+    // The handler is done: the slot may serve the next message while this one settles (the
+    // acker's queue bounds what waits for settling).
+    drop(permit);
+    // Deliveries of this event received while it ran share its fate from here on.
+    let riders = shared.stop_running(&identity.key, &riders);
+    duplicates += riders.len();
+    receipts.extend(riders);
     let result = match ended {
         Ended::Finished(result) => result,
         Ended::Abandoned => {
@@ -1339,7 +1404,7 @@ async fn run_claimed(
             {
                 AckResult::Done => {
                     shared.counters.processed.add(1);
-                    shared.counters.duplicates_skipped.add(siblings.len());
+                    shared.counters.duplicates_skipped.add(duplicates);
                     tracing::info!("event complete");
                     None
                 }
@@ -1399,7 +1464,7 @@ async fn run_claimed(
             }
             // The message is safely in the DLQ: delete it whatever the checkpoint said.
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
-            shared.counters.duplicates_skipped.add(siblings.len());
+            shared.counters.duplicates_skipped.add(duplicates);
             None
         }
     }
@@ -1918,23 +1983,31 @@ impl Shared {
     }
 }
 
-const ACK_BATCH: usize = 10;
+/// Most receipts settled together: one completion statement for all their events, then
+/// DeleteMessageBatch calls of 10 in parallel.
+const ACK_BATCH: usize = 50;
+/// How long the acker waits for more requests before settling what it has.
 const ACK_LINGER: Duration = Duration::from_millis(5);
+/// Settlements in flight at once, so deletes overlap receives as in a bare loop.
+const ACK_PARALLEL: usize = 4;
 
 async fn run_acker(
     shared: Arc<Shared>,
     mut requests: mpsc::Receiver<AckRequest>,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(ACK_PARALLEL));
+    let mut settling = JoinSet::new();
     loop {
+        while settling.try_join_next().is_some() {}
         let first = tokio::select! {
             biased;
             request = requests.recv() => match request {
                 Some(request) => request,
-                None => return,
+                None => break,
             },
             _ = stop.cancelled() => {
-                // Drain what is already queued, then stop.
+                // Settle what is already queued, then stop.
                 let mut rest = Vec::new();
                 while let Ok(request) = requests.try_recv() {
                     rest.push(request);
@@ -1942,7 +2015,7 @@ async fn run_acker(
                 if !rest.is_empty() {
                     settle_acks(&shared, rest).await;
                 }
-                return;
+                break;
             }
         };
         let mut batch = vec![first];
@@ -1957,8 +2030,18 @@ async fn run_acker(
                 _ => break,
             }
         }
-        settle_acks(&shared, batch).await;
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let shared = shared.clone();
+        settling.spawn(async move {
+            settle_acks(&shared, batch).await;
+            drop(slot);
+        });
     }
+    while settling.join_next().await.is_some() {}
 }
 
 async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
@@ -2032,9 +2115,19 @@ async fn complete_with_retries(
     }
 }
 
-/// DeleteMessageBatch in chunks of 10. Returns the receipts that were not deleted; each
-/// failure is logged and counted, never dropped silently.
+/// DeleteMessageBatch in chunks of 10, all at once: one round trip's wait, not several.
+/// Returns the receipts that were not deleted; each failure is logged and counted, never
+/// dropped silently.
 async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec<String> {
+    join_all(receipts.chunks(10).map(|chunk| delete_chunk(shared, chunk)))
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// One DeleteMessageBatch (at most 10 receipts).
+async fn delete_chunk(shared: &Shared, receipts: &[String]) -> Vec<String> {
     if receipts.is_empty() {
         return Vec::new();
     }

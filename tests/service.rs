@@ -597,3 +597,44 @@ async fn lambda_event_reports_only_retryable_failures() {
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].body(), Some(r#"{"id":"e","fail":1}"#));
 }
+
+/// A second delivery of an event that is running in this worker rides along with it: the
+/// handler runs once and both messages are deleted when it completes, instead of the second
+/// waiting out the 30 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_of_an_event_running_here_rides_along() {
+    let client = sqs_client().await;
+    let (pool, _) = fresh_database().await;
+    let queue = fresh_queue(&client, false, 0).await;
+    let (handler, calls) = RecordingHandler::new(Duration::from_secs(3), |_| Ok(()));
+    let mut config = worker_config(&queue.url);
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.scope = Some("ride".into());
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        Worker::new(config, client.clone(), pool, handler)
+            .with_shutdown(stop.clone())
+            .run(),
+    );
+    send(&client, &queue.url, r#"{"id":"r1"}"#).await;
+    wait_until("the handler to start", Duration::from_secs(20), || {
+        let calls = calls.clone();
+        async move { !calls.lock().unwrap().is_empty() }
+    })
+    .await;
+    send(&client, &queue.url, r#"{"id":"r1"}"#).await;
+    let sent = std::time::Instant::now();
+    wait_until("both deliveries deleted", Duration::from_secs(15), || {
+        let client = client.clone();
+        let url = queue.url.clone();
+        async move { messages_in(&client, &url).await == 0 }
+    })
+    .await;
+    assert!(sent.elapsed() < Duration::from_secs(10), "{:?}", sent.elapsed());
+    stop.cancel();
+    let summary = worker.await.unwrap().unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(summary.processed, 1, "{summary:?}");
+    assert_eq!(summary.duplicates_skipped, 1, "{summary:?}");
+    assert_eq!(summary.busy_deferred, 0, "{summary:?}");
+}

@@ -13,8 +13,9 @@ import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "target/release/sqs-worker")
-BENCH = os.path.join(ROOT, "target/release/examples/bench")
+PROFILE = os.environ.get("SQS_WORKER_BENCH_PROFILE", "release")
+WORKER = os.path.join(ROOT, f"target/{PROFILE}/sqs-worker")
+BENCH = os.path.join(ROOT, f"target/{PROFILE}/examples/bench")
 ADMIN = os.environ.get("ADMIN_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "sqsw_bench"
 DB_URL = ADMIN.rsplit("/", 1)[0] + "/" + DB_NAME
@@ -119,7 +120,7 @@ def main():
     p.add_argument("--messages", type=int, default=20_000)
     p.add_argument("--duplicates", type=float, default=0.2)
     p.add_argument("--pollers", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--concurrency", type=int, default=40)
     p.add_argument("--scale-rows", type=int, default=1_000_000)
     p.add_argument("--smoke", action="store_true", help="a few hundred messages, a small scale table")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -136,7 +137,9 @@ def main():
     # The ceiling: receive + delete, same pollers, no database.
     q = fresh_queue()
     seed(q, n, args.duplicates)
-    stdout, cpu, rss = timed([BENCH, "bare", "--queue-url", q, "--pollers", str(args.pollers), "--expect", str(n)])
+    # Same ReceiveMessage request as the worker's (all attributes), same pollers, no database.
+    stdout, cpu, rss = timed([BENCH, "bare", "--queue-url", q, "--pollers", str(args.pollers), "--expect", str(n),
+                              "--attributes"])
     bare = json.loads(stdout)
     left = bench("count", "--queue-url", q)["messages"]
     rows.append(row("bare receive+delete loop", bare["received"], bare["active_secs"] * 1000, cpu, rss, None,

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, QueueAttributeName, SendMessageBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use clap::{Parser, Subcommand};
 use sqs_worker::message::KeySpec;
@@ -59,6 +60,10 @@ enum Command {
         pollers: usize,
         #[arg(long)]
         expect: u64,
+        /// Ask for every system and message attribute, as the worker does (it needs the
+        /// receive count, the FIFO group and the redrive markers).
+        #[arg(long)]
+        attributes: bool,
     },
     /// Run a 3-step handler on the queue until idle.
     Steps {
@@ -117,7 +122,8 @@ async fn main() -> anyhow::Result<()> {
             queue_url,
             pollers,
             expect,
-        } => bare(client, queue_url, pollers, expect).await,
+            attributes,
+        } => bare(client, queue_url, pollers, expect, attributes).await,
         Command::Steps {
             queue_url,
             database_url,
@@ -192,6 +198,7 @@ async fn bare(
     queue_url: String,
     pollers: usize,
     expect: u64,
+    attributes: bool,
 ) -> anyhow::Result<()> {
     let deleted = Arc::new(AtomicU64::new(0));
     let window: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
@@ -203,13 +210,17 @@ async fn bare(
         tasks.spawn(async move {
             let mut in_flight = tokio::task::JoinSet::new();
             while deleted.load(Ordering::Relaxed) < expect {
-                let output = client
+                let mut receive = client
                     .receive_message()
                     .queue_url(&queue_url)
                     .max_number_of_messages(10)
-                    .wait_time_seconds(1)
-                    .send()
-                    .await?;
+                    .wait_time_seconds(1);
+                if attributes {
+                    receive = receive
+                        .message_system_attribute_names(MessageSystemAttributeName::All)
+                        .message_attribute_names("All");
+                }
+                let output = receive.send().await?;
                 let messages = output.messages();
                 if messages.is_empty() {
                     continue;

@@ -703,13 +703,9 @@ impl Shared {
         riders
     }
 
-    /// The event stopped running: close its slot (later deliveries wait for its lease as
-    /// usual) and return the receipts that rode along.
-    fn stop_running(&self, key: &str, riders: &Riders) -> Vec<String> {
-        let mut running = self.running.lock().expect("not poisoned");
-        if running.get(key).is_some_and(|r| Arc::ptr_eq(r, riders)) {
-            running.remove(key);
-        }
+    /// The handler ended: take the receipts that rode along (they share its fate). The event
+    /// is *settling* until `finish_running`: deliveries arriving meanwhile come back shortly.
+    fn stop_running(&self, riders: &Riders) -> Vec<String> {
         riders
             .lock()
             .expect("not poisoned")
@@ -717,18 +713,26 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// The event is settled: forget it.
+    fn finish_running(&self, key: &str, riders: &Riders) {
+        let mut running = self.running.lock().expect("not poisoned");
+        if running.get(key).is_some_and(|r| Arc::ptr_eq(r, riders)) {
+            running.remove(key);
+        }
+    }
+
     /// Attach a delivery to the run of its event in this process, if there is one.
-    fn ride_along(&self, key: &str, receipt: &str) -> bool {
+    fn ride_along(&self, key: &str, receipt: &str) -> RideAlong {
         let running = self.running.lock().expect("not poisoned");
         let Some(riders) = running.get(key) else {
-            return false;
+            return RideAlong::NotHere;
         };
         match riders.lock().expect("not poisoned").as_mut() {
             Some(receipts) => {
                 receipts.push(receipt.to_owned());
-                true
+                RideAlong::Attached
             }
-            None => false,
+            None => RideAlong::Settling,
         }
     }
 
@@ -742,8 +746,18 @@ impl Shared {
     }
 }
 
-/// Receipts of deliveries riding along with a running event; `None` once it settled.
+/// Receipts of deliveries riding along with a running event; `None` once its handler ended.
 type Riders = Arc<Mutex<Option<Vec<String>>>>;
+
+/// What became of a delivery whose event is leased (Busy).
+enum RideAlong {
+    /// Its event runs here: it shares that run's fate.
+    Attached,
+    /// Its event just ran here and is being settled: it comes back in a moment.
+    Settling,
+    /// Another worker (or an earlier, stale claim) holds the lease.
+    NotHere,
+}
 
 /// Tokens every batch of a run watches: `stop` (no new work: a FIFO group's messages not
 /// started yet are handed back) and `abandon` (the drain deadline passed: running handlers
@@ -805,18 +819,21 @@ async fn poll(
     tokens: BatchTokens,
 ) {
     let stop = tokens.stop.clone();
+    let batch_size = shared.config.concurrency.clamp(1, 10);
     let mut error_backoff = Duration::from_millis(500);
     loop {
-        // Wait for one free slot, then take up to 9 more without waiting: receive only as
-        // many messages as can start now.
+        // Wait for one free slot, then gather up to a full batch for a moment: a receive of
+        // 10 costs SQS (and the claim statement) what a receive of 1 does, and slots free
+        // up quickly when handlers are fast. Never more than can start now.
         let first = tokio::select! {
             _ = stop.cancelled() => return,
             permit = semaphore.clone().acquire_owned() => permit.expect("semaphore never closed"),
         };
         let mut permits = vec![first];
-        while permits.len() < 10 {
-            match semaphore.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
+        let gather_until = tokio::time::Instant::now() + PERMIT_GATHER;
+        while permits.len() < batch_size {
+            match tokio::time::timeout_at(gather_until, semaphore.clone().acquire_owned()).await {
+                Ok(permit) => permits.push(permit.expect("semaphore never closed")),
                 Err(_) => break,
             }
         }
@@ -867,7 +884,12 @@ async fn poll(
                     lease_cap: None,
                     tokens: tokens.clone(),
                 };
-                handle_batch(&shared, &tracker, messages, permits, &context).await;
+                // Claim in a task of its own, so this poller goes straight back to
+                // receiving (as far as permits allow) while the claim statement runs.
+                let (shared, tracker_inner) = (shared.clone(), tracker.clone());
+                tracker.spawn(async move {
+                    handle_batch(&shared, &tracker_inner, messages, permits, &context).await;
+                });
             }
         }
     }
@@ -1093,16 +1115,20 @@ pub(crate) async fn handle_batch(
                 );
                 shared.enqueue_delete(vec![p.message.receipt_handle]).await;
             }
-            Some(ClaimOutcome::Busy { .. })
-                if shared.ride_along(&key, &p.message.receipt_handle) =>
-            {
-                tracing::info!(
-                    message_id = %p.message.message_id,
-                    %key,
-                    "event is running in this worker; this delivery rides along with it"
-                );
-            }
             Some(ClaimOutcome::Busy { retry_after }) => {
+                let retry_after = match shared.ride_along(&key, &p.message.receipt_handle) {
+                    RideAlong::Attached => {
+                        tracing::info!(
+                            message_id = %p.message.message_id,
+                            %key,
+                            "event is running in this worker; this delivery rides along with it"
+                        );
+                        continue;
+                    }
+                    // Completion is a statement away: look again in a second, not a lease.
+                    RideAlong::Settling => &SETTLING_RETRY,
+                    RideAlong::NotHere => retry_after,
+                };
                 shared.counters.busy_deferred.add(1);
                 tracing::info!(
                     message_id = %p.message.message_id,
@@ -1195,6 +1221,12 @@ pub(crate) async fn handle_batch(
 
 const SHUTTING_DOWN: &str = "shutting down before it started";
 
+/// How long a poller waits for more free slots before receiving fewer than 10 messages.
+const PERMIT_GATHER: Duration = Duration::from_millis(20);
+
+/// When a delivery of an event this worker is settling comes back.
+const SETTLING_RETRY: Duration = Duration::from_secs(1);
+
 /// Give a claimed event back untouched: release its lease and make its message(s) visible
 /// again — at once at shutdown, or just after `back_in` behind a FIFO group's held message.
 async fn hand_back(
@@ -1242,9 +1274,12 @@ async fn run_event(
     );
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.increment(1.0);
-    let settled = run_claimed(shared, event, lease_token, lease, tokens)
+    let key = event.parsed.key();
+    let riders = shared.start_running(&key);
+    let settled = run_claimed(shared, event, lease_token, lease, tokens, &riders)
         .instrument(span)
         .await;
+    shared.finish_running(&key, &riders);
     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
     shared.counters.in_flight.decrement(1.0);
     shared.touch();
@@ -1264,6 +1299,7 @@ async fn run_claimed(
     lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
+    riders: &Riders,
 ) -> Option<Duration> {
     let mut receipts = event.receipts();
     let ClaimedEvent {
@@ -1309,7 +1345,6 @@ async fn run_claimed(
     // the permit and the outcome with it.
     let handler = shared.handler.clone();
     let started = Instant::now();
-    let riders = shared.start_running(&identity.key);
     let task = tokio::spawn(
         async move {
             // A handler that returns early without an error must still have reached every
@@ -1340,7 +1375,7 @@ async fn run_claimed(
     // acker's queue bounds what waits for settling).
     drop(permit);
     // Deliveries of this event received while it ran share its fate from here on.
-    let riders = shared.stop_running(&identity.key, &riders);
+    let riders = shared.stop_running(riders);
     duplicates += riders.len();
     receipts.extend(riders);
     let result = match ended {

@@ -630,7 +630,11 @@ async fn a_delivery_of_an_event_running_here_rides_along() {
         async move { messages_in(&client, &url).await == 0 }
     })
     .await;
-    assert!(sent.elapsed() < Duration::from_secs(10), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
     stop.cancel();
     let summary = worker.await.unwrap().unwrap();
     assert_eq!(calls.lock().unwrap().len(), 1);

@@ -73,7 +73,7 @@ def scope_of(queue):
 def run_worker(queue, args, extra=()):
     before = transactions()
     stdout, cpu, rss = timed([WORKER, "run", "--queue-url", queue, "--key", "/id", "--handler", "noop",
-                              "--no-migrate", "--exit-when-idle", "1", "--wait-time-seconds", "1",
+                              "--no-migrate", "--exit-when-idle", "3", "--wait-time-seconds", "1",
                               "--pollers", str(args.pollers), "--concurrency", str(args.concurrency),
                               *extra])
     time.sleep(0.5)  # statistics of ended backends are flushed at exit; let them land
@@ -123,10 +123,11 @@ def main():
     p.add_argument("--concurrency", type=int, default=40)
     p.add_argument("--scale-rows", type=int, default=1_000_000)
     p.add_argument("--smoke", action="store_true", help="a few hundred messages, a small scale table")
+    p.add_argument("--repeat", type=int, default=2, help="runs of the bare loop and of the worker; the best counts")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args()
     if args.smoke:
-        args.messages, args.scale_rows = 300, 10_000
+        args.messages, args.scale_rows, args.repeat = 300, 10_000, 1
 
     psql(ADMIN, f"drop database if exists {DB_NAME}")
     psql(ADMIN, f"create database {DB_NAME}")
@@ -134,24 +135,32 @@ def main():
     n, rows = args.messages, []
     failures = []
 
-    # The ceiling: receive + delete, same pollers, no database.
-    q = fresh_queue()
-    seed(q, n, args.duplicates)
-    # Same ReceiveMessage request as the worker's (all attributes), same pollers, no database.
-    stdout, cpu, rss = timed([BENCH, "bare", "--queue-url", q, "--pollers", str(args.pollers), "--expect", str(n),
-                              "--attributes"])
-    bare = json.loads(stdout)
-    left = bench("count", "--queue-url", q)["messages"]
-    rows.append(row("bare receive+delete loop", bare["received"], bare["active_secs"] * 1000, cpu, rss, None,
-                    left == 0, f"{left} left in queue"))
-
-    # The worker, checkpoints on.
-    q = fresh_queue()
-    unique = seed(q, n, args.duplicates)
-    summary, cpu, rss, statements = run_worker(q, args)
-    ok, note = check(q, unique, summary)
-    rows.append(row("sqs-worker run --handler noop", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note))
-    empty_rate = rows[-1]["rate"]
+    # The ceiling (receive + delete, same pollers, same ReceiveMessage request, no database)
+    # and the worker, alternated and each run `--repeat` times; the best run of each counts,
+    # as LocalStack's speed drifts between runs on a busy 2-core machine.
+    best_bare, best_worker = None, None
+    for _ in range(args.repeat):
+        q = fresh_queue()
+        seed(q, n, args.duplicates)
+        stdout, cpu, rss = timed([BENCH, "bare", "--queue-url", q, "--pollers", str(args.pollers), "--expect", str(n),
+                                  "--attributes"])
+        bare = json.loads(stdout)
+        left = bench("count", "--queue-url", q)["messages"]
+        r = row("bare receive+delete loop", bare["received"], bare["active_secs"] * 1000, cpu, rss, None,
+                left == 0, f"{left} left in queue")
+        if best_bare is None or r["rate"] > best_bare["rate"]:
+            best_bare = r
+        q = fresh_queue()
+        unique = seed(q, n, args.duplicates)
+        summary, cpu, rss, statements = run_worker(q, args)
+        ok, note = check(q, unique, summary)
+        r = row("sqs-worker run --handler noop", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note)
+        if not ok:
+            failures.append(f"{r['name']}: {note}")
+        if best_worker is None or r["rate"] > best_worker["rate"]:
+            best_worker = r
+    rows += [best_bare, best_worker]
+    empty_rate = best_worker["rate"]
 
     # The step path: a 3-step handler through the library API.
     q = fresh_queue()
@@ -174,7 +183,10 @@ def main():
                         select 'bulk', 'old-' || g, 'complete', 'h', 'm', 'm', now() - interval '40 days',
                                now() - interval '40 days', now() - interval '40 days'
                         from generate_series(1, {args.scale_rows}) g""")
-        psql(DB_URL, "analyze checkpoints")
+        # Let the bulk insert settle (statistics, hint bits, a checkpoint) so the run below
+        # measures the table's size, not the aftermath of filling it.
+        psql(DB_URL, "vacuum (analyze) checkpoints")
+        psql(DB_URL, "checkpoint")
         fill = time.monotonic() - t0
         q = fresh_queue()
         unique = seed(q, n, args.duplicates)

@@ -302,7 +302,7 @@ async fn steps(
     config.pollers = pollers;
     config.concurrency = concurrency;
     config.wait_time = Duration::from_secs(1);
-    config.exit_when_idle = Some(Duration::from_secs(1));
+    config.exit_when_idle = Some(Duration::from_secs(3));
     let summary = Worker::builder()
         .config(config)
         .sqs_client(client)

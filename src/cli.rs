@@ -158,7 +158,7 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
         let rate = deleted as f64 / started.elapsed().as_secs_f64().max(0.001);
         if terminal {
             eprint!("\r{deleted} deleted · {batches} statements · {rate:.0}/s   ");
-        } else if batches % 20 == 0 {
+        } else if batches.is_multiple_of(20) {
             eprintln!("{deleted} deleted · {batches} statements · {rate:.0}/s");
         }
         if n == 0 {

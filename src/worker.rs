@@ -593,6 +593,7 @@ impl Core {
             fifo,
             in_flight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
+            claiming: Mutex::new(HashMap::new()),
             first_received: std::sync::OnceLock::new(),
             last_activity: Mutex::new(Instant::now()),
             acks: ack_sender,
@@ -659,6 +660,8 @@ pub(crate) struct Shared {
     /// Events running in this process, with deliveries of them that arrived meanwhile
     /// (claimed Busy by our own lease): they ride along instead of waiting out the lease.
     running: Mutex<HashMap<String, Riders>>,
+    /// Keys in claim statements of this process right now, with how many statements.
+    claiming: Mutex<HashMap<String, usize>>,
     /// When the first message arrived (for `RunSummary::active_millis`).
     first_received: std::sync::OnceLock<Instant>,
     last_activity: Mutex<Instant>,
@@ -721,6 +724,15 @@ impl Shared {
         }
     }
 
+    /// True when another claim statement of this process includes `key` right now.
+    fn claimed_elsewhere_here(&self, key: &str) -> bool {
+        self.claiming
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .is_some_and(|&n| n > 1)
+    }
+
     /// Attach a delivery to the run of its event in this process, if there is one.
     fn ride_along(&self, key: &str, receipt: &str) -> RideAlong {
         let running = self.running.lock().expect("not poisoned");
@@ -743,6 +755,40 @@ impl Shared {
     pub(crate) fn count_received(&self, n: usize) {
         self.first_received.get_or_init(Instant::now);
         self.counters.received.add(n);
+    }
+}
+
+/// Registers a claim statement's keys while it runs (see `Shared::claimed_elsewhere_here`).
+struct Claiming<'a> {
+    shared: &'a Shared,
+    keys: Vec<String>,
+}
+
+impl<'a> Claiming<'a> {
+    fn new(shared: &'a Shared, requests: &[ClaimRequest]) -> Self {
+        let mut keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut claiming = shared.claiming.lock().expect("not poisoned");
+        for key in &keys {
+            *claiming.entry(key.clone()).or_default() += 1;
+        }
+        drop(claiming);
+        Self { shared, keys }
+    }
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        let mut claiming = self.shared.claiming.lock().expect("not poisoned");
+        for key in &self.keys {
+            if let Some(n) = claiming.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    claiming.remove(key);
+                }
+            }
+        }
     }
 }
 
@@ -941,6 +987,8 @@ struct ClaimedEvent {
     claim: Claim,
     siblings: Vec<ReceivedMessage>,
     permit: Option<OwnedSemaphorePermit>,
+    /// Deliveries that arrive while it runs ride along (registered when claimed).
+    riders: Riders,
 }
 
 impl ClaimedEvent {
@@ -1007,6 +1055,7 @@ pub(crate) async fn handle_batch(
             })
         })
         .collect();
+    let _claiming = Claiming::new(shared, &requests);
     let outcomes = match shared
         .store
         .claim_batch(&shared.scope, &lease_token, lease, &requests)
@@ -1098,12 +1147,14 @@ pub(crate) async fn handle_batch(
                 });
             }
             Some(ClaimOutcome::Claimed(claim)) => {
+                let riders = shared.start_running(&key);
                 claimed_index.insert(key, claimed.len());
                 claimed.push(ClaimedEvent {
                     parsed: p,
                     claim: claim.clone(),
                     siblings: Vec::new(),
                     permit: permits.pop(),
+                    riders,
                 });
             }
             Some(ClaimOutcome::Complete { .. }) | Some(ClaimOutcome::Failed) => {
@@ -1126,7 +1177,10 @@ pub(crate) async fn handle_batch(
                         continue;
                     }
                     // Completion is a statement away: look again in a second, not a lease.
-                    RideAlong::Settling => &SETTLING_RETRY,
+                    RideAlong::Settling => &OWN_CLAIM_RETRY,
+                    // Another batch of ours claims it right now (its run is about to be
+                    // registered): likewise.
+                    RideAlong::NotHere if shared.claimed_elsewhere_here(&key) => &OWN_CLAIM_RETRY,
                     RideAlong::NotHere => retry_after,
                 };
                 shared.counters.busy_deferred.add(1);
@@ -1157,14 +1211,18 @@ pub(crate) async fn handle_batch(
     }
 
     if !shared.fifo {
-        for event in claimed {
-            let shared = shared.clone();
-            let lease_token = lease_token.clone();
-            let tokens = context.tokens.clone();
-            tracker.spawn(async move {
-                run_event(&shared, event, &lease_token, lease, &tokens).await;
-            });
-        }
+        // One task drives the batch's events concurrently (each handler still runs in a
+        // task of its own): a task per message cost measurably more CPU in scheduling.
+        let shared = shared.clone();
+        let tokens = context.tokens.clone();
+        tracker.spawn(async move {
+            join_all(
+                claimed
+                    .into_iter()
+                    .map(|event| run_event(&shared, event, &lease_token, lease, &tokens)),
+            )
+            .await;
+        });
         return;
     }
 
@@ -1224,8 +1282,8 @@ const SHUTTING_DOWN: &str = "shutting down before it started";
 /// How long a poller waits for more free slots before receiving fewer than 10 messages.
 const PERMIT_GATHER: Duration = Duration::from_millis(20);
 
-/// When a delivery of an event this worker is settling comes back.
-const SETTLING_RETRY: Duration = Duration::from_secs(1);
+/// When a delivery of an event this worker is claiming or settling comes back.
+const OWN_CLAIM_RETRY: Duration = Duration::from_secs(1);
 
 /// Give a claimed event back untouched: release its lease and make its message(s) visible
 /// again — at once at shutdown, or just after `back_in` behind a FIFO group's held message.
@@ -1237,13 +1295,16 @@ async fn hand_back(
     back_in: Duration,
 ) {
     let key = event.parsed.key();
+    // Deliveries that rode along go back with it.
+    let mut receipts = event.receipts();
+    receipts.extend(shared.stop_running(&event.riders));
+    shared.finish_running(&key, &event.riders);
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
     // The claim never ran: it does not count as an attempt.
     if let Err(error) = shared.store.unclaim(&shared.scope, lease_token, &key).await {
         shared.counters.database_errors.add(1);
         tracing::error!(%error, "could not release the lease; it expires on its own");
     }
-    let receipts = event.receipts();
     if reason == SHUTTING_DOWN {
         shared.counters.released_at_shutdown.add(receipts.len());
     }
@@ -1275,8 +1336,8 @@ async fn run_event(
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.increment(1.0);
     let key = event.parsed.key();
-    let riders = shared.start_running(&key);
-    let settled = run_claimed(shared, event, lease_token, lease, tokens, &riders)
+    let riders = event.riders.clone();
+    let settled = run_claimed(shared, event, lease_token, lease, tokens)
         .instrument(span)
         .await;
     shared.finish_running(&key, &riders);
@@ -1299,7 +1360,6 @@ async fn run_claimed(
     lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
-    riders: &Riders,
 ) -> Option<Duration> {
     let mut receipts = event.receipts();
     let ClaimedEvent {
@@ -1307,6 +1367,7 @@ async fn run_claimed(
         claim,
         siblings,
         permit,
+        riders,
     } = event;
     let mut duplicates = siblings.len();
     let identity = parsed.identity.expect("claimed messages have a key");
@@ -1375,7 +1436,7 @@ async fn run_claimed(
     // acker's queue bounds what waits for settling).
     drop(permit);
     // Deliveries of this event received while it ran share its fate from here on.
-    let riders = shared.stop_running(riders);
+    let riders = shared.stop_running(&riders);
     duplicates += riders.len();
     receipts.extend(riders);
     let result = match ended {

@@ -594,6 +594,7 @@ impl Core {
             in_flight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
             claiming: Mutex::new(HashMap::new()),
+            settled_recently: Mutex::new(HashMap::new()),
             first_received: std::sync::OnceLock::new(),
             last_activity: Mutex::new(Instant::now()),
             acks: ack_sender,
@@ -662,6 +663,8 @@ pub(crate) struct Shared {
     running: Mutex<HashMap<String, Riders>>,
     /// Keys in claim statements of this process right now, with how many statements.
     claiming: Mutex<HashMap<String, usize>>,
+    /// Keys settled here in the last few seconds (see `finish_running`).
+    settled_recently: Mutex<HashMap<String, Instant>>,
     /// When the first message arrived (for `RunSummary::active_millis`).
     first_received: std::sync::OnceLock<Instant>,
     last_activity: Mutex<Instant>,
@@ -716,12 +719,29 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    /// The event is settled: forget it.
+    /// The event is settled: forget it, but remember for a moment that it ran here (a claim
+    /// that started before the completion committed still sees it leased).
     fn finish_running(&self, key: &str, riders: &Riders) {
         let mut running = self.running.lock().expect("not poisoned");
         if running.get(key).is_some_and(|r| Arc::ptr_eq(r, riders)) {
             running.remove(key);
         }
+        drop(running);
+        let mut recent = self.settled_recently.lock().expect("not poisoned");
+        let now = Instant::now();
+        if recent.len() >= 4096 {
+            recent.retain(|_, at| now.duration_since(*at) < RECENTLY_SETTLED);
+        }
+        recent.insert(key.to_owned(), now);
+    }
+
+    /// True when this process settled `key` a moment ago.
+    fn settled_here_recently(&self, key: &str) -> bool {
+        self.settled_recently
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .is_some_and(|at| at.elapsed() < RECENTLY_SETTLED)
     }
 
     /// True when another claim statement of this process includes `key` right now.
@@ -1180,7 +1200,12 @@ pub(crate) async fn handle_batch(
                     RideAlong::Settling => &OWN_CLAIM_RETRY,
                     // Another batch of ours claims it right now (its run is about to be
                     // registered): likewise.
-                    RideAlong::NotHere if shared.claimed_elsewhere_here(&key) => &OWN_CLAIM_RETRY,
+                    RideAlong::NotHere
+                        if shared.claimed_elsewhere_here(&key)
+                            || shared.settled_here_recently(&key) =>
+                    {
+                        &OWN_CLAIM_RETRY
+                    }
                     RideAlong::NotHere => retry_after,
                 };
                 shared.counters.busy_deferred.add(1);
@@ -1284,6 +1309,10 @@ const PERMIT_GATHER: Duration = Duration::from_millis(20);
 
 /// When a delivery of an event this worker is claiming or settling comes back.
 const OWN_CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a settled event is remembered for `OWN_CLAIM_RETRY`: far longer than a claim
+/// statement takes.
+const RECENTLY_SETTLED: Duration = Duration::from_secs(5);
 
 /// Give a claimed event back untouched: release its lease and make its message(s) visible
 /// again — at once at shutdown, or just after `back_in` behind a FIFO group's held message.

@@ -35,6 +35,11 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Delete a queue (keeps LocalStack from slowing down as a run goes on).
+    DeleteQueue {
+        #[arg(long)]
+        queue_url: String,
+    },
     /// Messages visible, in flight or delayed.
     Count {
         #[arg(long)]
@@ -94,6 +99,11 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({"queue_url": output.queue_url().unwrap_or_default()})
             );
+            Ok(())
+        }
+        Command::DeleteQueue { queue_url } => {
+            client.delete_queue().queue_url(queue_url).send().await?;
+            println!("{{}}");
             Ok(())
         }
         Command::Count { queue_url } => {

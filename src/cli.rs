@@ -43,6 +43,21 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pool for a worker, with the migrations applied unless the schema is managed elsewhere.
+async fn connect_migrated(
+    database_url: &str,
+    connections: u32,
+    migrate: bool,
+) -> anyhow::Result<sqlx::PgPool> {
+    let pool = connect(database_url, connections).await?;
+    if migrate {
+        crate::MIGRATOR.run(&pool).await.context(
+            "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
+        )?;
+    }
+    Ok(pool)
+}
+
 /// `sqs-worker run`.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
     let config = args
@@ -51,16 +66,12 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         .context("invalid --key")?;
     let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
     // Enough connections for the claim, the acker and the handlers' own checkpoint writes.
-    let pool = connect(
+    let pool = connect_migrated(
         &args.database.database_url,
         (config.concurrency as u32 / 2).clamp(4, 32),
+        !args.processing.no_migrate,
     )
     .await?;
-    if !args.processing.no_migrate {
-        crate::MIGRATOR.run(&pool).await.context(
-            "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
-        )?;
-    }
     let client = crate::sqs::client_from_env().await;
     let mut worker = Worker::new(config, client, pool, handler).with_shutdown(shutdown.clone());
     // The endpoints outlive the worker's drain by a little: they stop when this returns.
@@ -88,16 +99,12 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
         .context("invalid --key")?;
     config.concurrency = args.concurrency as usize;
     let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
-    let pool = connect(
+    let pool = connect_migrated(
         &args.database.database_url,
         (config.concurrency as u32 / 2).clamp(2, 16),
+        !args.processing.no_migrate,
     )
     .await?;
-    if !args.processing.no_migrate {
-        crate::MIGRATOR.run(&pool).await.context(
-            "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
-        )?;
-    }
     let client = crate::sqs::client_from_env().await;
     let worker = LambdaWorker::new(config, client, pool, handler);
     let Some(path) = args.event else {

@@ -744,6 +744,19 @@ impl Shared {
             .is_some_and(|at| at.elapsed() < RECENTLY_SETTLED)
     }
 
+    /// Give a lease back (fenced by its token), with `reason` as the event's last error. A
+    /// failure is logged, not fatal: the lease then expires on its own, only later.
+    async fn release_lease(&self, lease_token: &str, key: &str, reason: &str) {
+        if let Err(error) = self
+            .store
+            .release(&self.scope, lease_token, key, reason)
+            .await
+        {
+            self.counters.database_errors.add(1);
+            tracing::error!(%error, "could not release the lease; it expires on its own");
+        }
+    }
+
     /// True when another claim statement of this process includes `key` right now.
     fn claimed_elsewhere_here(&self, key: &str) -> bool {
         self.claiming
@@ -1472,19 +1485,13 @@ async fn run_claimed(
         Ended::Finished(result) => result,
         Ended::Abandoned => {
             tracing::warn!("stopped at the shutdown deadline; handing the message back");
-            if let Err(error) = shared
-                .store
-                .release(
-                    &shared.scope,
+            shared
+                .release_lease(
                     lease_token,
                     &identity.key,
                     "stopped at the shutdown deadline",
                 )
-                .await
-            {
-                shared.counters.database_errors.add(1);
-                tracing::error!(%error, "could not release the lease; it expires on its own");
-            }
+                .await;
             shared.counters.released_at_shutdown.add(receipts.len());
             let changes: Vec<(String, Duration)> = receipts
                 .iter()
@@ -1800,15 +1807,7 @@ async fn retry_later(
         retry_in_secs = sqs::visibility_seconds(delay),
         "handler failed; retrying after a backoff"
     );
-    if let Err(error) = shared
-        .store
-        .release(&shared.scope, lease_token, key, error)
-        .await
-    {
-        // Not fatal: the lease expires on its own, only later than the backoff.
-        shared.counters.database_errors.add(1);
-        tracing::error!(%error, "could not release the lease; the retry waits for it to expire");
-    }
+    shared.release_lease(lease_token, key, error).await;
     let changes: Vec<(String, Duration)> = receipts.iter().map(|r| (r.clone(), delay)).collect();
     shared.change_visibility(&changes).await;
 }
@@ -1896,19 +1895,10 @@ async fn dead_letter_mismatch(
             identity.key, stored, identity.fingerprint
         );
         // The claim (if any) was taken for the first payload's event: give it straight back.
-        if let Some(lease_token) = &lease_token
-            && let Err(error) = shared
-                .store
-                .release(
-                    &shared.scope,
-                    lease_token,
-                    &identity.key,
-                    "payload_mismatch",
-                )
-                .await
-        {
-            shared.counters.database_errors.add(1);
-            tracing::error!(%error, "could not release the lease; it expires on its own");
+        if let Some(lease_token) = &lease_token {
+            shared
+                .release_lease(lease_token, &identity.key, "payload_mismatch")
+                .await;
         }
         if parsed.markers.final_pass {
             let failure = FinalFailure {

@@ -984,11 +984,8 @@ async fn release_unstarted(shared: &Shared, messages: &[ReceivedMessage]) {
         "shutting down: returning messages received but not started"
     );
     shared.counters.released_at_shutdown.add(messages.len());
-    let changes: Vec<(String, Duration)> = messages
-        .iter()
-        .map(|m| (m.receipt_handle.clone(), Duration::ZERO))
-        .collect();
-    shared.change_visibility(&changes).await;
+    let receipts: Vec<String> = messages.iter().map(|m| m.receipt_handle.clone()).collect();
+    shared.show_after(&receipts, Duration::ZERO).await;
 }
 
 /// A message whose event identity has been worked out.
@@ -1355,8 +1352,7 @@ async fn hand_back(
     } else {
         (back_in + Duration::from_secs(1)).min(MAX_VISIBILITY)
     };
-    let changes: Vec<(String, Duration)> = receipts.into_iter().map(|r| (r, visibility)).collect();
-    shared.change_visibility(&changes).await;
+    shared.show_after(&receipts, visibility).await;
 }
 
 /// Run one claimed event in its own span, counted in flight. `None` when it was settled
@@ -1369,15 +1365,15 @@ async fn run_event(
     lease: Duration,
     tokens: &BatchTokens,
 ) -> Option<Duration> {
+    let key = event.parsed.key();
     let span = tracing::info_span!(
         "message",
         message_id = %event.parsed.message.message_id,
-        key = %event.parsed.key(),
+        key = %key,
         attempt = event.claim.attempts,
     );
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.increment(1.0);
-    let key = event.parsed.key();
     let riders = event.riders.clone();
     let settled = run_claimed(shared, event, lease_token, lease, tokens)
         .instrument(span)
@@ -1493,11 +1489,7 @@ async fn run_claimed(
                 )
                 .await;
             shared.counters.released_at_shutdown.add(receipts.len());
-            let changes: Vec<(String, Duration)> = receipts
-                .iter()
-                .map(|r| (r.clone(), Duration::ZERO))
-                .collect();
-            shared.change_visibility(&changes).await;
+            shared.show_after(&receipts, Duration::ZERO).await;
             return Some(Duration::ZERO);
         }
     };
@@ -1808,8 +1800,7 @@ async fn retry_later(
         "handler failed; retrying after a backoff"
     );
     shared.release_lease(lease_token, key, error).await;
-    let changes: Vec<(String, Duration)> = receipts.iter().map(|r| (r.clone(), delay)).collect();
-    shared.change_visibility(&changes).await;
+    shared.show_after(receipts, delay).await;
 }
 
 /// A message with no usable key (not JSON, key field missing): it can never succeed, so it
@@ -2071,6 +2062,13 @@ impl Shared {
                 "the delete task has stopped; the duplicate will be skipped again later"
             );
         }
+    }
+
+    /// Make all of `receipts` visible again after the same `delay`.
+    async fn show_after(&self, receipts: &[String], delay: Duration) {
+        let changes: Vec<(String, Duration)> =
+            receipts.iter().map(|r| (r.clone(), delay)).collect();
+        self.change_visibility(&changes).await;
     }
 
     async fn change_visibility(&self, changes: &[(String, Duration)]) {

@@ -9,7 +9,7 @@
 //! handlers under a deadline; a handler is never cancelled mid-step by a shutdown.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -404,9 +404,7 @@ impl Worker {
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
         let semaphore = Arc::new(Semaphore::new(shared.config.concurrency));
-        if shared.readiness.is_some() {
-            tokio::spawn(probe_database(shared.clone(), stop.clone()));
-        }
+        tokio::spawn(probe_database(shared.clone(), stop.clone()));
         let mut pollers = JoinSet::new();
         for _ in 0..shared.config.pollers {
             pollers.spawn(poll(
@@ -599,6 +597,7 @@ impl Core {
             last_activity: Mutex::new(Instant::now()),
             acks: ack_sender,
             readiness,
+            database_up: AtomicBool::new(true),
             mode,
             config,
         });
@@ -670,6 +669,10 @@ pub(crate) struct Shared {
     last_activity: Mutex<Instant>,
     acks: mpsc::Sender<AckRequest>,
     readiness: Option<Arc<Readiness>>,
+    /// The latest database call succeeded. While it is false, pollers stop receiving: a
+    /// message received now could not be claimed, and each such receive would count
+    /// towards the queue's maxReceiveCount and push healthy events into the DLQ.
+    database_up: AtomicBool,
     mode: Mode,
 }
 
@@ -694,9 +697,22 @@ impl Shared {
     }
 
     fn database_reached(&self, ok: bool) {
+        let was_up = self.database_up.swap(ok, Ordering::Relaxed);
+        if was_up && !ok {
+            tracing::warn!(
+                "PostgreSQL is unreachable; receiving stops until it answers again (work in \
+                 hand is retried, nothing is deleted unsettled)"
+            );
+        } else if !was_up && ok {
+            tracing::info!("PostgreSQL answers again; receiving resumes");
+        }
         if let Some(readiness) = &self.readiness {
             readiness.database(ok);
         }
+    }
+
+    fn database_up(&self) -> bool {
+        self.database_up.load(Ordering::Relaxed)
     }
 
     /// Register an event as running here; returns its riders' slot.
@@ -855,8 +871,9 @@ pub(crate) struct BatchContext {
     pub(crate) tokens: BatchTokens,
 }
 
-/// Ping the database every few seconds while the worker runs, so `/readyz` notices an outage
-/// even when no messages arrive.
+/// Ping the database while the worker runs, so `/readyz` notices an outage even when no
+/// messages arrive, and so receiving resumes soon after an outage ends (every second while
+/// it is down, every few seconds otherwise).
 async fn probe_database(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let ok = matches!(
@@ -864,11 +881,28 @@ async fn probe_database(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Ok(()))
         );
         shared.database_reached(ok);
+        let next = if ok {
+            PROBE_EVERY
+        } else {
+            PROBE_EVERY_WHILE_DOWN
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
+}
+
+/// Hold a poller while the database is unreachable (see `Shared::database_up`). Returns
+/// false if the worker is stopping.
+async fn wait_for_database(shared: &Shared, stop: &CancellationToken) -> bool {
+    while !shared.database_up() {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    true
 }
 
 async fn exit_when_idle(shared: Arc<Shared>, idle: Duration, stop: CancellationToken) {
@@ -901,6 +935,9 @@ async fn poll(
     let batch_size = shared.config.concurrency.clamp(1, 10);
     let mut error_backoff = Duration::from_millis(500);
     loop {
+        if !wait_for_database(&shared, &stop).await {
+            return;
+        }
         // Wait for one free slot, then gather up to a full batch for a moment: a receive of
         // 10 costs SQS (and the claim statement) what a receive of 1 does, and slots free
         // up quickly when handlers are fast. Never more than can start now.
@@ -947,13 +984,16 @@ async fn poll(
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(error_backoff) => {}
                 }
-                error_backoff = (error_backoff * 2).min(Duration::from_secs(30));
+                error_backoff = (error_backoff * 2).min(RECEIVE_BACKOFF_MAX);
             }
             Ok(messages) if messages.is_empty() => {
                 shared.sqs_reached(true);
                 error_backoff = Duration::from_millis(500);
             }
             Ok(messages) => {
+                // Chaos tests kill the process here: received, nothing claimed yet.
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("sqs_worker::received");
                 shared.sqs_reached(true);
                 error_backoff = Duration::from_millis(500);
                 shared.touch();
@@ -1086,28 +1126,18 @@ pub(crate) async fn handle_batch(
         })
         .collect();
     let _claiming = Claiming::new(shared, &requests);
-    let outcomes = match shared
-        .store
-        .claim_batch(&shared.scope, &lease_token, lease, &requests)
-        .await
-    {
-        Ok(outcomes) => {
-            shared.database_reached(true);
-            outcomes
-        }
-        Err(error) => {
-            shared.database_reached(false);
-            shared.counters.database_errors.add(1);
-            tracing::error!(
-                %error,
-                messages = parsed.len(),
-                "cannot claim checkpoints; the batch returns to the queue after its visibility \
-                 timeout (is PostgreSQL reachable?)"
-            );
-            // Leaving the messages alone is safe: nothing was claimed or deleted.
-            return;
-        }
+    let Some(outcomes) = claim_with_retries(shared, &lease_token, lease, &requests).await else {
+        tracing::error!(
+            messages = parsed.len(),
+            "cannot claim checkpoints; the batch returns to the queue after its visibility \
+             timeout (is PostgreSQL reachable?)"
+        );
+        // Leaving the messages alone is safe: nothing was claimed or deleted.
+        return;
     };
+    // Chaos tests kill the process here: claimed, no handler started.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("sqs_worker::claimed");
 
     // Group deliveries by key: the first delivery of a claimed key runs; later deliveries of
     // the same key in this batch ride along and share its fate (deleted once it completes).
@@ -1316,6 +1346,12 @@ const SHUTTING_DOWN: &str = "shutting down before it started";
 
 /// How long a poller waits for more free slots before receiving fewer than 10 messages.
 const PERMIT_GATHER: Duration = Duration::from_millis(20);
+/// The longest pause between receives while SQS answers with errors: short, so a worker is
+/// back within seconds of an outage's end (the SDK retries each call too).
+const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the database is pinged while it answers, and while it does not.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+const PROBE_EVERY_WHILE_DOWN: Duration = Duration::from_secs(1);
 
 /// When a delivery of an event this worker is claiming or settling comes back.
 const OWN_CLAIM_RETRY: Duration = Duration::from_secs(1);
@@ -1326,6 +1362,42 @@ const RECENTLY_SETTLED: Duration = Duration::from_secs(5);
 
 /// Give a claimed event back untouched: release its lease and make its message(s) visible
 /// again — at once at shutdown, or just after `back_in` behind a FIFO group's held message.
+/// The claim statement, tried again while the batch's visibility timeout leaves room (half
+/// the lease): a short database blip then costs a moment, not a redelivery. The messages
+/// stay hidden meanwhile, so retrying adds nothing to their receive counts.
+async fn claim_with_retries(
+    shared: &Shared,
+    lease_token: &str,
+    lease: Duration,
+    requests: &[ClaimRequest],
+) -> Option<HashMap<String, ClaimOutcome>> {
+    let give_up_at = Instant::now() + lease / 2;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match shared
+            .store
+            .claim_batch(&shared.scope, lease_token, lease, requests)
+            .await
+        {
+            Ok(outcomes) => {
+                shared.database_reached(true);
+                return Some(outcomes);
+            }
+            Err(error) => {
+                shared.database_reached(false);
+                shared.counters.database_errors.add(1);
+                if Instant::now() + delay >= give_up_at {
+                    tracing::error!(%error, "claim failed; giving up on this batch");
+                    return None;
+                }
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "claim failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 async fn hand_back(
     shared: &Shared,
     event: &ClaimedEvent,
@@ -1518,6 +1590,9 @@ async fn run_claimed(
     }
     match result {
         Ok(()) => {
+            // Chaos tests kill the process here: the handler is done, nothing recorded.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("sqs_worker::handled");
             match shared
                 .ack(AckKind::Complete {
                     key: identity.key.clone(),
@@ -2172,6 +2247,11 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
     if let Err(error) = &completed {
         tracing::error!(%error, events = keys.len(), "not deleting them; they will be delivered again");
     }
+    // Chaos tests kill the process here: checkpoints complete, messages not deleted.
+    #[cfg(feature = "failpoints")]
+    if !keys.is_empty() && completed.is_ok() {
+        fail::fail_point!("sqs_worker::completed");
+    }
 
     let mut to_delete: Vec<String> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
@@ -2208,21 +2288,25 @@ async fn complete_with_retries(
     shared: &Shared,
     keys: &[(String, String)],
 ) -> Result<Vec<(String, String)>, CheckpointError> {
+    // The handlers' work is done: keep trying for half a lease (their messages stay hidden
+    // and their leases held meanwhile) rather than have them run again after an outage.
+    let give_up_at = Instant::now() + shared.lease / 2;
     let mut delay = Duration::from_millis(100);
-    let mut tries = 0;
     loop {
         match shared.store.complete_batch(&shared.scope, keys).await {
-            Ok(done) => return Ok(done),
-            Err(error) if tries < 3 => {
-                shared.counters.database_errors.add(1);
-                tracing::warn!(%error, "marking events complete failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay *= 4;
-                tries += 1;
+            Ok(done) => {
+                shared.database_reached(true);
+                return Ok(done);
             }
             Err(error) => {
                 shared.counters.database_errors.add(1);
-                return Err(error);
+                shared.database_reached(false);
+                if Instant::now() + delay >= give_up_at {
+                    return Err(error);
+                }
+                tracing::warn!(%error, "marking events complete failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }

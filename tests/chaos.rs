@@ -1,0 +1,745 @@
+//! The chaos suite: several worker processes on one queue, killed at random moments and at
+//! chosen points, a cut of their database connections, a database outage and an SQS outage —
+//! then every event must have had its effect exactly once, nothing may be left in the queue
+//! or the DLQ, and a resend of every event must run no handler at all.
+//!
+//! Real parts only: LocalStack and PostgreSQL, reached by the workers through two small TCP
+//! proxies in this test (`Proxy`) that can refuse connections and cut the live ones, which
+//! is what a restart or a network outage looks like from the worker's side.
+//!
+//! The worker processes are this test binary run again (`chaos_worker_process`, ignored
+//! unless asked for), so the handler is a real multi-step Rust handler: its effect is a row
+//! written by `step_tx` in the checkpoint's transaction, and every run appends a line to a
+//! file, which counts re-runs. Built with `--features failpoints`, workers are also armed to
+//! abort at points inside the worker (received, claimed, handled, completed); without the
+//! feature only the handler's own points and outside kills are used.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use common::*;
+use serde::Serialize;
+use sqs_worker::message::KeySpec;
+use sqs_worker::{Handler, HandlerError, Job, Worker};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+const EVENTS: usize = 300;
+/// Share of events sent a second time (identical body) at a random later moment.
+const DUPLICATE_SHARE: f64 = 0.3;
+const WORKERS: usize = 3;
+const CONCURRENCY: usize = 4;
+const VISIBILITY: Duration = Duration::from_secs(4);
+/// Sending is spread over this long, so kills and outages land while work flows.
+const SEND_OVER: Duration = Duration::from_secs(30);
+const OUTAGE: Duration = Duration::from_secs(8);
+const APP_NAME: &str = "sqsw-chaos";
+
+/// Points where an armed worker process aborts. The handler's own points are always
+/// available; the worker's need the `failpoints` feature.
+const HANDLER_POINTS: &[&str] = &["mid_handler", "after_effect", "handler_end"];
+#[cfg(feature = "failpoints")]
+const WORKER_POINTS: &[&str] = &[
+    "sqs_worker::received",
+    "sqs_worker::claimed",
+    "sqs_worker::handled",
+    "sqs_worker::completed",
+];
+#[cfg(not(feature = "failpoints"))]
+const WORKER_POINTS: &[&str] = &[];
+
+// ---- the worker process -------------------------------------------------------------------
+
+/// Not a test: the body of one chaos worker process, started by the test below with
+/// `CHAOS_DIR` set. Ignored so a plain `cargo test` never runs it on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a worker process for chaos_kills_and_outages_lose_nothing_and_repeat_no_effect"]
+async fn chaos_worker_process() {
+    let env = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    let dir = PathBuf::from(env("CHAOS_DIR"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,aws=warn,sqlx=warn")
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let point = std::env::var("CHAOS_POINT").ok().filter(|p| !p.is_empty());
+    let after: usize = std::env::var("CHAOS_AFTER")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let crash = point.map(|point| Crash::arm(&dir, point, after));
+
+    let client = sqs_worker::sqs::local_client(&env("CHAOS_SQS_ENDPOINT")).await;
+    // A worker restarted during the database outage waits for it, as a service manager
+    // restarting a failed task would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pool = loop {
+        match sqs_worker::connect_database(&env("CHAOS_DATABASE_URL"), 8).await {
+            Ok(pool) => break pool,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("cannot connect yet ({error}); trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("cannot connect through the database proxy: {error}"),
+        }
+    };
+    let mut config = worker_config(&env("CHAOS_QUEUE_URL"));
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.pollers = 2;
+    config.concurrency = CONCURRENCY;
+    config.wait_time = Duration::from_secs(2);
+    config.visibility_timeout = Some(VISIBILITY);
+    config.backoff_base = Duration::from_millis(300);
+    config.backoff_max = Duration::from_secs(3);
+    config.shutdown_timeout = Duration::from_secs(5);
+
+    let shutdown = CancellationToken::new();
+    let mut worker = Worker::new(
+        config,
+        client,
+        pool,
+        Arc::new(ChaosHandler {
+            runs: dir.join("runs.log"),
+            crash,
+        }),
+    )
+    .with_shutdown(shutdown.clone());
+    if let Ok(addr) = std::env::var("CHAOS_METRICS_ADDR") {
+        let readiness = Arc::new(sqs_worker::telemetry::Readiness::new());
+        let prometheus = sqs_worker::telemetry::install_recorder().unwrap();
+        sqs_worker::telemetry::serve(
+            addr.parse().unwrap(),
+            prometheus,
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        worker = worker.with_readiness(readiness);
+    }
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        term.recv().await;
+        stop.cancel();
+    });
+    let summary = worker.run().await.expect("the worker starts");
+    eprintln!("chaos worker summary: {summary:?}");
+}
+
+/// Abort this process at the `after`-th pass through `point`, noting it first.
+struct Crash {
+    point: String,
+    after: usize,
+    passes: AtomicUsize,
+    log: PathBuf,
+}
+
+impl Crash {
+    fn arm(dir: &Path, point: String, after: usize) -> Arc<Self> {
+        let crash = Arc::new(Self {
+            point,
+            after,
+            passes: AtomicUsize::new(0),
+            log: dir.join("crashes.log"),
+        });
+        #[cfg(feature = "failpoints")]
+        if crash.point.starts_with("sqs_worker::") {
+            let armed = crash.clone();
+            fail::cfg_callback(crash.point.clone(), move || armed.pass(&armed.point)).unwrap();
+        }
+        crash
+    }
+
+    fn pass(&self, point: &str) {
+        if point == self.point && self.passes.fetch_add(1, Ordering::SeqCst) + 1 == self.after {
+            append_line(&self.log, &self.point);
+            // Like SIGKILL: no destructor, no flush, no goodbye to SQS or PostgreSQL.
+            std::process::abort();
+        }
+    }
+}
+
+fn append_line(path: &Path, line: &str) {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    // One write of a short line with O_APPEND: lines from processes never interleave.
+    file.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+/// Three steps; the effect is the middle one, committed with its step record.
+struct ChaosHandler {
+    runs: PathBuf,
+    crash: Option<Arc<Crash>>,
+}
+
+impl ChaosHandler {
+    fn point(&self, name: &str) {
+        if let Some(crash) = &self.crash {
+            crash.pass(name);
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for ChaosHandler {
+    async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
+        let key = job.key().to_owned();
+        append_line(&self.runs, &key);
+        self.point("mid_handler");
+        job.step("validate", || async { Ok(true) }).await?;
+        let key_ref = &key;
+        job.step_tx("effect", |tx| {
+            Box::pin(async move {
+                sqlx::query("insert into chaos_effects (key, pid) values ($1, $2)")
+                    .bind(key_ref)
+                    .bind(std::process::id() as i32)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.point("after_effect");
+        let pause = Duration::from_millis(fastrand::u64(5..40));
+        job.step("notify", || async move {
+            tokio::time::sleep(pause).await;
+            Ok(())
+        })
+        .await?;
+        self.point("handler_end");
+        Ok(())
+    }
+}
+
+// ---- a proxy that can refuse and cut connections ------------------------------------------
+
+/// A TCP forwarder to `upstream`. While down it accepts and at once closes every connection
+/// (the client sees its connection reset or closed), and going down cuts every live one.
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    live: Arc<Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let live = Arc::new(Mutex::new(CancellationToken::new()));
+        let (up_flag, live_tokens) = (up.clone(), live.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !up_flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = live_tokens.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, live }
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut live = self.live.lock().unwrap();
+        live.cancel();
+        *live = CancellationToken::new();
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---- the test -------------------------------------------------------------------------------
+
+/// What the last run saw; written to target/chaos-report.json for the README's figures.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    events: usize,
+    duplicates_sent: usize,
+    resent_after_completion: usize,
+    workers: usize,
+    kills_from_outside: usize,
+    kills_at_points: HashMap<String, usize>,
+    connections_terminated: i64,
+    database_outage_secs: u64,
+    sqs_outage_secs: u64,
+    readyz_down_during_database_outage: bool,
+    readyz_down_during_sqs_outage: bool,
+    lost: usize,
+    effects_applied_twice: usize,
+    handler_runs: usize,
+    handler_reruns: usize,
+    rerun_bound: usize,
+    handler_runs_on_resend: usize,
+    left_in_queue: u64,
+    left_in_dlq: u64,
+    seconds: u64,
+}
+
+struct Fleet {
+    dir: PathBuf,
+    queue_url: String,
+    database_url: String,
+    sqs_endpoint: String,
+    metrics_addr: SocketAddr,
+    children: Vec<Option<Child>>,
+    lifetimes: usize,
+    arm: bool,
+}
+
+impl Fleet {
+    /// Start (or restart) worker `slot`. Slot 0 is never armed and never killed: it must
+    /// ride out every outage, and serves /readyz.
+    fn spawn(&mut self, slot: usize) {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "chaos_worker_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("CHAOS_DIR", &self.dir)
+            .env("CHAOS_QUEUE_URL", &self.queue_url)
+            .env("CHAOS_DATABASE_URL", &self.database_url)
+            .env("CHAOS_SQS_ENDPOINT", &self.sqs_endpoint)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("CHAOS_POINT")
+            .env_remove("CHAOS_METRICS_ADDR")
+            .kill_on_drop(true);
+        if slot == 0 {
+            command.env("CHAOS_METRICS_ADDR", self.metrics_addr.to_string());
+        } else if self.arm {
+            // Round robin over the points, so every point is armed several times a run.
+            let points: Vec<&str> = HANDLER_POINTS
+                .iter()
+                .chain(WORKER_POINTS)
+                .copied()
+                .collect();
+            let point = points[self.lifetimes % points.len()];
+            command
+                .env("CHAOS_POINT", point)
+                .env("CHAOS_AFTER", fastrand::usize(1..=4).to_string());
+        }
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("worker-{slot}-{}.log", self.lifetimes)),
+        )
+        .unwrap();
+        command.stdout(log.try_clone().unwrap()).stderr(log);
+        self.lifetimes += 1;
+        self.children[slot] = Some(command.spawn().expect("start a chaos worker"));
+    }
+
+    /// Restart every worker that has died; returns how many had.
+    fn restart_the_dead(&mut self) -> usize {
+        let mut dead = 0;
+        for slot in 0..self.children.len() {
+            let exited = match self.children[slot].as_mut() {
+                Some(child) => child.try_wait().unwrap().is_some(),
+                None => true,
+            };
+            if exited {
+                assert_ne!(
+                    slot, 0,
+                    "the unarmed worker exited during the chaos (see {:?})",
+                    self.dir
+                );
+                dead += 1;
+                self.spawn(slot);
+            }
+        }
+        dead
+    }
+}
+
+async fn readyz(addr: SocketAddr) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}/readyz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    let body = response.text().await.ok()?;
+    Some((status, serde_json::from_str(&body).ok()?))
+}
+
+/// Whether /readyz answers 503 with `field` false within `within`.
+async fn readyz_goes_down(addr: SocketAddr, field: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some((503, body)) = readyz(addr).await
+            && body[field] == false
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn send_batch(client: &aws_sdk_sqs::Client, queue_url: &str, bodies: &[String]) {
+    let entries = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(body)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let sent = client
+        .send_message_batch()
+        .queue_url(queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .unwrap();
+    assert!(sent.failed().is_empty(), "send failed: {:?}", sent.failed());
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
+    let started = Instant::now();
+    let client = sqs_client().await;
+    let (pool, direct_url) = fresh_database().await;
+    sqlx::query("create table chaos_effects (key text not null, pid integer not null)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let queue = fresh_queue(&client, true, 20).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("chaos"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The workers reach both services only through the proxies.
+    let sqs_upstream: SocketAddr = endpoint()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("AWS_ENDPOINT_URL is http://host:port");
+    let sqs_proxy = Proxy::start(sqs_upstream).await;
+    let db_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let database_name = direct_url.rsplit('/').next().unwrap().to_owned();
+    let metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut fleet = Fleet {
+        dir: dir.clone(),
+        queue_url: queue.url.clone(),
+        database_url: format!(
+            "postgres://postgres@{}/{database_name}?application_name={APP_NAME}",
+            db_proxy.addr
+        ),
+        sqs_endpoint: format!("http://{}", sqs_proxy.addr),
+        metrics_addr,
+        children: (0..WORKERS).map(|_| None).collect(),
+        lifetimes: 0,
+        arm: true,
+    };
+    for slot in 0..WORKERS {
+        fleet.spawn(slot);
+    }
+
+    // Every event once, some twice (the duplicate later, at a random moment), in batches
+    // of 10 spread over SEND_OVER.
+    let mut bodies: Vec<String> = (0..EVENTS)
+        .map(|i| format!(r#"{{"id":"ev-{i:04}","n":{i}}}"#))
+        .collect();
+    let duplicates: Vec<String> = bodies
+        .iter()
+        .filter(|_| fastrand::f64() < DUPLICATE_SHARE)
+        .cloned()
+        .collect();
+    for duplicate in &duplicates {
+        let from = bodies.iter().position(|b| b == duplicate).unwrap() + 1;
+        let at = fastrand::usize(from..=bodies.len());
+        bodies.insert(at, duplicate.clone());
+    }
+    let mut report = Report {
+        events: EVENTS,
+        duplicates_sent: duplicates.len(),
+        workers: WORKERS,
+        database_outage_secs: OUTAGE.as_secs(),
+        sqs_outage_secs: OUTAGE.as_secs(),
+        ..Report::default()
+    };
+    let chunks: Vec<Vec<String>> = bodies.chunks(10).map(<[String]>::to_vec).collect();
+    let pause = SEND_OVER / chunks.len() as u32;
+    let sender = {
+        let (client, url) = (client.clone(), queue.url.clone());
+        tokio::spawn(async move {
+            for chunk in chunks {
+                send_batch(&client, &url, &chunk).await;
+                tokio::time::sleep(pause).await;
+            }
+        })
+    };
+
+    // The faults, in order, while the sender runs: cut the workers' database connections,
+    // a database outage, an SQS outage. /readyz of the unarmed worker must say so.
+    let faults = {
+        let pool = pool.clone();
+        let database_name = database_name.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (terminated,): (i64,) = sqlx::query_as(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+                 where datname = $1 and application_name = $2",
+            )
+            .bind(&database_name)
+            .bind(APP_NAME)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+
+            let down_at = Instant::now();
+            db_proxy.down();
+            let database_seen = readyz_goes_down(metrics_addr, "database", OUTAGE).await;
+            tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+            db_proxy.up();
+            wait_until(
+                "/readyz ready after the database outage",
+                Duration::from_secs(20),
+                || async { matches!(readyz(metrics_addr).await, Some((200, _))) },
+            )
+            .await;
+
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let down_at = Instant::now();
+            sqs_proxy.down();
+            let sqs_seen = readyz_goes_down(metrics_addr, "sqs", OUTAGE).await;
+            tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+            sqs_proxy.up();
+            wait_until(
+                "/readyz ready after the SQS outage",
+                Duration::from_secs(20),
+                || async { matches!(readyz(metrics_addr).await, Some((200, _))) },
+            )
+            .await;
+            (terminated, database_seen, sqs_seen, sqs_proxy, db_proxy)
+        })
+    };
+
+    // Kill an armed worker from outside every few seconds (whatever it is doing: most often
+    // a long poll), and restart every worker that died, until the sender and faults are done.
+    let mut next_kill = Instant::now() + Duration::from_secs(3);
+    while !(sender.is_finished() && faults.is_finished()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(150),
+            "the chaos phase overran"
+        );
+        if Instant::now() >= next_kill {
+            let slot = fastrand::usize(1..WORKERS);
+            if let Some(child) = fleet.children[slot].as_mut()
+                && child.try_wait().unwrap().is_none()
+            {
+                child.start_kill().unwrap();
+                child.wait().await.unwrap();
+                report.kills_from_outside += 1;
+            }
+            next_kill = Instant::now() + Duration::from_millis(fastrand::u64(2_000..4_000));
+        }
+        fleet.restart_the_dead();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sender.await.unwrap();
+    let (terminated, database_seen, sqs_seen, _sqs_proxy, _db_proxy) = faults.await.unwrap();
+    report.connections_terminated = terminated;
+    report.readyz_down_during_database_outage = database_seen;
+    report.readyz_down_during_sqs_outage = sqs_seen;
+
+    // Calm: whoever dies from an armed point now comes back unarmed; wait for the work to end.
+    fleet.arm = false;
+    let done = || async {
+        let (complete,): (i64,) =
+            sqlx::query_as("select count(*) from checkpoints where status = 'complete'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        complete as usize == EVENTS
+            && messages_in(&client, &queue.url).await == 0
+            && messages_in(&client, &dlq_url).await == 0
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        fleet.restart_the_dead();
+        if done().await {
+            break;
+        }
+        assert!(
+            Instant::now() < drain_deadline,
+            "not every event completed within 90 s of the chaos (logs in {dir:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    for line in read_lines(&dir.join("crashes.log")) {
+        *report.kills_at_points.entry(line).or_default() += 1;
+    }
+    let runs_before_resend = read_lines(&dir.join("runs.log")).len();
+
+    // A resend of every event: all recognised complete, no handler runs.
+    let all: Vec<String> = (0..EVENTS)
+        .map(|i| format!(r#"{{"id":"ev-{i:04}","n":{i}}}"#))
+        .collect();
+    for chunk in all.chunks(10) {
+        send_batch(&client, &queue.url, chunk).await;
+    }
+    report.resent_after_completion = EVENTS;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resend_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        fleet.restart_the_dead();
+        if messages_in(&client, &queue.url).await == 0 && done().await {
+            break;
+        }
+        assert!(
+            Instant::now() < resend_deadline,
+            "the resent events were not all skipped within 60 s (logs in {dir:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Stop the fleet: the unarmed worker, alive through everything, must exit cleanly.
+    for child in fleet.children.iter_mut().flatten() {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    let mut exits = Vec::new();
+    for child in fleet.children.iter_mut().flatten() {
+        exits.push(
+            tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .expect("workers exit within 20 s of SIGTERM")
+                .unwrap(),
+        );
+    }
+
+    let runs = read_lines(&dir.join("runs.log"));
+    let effects: Vec<(String, i64)> =
+        sqlx::query_as("select key, count(*) from chaos_effects group by key")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let effect_counts: HashMap<String, i64> = effects.into_iter().collect();
+    report.lost = (0..EVENTS)
+        .filter(|i| !effect_counts.contains_key(&format!("ev-{i:04}")))
+        .count();
+    report.effects_applied_twice = effect_counts.values().filter(|&&n| n > 1).count();
+    report.handler_runs = runs_before_resend;
+    report.handler_reruns = runs_before_resend.saturating_sub(EVENTS);
+    report.handler_runs_on_resend = runs.len() - runs_before_resend;
+    report.left_in_queue = messages_in(&client, &queue.url).await;
+    report.left_in_dlq = messages_in(&client, &dlq_url).await;
+    let kills = report.kills_from_outside + report.kills_at_points.values().sum::<usize>();
+    // Each kill can interrupt at most the events its worker had in hand; each fault at most
+    // those every worker had in hand. Nothing else may run a handler twice.
+    report.rerun_bound = (kills + 3 * WORKERS) * CONCURRENCY;
+    report.seconds = started.elapsed().as_secs();
+    let json = serde_json::to_string_pretty(&report).unwrap();
+    println!("chaos report:\n{json}");
+    std::fs::write(
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-report.json"),
+        &json,
+    )
+    .unwrap();
+
+    assert_eq!(
+        report.lost, 0,
+        "events without their effect (logs in {dir:?})"
+    );
+    assert_eq!(report.effects_applied_twice, 0, "effects applied twice");
+    assert_eq!(
+        effect_counts.len(),
+        EVENTS,
+        "unexpected keys: {effect_counts:?}"
+    );
+    assert_eq!(report.left_in_queue, 0);
+    assert_eq!(
+        report.left_in_dlq, 0,
+        "healthy events must not reach the DLQ"
+    );
+    assert_eq!(
+        report.handler_runs_on_resend, 0,
+        "a resend of complete events ran handlers"
+    );
+    assert!(
+        report.handler_reruns <= report.rerun_bound,
+        "{} re-runs for {kills} kills and 3 faults",
+        report.handler_reruns
+    );
+    assert!(
+        report.kills_from_outside >= 3,
+        "too few kills to prove anything"
+    );
+    for point in HANDLER_POINTS.iter().chain(WORKER_POINTS) {
+        assert!(
+            report.kills_at_points.contains_key(*point),
+            "no worker died at {point}: {:?}",
+            report.kills_at_points
+        );
+    }
+    assert!(
+        report.readyz_down_during_database_outage,
+        "/readyz stayed ready while the database was down"
+    );
+    assert!(
+        report.readyz_down_during_sqs_outage,
+        "/readyz stayed ready while SQS was down"
+    );
+    assert!(
+        exits[0].success(),
+        "the unarmed worker did not exit cleanly: {:?}",
+        exits[0]
+    );
+}

@@ -42,7 +42,9 @@ const CONCURRENCY: usize = 4;
 const VISIBILITY: Duration = Duration::from_secs(4);
 /// Sending is spread over this long, so kills and outages land while work flows.
 const SEND_OVER: Duration = Duration::from_secs(30);
-const OUTAGE: Duration = Duration::from_secs(8);
+/// Longer than the pool's acquire timeout (10 s), so database calls fail rather than wait.
+const DATABASE_OUTAGE: Duration = Duration::from_secs(14);
+const SQS_OUTAGE: Duration = Duration::from_secs(8);
 const APP_NAME: &str = "sqsw-chaos";
 
 /// Points where an armed worker process aborts. The handler's own points are always
@@ -215,12 +217,10 @@ impl Handler for ChaosHandler {
         })
         .await?;
         self.point("after_effect");
-        let pause = Duration::from_millis(fastrand::u64(5..40));
-        job.step("notify", || async move {
-            tokio::time::sleep(pause).await;
-            Ok(())
-        })
-        .await?;
+        job.step("notify", || async { Ok(()) }).await?;
+        // Work after the last step (a log line, a metric): it widens the window in which an
+        // outage lands between the handler's end and the completion of its checkpoint.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(20..150))).await;
         self.point("handler_end");
         Ok(())
     }
@@ -505,8 +505,8 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
         events: EVENTS,
         duplicates_sent: duplicates.len(),
         workers: WORKERS,
-        database_outage_secs: OUTAGE.as_secs(),
-        sqs_outage_secs: OUTAGE.as_secs(),
+        database_outage_secs: DATABASE_OUTAGE.as_secs(),
+        sqs_outage_secs: SQS_OUTAGE.as_secs(),
         ..Report::default()
     };
     let chunks: Vec<Vec<String>> = bodies.chunks(10).map(<[String]>::to_vec).collect();
@@ -541,8 +541,8 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
 
             let down_at = Instant::now();
             db_proxy.down();
-            let database_seen = readyz_goes_down(metrics_addr, "database", OUTAGE).await;
-            tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+            let database_seen = readyz_goes_down(metrics_addr, "database", DATABASE_OUTAGE).await;
+            tokio::time::sleep_until((down_at + DATABASE_OUTAGE).into()).await;
             db_proxy.up();
             wait_until(
                 "/readyz ready after the database outage",
@@ -554,8 +554,8 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let down_at = Instant::now();
             sqs_proxy.down();
-            let sqs_seen = readyz_goes_down(metrics_addr, "sqs", OUTAGE).await;
-            tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+            let sqs_seen = readyz_goes_down(metrics_addr, "sqs", SQS_OUTAGE).await;
+            tokio::time::sleep_until((down_at + SQS_OUTAGE).into()).await;
             sqs_proxy.up();
             wait_until(
                 "/readyz ready after the SQS outage",

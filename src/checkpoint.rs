@@ -6,6 +6,7 @@
 //! Claims are made for a whole receive batch in one statement, because a round trip per
 //! message would make the database the bottleneck.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -13,6 +14,17 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+/// Text as PostgreSQL can store it: `text` columns cannot hold NUL (`\0`), and a statement
+/// binding one fails whole. Error texts come from handlers (an exec handler's stderr, say) and
+/// may hold anything; replacing NUL with U+FFFD keeps such a failure recordable.
+pub fn storable_text(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
 
 /// A database failure in the checkpoint store.
 #[derive(Debug, thiserror::Error)]
@@ -369,6 +381,7 @@ impl CheckpointStore {
         key: &str,
         error: &str,
     ) -> Result<bool, CheckpointError> {
+        let error = storable_text(error);
         let result = sqlx::query!(
             r#"
             update checkpoints
@@ -379,7 +392,7 @@ impl CheckpointStore {
             scope,
             key,
             owner,
-            error,
+            &*error,
         )
         .execute(&self.pool)
         .await?;
@@ -489,6 +502,7 @@ impl CheckpointStore {
         key: &str,
         error: &str,
     ) -> Result<bool, CheckpointError> {
+        let error = storable_text(error);
         let result = sqlx::query!(
             r#"
             update checkpoints
@@ -500,7 +514,7 @@ impl CheckpointStore {
             scope,
             key,
             owner,
-            error,
+            &*error,
         )
         .execute(&self.pool)
         .await?;
@@ -518,6 +532,7 @@ impl CheckpointStore {
         message_id: &str,
         error: &str,
     ) -> Result<(), CheckpointError> {
+        let error = storable_text(error);
         sqlx::query!(
             r#"
             insert into checkpoints as c
@@ -534,7 +549,7 @@ impl CheckpointStore {
             key,
             payload_sha256,
             message_id,
-            error,
+            &*error,
         )
         .execute(&self.pool)
         .await?;
@@ -627,6 +642,8 @@ impl CheckpointStore {
         mark_checkpoint: bool,
         lease_owner: Option<&str>,
     ) -> Result<i64, CheckpointError> {
+        let reason = storable_text(letter.reason);
+        let error = storable_text(letter.error);
         let mut transaction = self.pool.begin().await?;
         let id = sqlx::query_scalar!(
             r#"
@@ -642,8 +659,8 @@ impl CheckpointStore {
             letter.message_id,
             letter.body,
             letter.attributes,
-            letter.reason,
-            letter.error,
+            &*reason,
+            &*error,
             letter.attempts,
             letter.redrive_count,
         )
@@ -668,7 +685,7 @@ impl CheckpointStore {
                 letter.key,
                 letter.payload_sha256,
                 letter.message_id,
-                letter.error,
+                &*error,
                 lease_owner,
             )
             .execute(&mut *transaction)
@@ -802,5 +819,18 @@ impl CheckpointStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_text_replaces_nul_only() {
+        assert!(matches!(storable_text("plain"), Cow::Borrowed("plain")));
+        assert_eq!(storable_text("a\0b\0"), "a\u{FFFD}b\u{FFFD}");
+        // Other control characters and invalid-looking escapes are storable as they are.
+        assert_eq!(storable_text("\u{1}\\u0000\n"), "\u{1}\\u0000\n");
     }
 }

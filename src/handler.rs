@@ -214,6 +214,10 @@ impl Job {
     /// `run` itself may still execute twice if the process dies after it and before the
     /// record is written; make its effect idempotent (for example with [`Job::key`] as an
     /// idempotency key downstream), or use [`Job::step_tx`] for writes to this database.
+    ///
+    /// An output PostgreSQL cannot store — a string or field name holding the NUL character
+    /// — fails the step with the permanent reason [`UNSTORABLE_STEP_OUTPUT`] (the same code
+    /// would produce it again), as does a step name holding NUL, before `run` is called.
     pub async fn step<T, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
     where
         T: Serialize + DeserializeOwned,
@@ -249,7 +253,8 @@ impl Job {
     /// `run` gets the PostgreSQL transaction that also records the step: its writes and the
     /// step record commit together or not at all, so writes to this database happen exactly
     /// once per event. An error from `run` rolls everything back. The checkpoint row stays
-    /// locked until the transaction ends, so keep the step short.
+    /// locked until the transaction ends, so keep the step short. An output PostgreSQL cannot
+    /// store (NUL in a string) is a permanent [`UNSTORABLE_STEP_OUTPUT`] and rolls back.
     ///
     /// The closure returns a boxed future ([`StepFuture`]) because it borrows the
     /// transaction; it may also borrow from the handler (`&self`, local variables).
@@ -342,6 +347,11 @@ impl Job {
     ///
     /// If the event's completion fails too, the message comes back and `run` runs again,
     /// since nothing recorded that it ran: the idempotency key is the last line of defence.
+    ///
+    /// An output that can never be stored (not JSON, or NUL in a string) is treated like a
+    /// record that keeps failing, without trying: logged, and the event completed. Failing
+    /// the event instead would send it to the DLQ although its effect happened, and a
+    /// redrive would repeat the effect.
     pub async fn step_effect<T, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
     where
         T: Serialize + DeserializeOwned,
@@ -437,6 +447,7 @@ impl Job {
 
     /// The stored output of the next step, if an earlier attempt completed it.
     fn replay<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, HandlerError> {
+        check_step_name(name)?;
         if self.lease_lost {
             return Err(HandlerError::LeaseLost);
         }
@@ -510,13 +521,78 @@ impl Job {
     }
 }
 
+/// Reason code of a step whose name or output PostgreSQL cannot store.
+pub const UNSTORABLE_STEP_OUTPUT: &str = "unstorable_step_output";
+
+/// A step's output as the JSON the checkpoint stores, or a permanent error when it cannot be
+/// stored. PostgreSQL's `jsonb` (like `text`) refuses the NUL character, so an output holding
+/// one would fail its record on every attempt: that is refused here, before any statement,
+/// as `unstorable_step_output` — the same handler code gives the same output next time.
 fn step_output_json<T: Serialize>(name: &str, output: &T) -> Result<Value, HandlerError> {
-    serde_json::to_value(output).map_err(|e| {
+    let value = serde_json::to_value(output).map_err(|e| {
         HandlerError::permanent_with_reason(
             "step_output",
             format!("the output of step {name:?} cannot be stored as JSON: {e}"),
         )
-    })
+    })?;
+    if let Some(path) = nul_path(&value, &mut String::new()) {
+        return Err(HandlerError::permanent_with_reason(
+            UNSTORABLE_STEP_OUTPUT,
+            format!(
+                "the output of step {name:?} holds a NUL character (\\u0000) at JSON pointer \
+                 {path:?}, which PostgreSQL jsonb cannot store; replace or drop it in the \
+                 step's output"
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+/// A step name is stored as text: one holding NUL could never be recorded, so the step is
+/// refused before it runs (a handler bug, permanent).
+fn check_step_name(name: &str) -> Result<(), HandlerError> {
+    if name.contains('\0') {
+        return Err(HandlerError::permanent_with_reason(
+            UNSTORABLE_STEP_OUTPUT,
+            format!(
+                "the step name {name:?} contains a NUL character, which PostgreSQL cannot store"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Where in `value` a string or an object key holds NUL, as a JSON pointer (`""` is the
+/// root). Walks the value instead of searching its serialization for `\u0000`, which would
+/// also match a string holding the six characters `\u0000` (escaped as `\\u0000`).
+fn nul_path(value: &Value, path: &mut String) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path.clone()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let len = path.len();
+            path.push_str(&format!("/{i}"));
+            let found = nul_path(item, path);
+            path.truncate(len);
+            found
+        }),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            let len = path.len();
+            let escaped = key
+                .replace('~', "~0")
+                .replace('/', "~1")
+                .replace('\0', "\\u0000");
+            path.push('/');
+            path.push_str(&escaped);
+            let found = if key.contains('\0') {
+                Some(path.clone())
+            } else {
+                nul_path(item, path)
+            };
+            path.truncate(len);
+            found
+        }),
+        _ => None,
+    }
 }
 
 /// User code that handles one event.
@@ -524,4 +600,53 @@ fn step_output_json<T: Serialize>(name: &str, output: &T) -> Result<Value, Handl
 pub trait Handler: Send + Sync + 'static {
     /// Handle one event. Called at least once per event, sometimes more: make it idempotent.
     async fn handle(&self, job: &mut Job) -> Result<(), HandlerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason_of(error: HandlerError) -> String {
+        match error {
+            HandlerError::Permanent { reason, .. } => reason,
+            other => panic!("expected a permanent error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn outputs_with_nul_are_refused_before_any_statement() {
+        let error = step_output_json("s", &"a\0b").unwrap_err();
+        assert!(error.to_string().contains(r#"JSON pointer """#), "{error}");
+        assert_eq!(reason_of(error), UNSTORABLE_STEP_OUTPUT);
+
+        let nested = serde_json::json!({"ok": [1, {"deep~/x": ["fine", "bad\u{0}"]}]});
+        let error = step_output_json("fetch", &nested).unwrap_err();
+        assert!(
+            error.to_string().contains(r#""/ok/1/deep~0~1x/1""#),
+            "{error}"
+        );
+        let key = serde_json::json!({"k\u{0}": 1});
+        let error = step_output_json("s", &key).unwrap_err();
+        assert!(error.to_string().contains(r#""/k\\u0000""#), "{error}");
+        assert!(!error.to_string().contains('\0'));
+    }
+
+    #[test]
+    fn outputs_that_merely_look_like_nul_are_stored() {
+        // The six characters \u0000 are ordinary text; so are other control characters.
+        for output in [r"\u0000", "\u{1}\u{1b}[0m", "🦀 \u{202e}", ""] {
+            let value = step_output_json("s", &output).unwrap();
+            assert_eq!(value, Value::String(output.to_owned()));
+        }
+        let value = step_output_json("s", &serde_json::json!({"n": null, "x": [1.5]})).unwrap();
+        assert_eq!(value["x"][0], 1.5);
+    }
+
+    #[test]
+    fn step_names_with_nul_are_refused() {
+        assert!(check_step_name("charge").is_ok());
+        let error = check_step_name("char\0ge").unwrap_err();
+        assert!(!error.to_string().contains('\0'));
+        assert_eq!(reason_of(error), UNSTORABLE_STEP_OUTPUT);
+    }
 }

@@ -68,11 +68,24 @@ pub enum KeyError {
     #[error("key field {0} is missing, null or empty in the body")]
     MissingField(String),
     /// The pointer resolves to an object or an array, which make poor keys.
-    #[error("key field {pointer} holds {found}; a key must be a string, number or boolean")]
+    #[error("key field {pointer} holds {found}; a key must be a string, integer or boolean")]
     InvalidFieldType {
         /// The pointer that was followed.
         pointer: String,
         /// What was found there.
+        found: &'static str,
+    },
+    /// The pointer resolves to a number that is not an exact 64-bit integer. Such numbers
+    /// are read as floating point, so two different ids could round to the same key and one
+    /// event would be skipped as a duplicate of the other.
+    #[error(
+        "key field {pointer} holds {found}; a numeric key must be an integer from -2^63 to \
+         2^64-1 written without fraction or exponent (send larger or fractional ids as strings)"
+    )]
+    InexactNumber {
+        /// The pointer that was followed.
+        pointer: String,
+        /// What kind of number was found there.
         found: &'static str,
     },
 }
@@ -84,7 +97,7 @@ impl KeyError {
             KeyError::InvalidEnvelope(_) => "invalid_envelope",
             KeyError::InvalidJson(_) => "invalid_json",
             KeyError::MissingField(_) => "missing_key",
-            KeyError::InvalidFieldType { .. } => "invalid_key",
+            KeyError::InvalidFieldType { .. } | KeyError::InexactNumber { .. } => "invalid_key",
         }
     }
 }
@@ -191,7 +204,10 @@ pub fn derive_identity(
                 return Err(KeyError::MissingField(pointer.clone()));
             }
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Number(n)) => integer_key(n).ok_or_else(|| KeyError::InexactNumber {
+                pointer: pointer.clone(),
+                found: inexact_number_kind(n),
+            })?,
             Some(Value::Bool(b)) => b.to_string(),
             Some(Value::Object(_)) => {
                 return Err(KeyError::InvalidFieldType {
@@ -214,6 +230,30 @@ pub fn derive_identity(
         json: Some(json),
         fingerprint,
     })
+}
+
+/// The key text of a JSON number that serde_json holds exactly as an `i64` or `u64`: its
+/// decimal digits, so `42` and `"42"` are the same key (as are `true` and `"true"`). Any
+/// other number is an `f64`, which cannot tell 12345678901234567890123 from
+/// 12345678901234567890124: it is refused rather than risk two events sharing a key.
+fn integer_key(n: &serde_json::Number) -> Option<String> {
+    n.as_i64()
+        .map(|i| i.to_string())
+        .or_else(|| n.as_u64().map(|u| u.to_string()))
+}
+
+/// Why a number is not an exact integer, for the error text (the number itself is not
+/// repeated: it is part of the body).
+fn inexact_number_kind(n: &serde_json::Number) -> &'static str {
+    let value = n.as_f64().unwrap_or(f64::NAN);
+    if value.fract() != 0.0 {
+        "a fractional number"
+    } else if value <= -(2f64.powi(63)) || value >= 2f64.powi(64) {
+        // -2^63 itself is an i64, so an f64 there was rounded from beyond it.
+        "an integer outside the 64-bit range, which can only be read rounded"
+    } else {
+        "a number written with a fraction, an exponent or as -0"
+    }
 }
 
 /// Percent-encode `%`, the separator `|` and control characters, so that a composite key is
@@ -270,7 +310,10 @@ pub fn parse_markers<'a>(
             }
             ATTR_REDRIVE_COUNT => match value.map(str::parse::<u32>) {
                 Some(Ok(count)) => markers.redrive_count = count,
-                _ => markers.problems.push(format!(
+                None => markers.problems.push(format!(
+                    "{ATTR_REDRIVE_COUNT} is not a String or Number attribute"
+                )),
+                Some(Err(_)) => markers.problems.push(format!(
                     "{ATTR_REDRIVE_COUNT} is not a count from 0 to {}: {:?}",
                     u32::MAX,
                     truncate_for_log(value.unwrap_or(""), 40)
@@ -286,11 +329,15 @@ fn parse_flag(name: &str, value: Option<&str>, problems: &mut Vec<String>) -> bo
     match value {
         Some(v) if v.eq_ignore_ascii_case("true") => true,
         Some(v) if v.eq_ignore_ascii_case("false") => false,
-        other => {
+        Some(other) => {
             problems.push(format!(
                 "{name} is not \"true\" or \"false\": {:?}",
-                truncate_for_log(other.unwrap_or(""), 40)
+                truncate_for_log(other, 40)
             ));
+            false
+        }
+        None => {
+            problems.push(format!("{name} is not a String attribute"));
             false
         }
     }
@@ -464,5 +511,239 @@ mod tests {
     fn truncation_respects_char_boundaries() {
         assert_eq!(truncate_for_log("héllo", 2), "hé…");
         assert_eq!(truncate_for_log("hi", 5), "hi");
+    }
+
+    fn reason(s: &KeySpec, body: &str) -> &'static str {
+        match derive_identity_raw(s, body) {
+            Ok(id) => panic!("{body:?} gave the key {:?}", id.key),
+            Err(error) => error.reason_code(),
+        }
+    }
+
+    #[test]
+    fn integer_keys_are_exact_and_equal_to_their_string_form() {
+        let s = spec(&["/id"]);
+        for (body, key) in [
+            (r#"{"id":42}"#, "42"),
+            (r#"{"id":-7}"#, "-7"),
+            (r#"{"id":0}"#, "0"),
+            (r#"{"id":9223372036854775807}"#, "9223372036854775807"),
+            (r#"{"id":-9223372036854775808}"#, "-9223372036854775808"),
+            (r#"{"id":18446744073709551615}"#, "18446744073709551615"),
+            (r#"{"id":true}"#, "true"),
+        ] {
+            assert_eq!(derive_identity_raw(&s, body).unwrap().key, key, "{body}");
+        }
+        // Documented: a number and its decimal string are the same key.
+        assert_eq!(
+            derive_identity_raw(&s, r#"{"id":42}"#).unwrap().key,
+            derive_identity_raw(&s, r#"{"id":"42"}"#).unwrap().key
+        );
+    }
+
+    #[test]
+    fn inexact_numbers_are_refused_as_invalid_key() {
+        let s = spec(&["/id"]);
+        for (body, why) in [
+            (r#"{"id":1.5}"#, "a fractional number"),
+            (r#"{"id":1.0}"#, "fraction, an exponent"),
+            (r#"{"id":1e3}"#, "fraction, an exponent"),
+            (r#"{"id":-0}"#, "as -0"),
+            (
+                r#"{"id":12345678901234567890123}"#,
+                "outside the 64-bit range",
+            ),
+            (r#"{"id":18446744073709551616}"#, "outside the 64-bit range"),
+            (r#"{"id":-9223372036854775809}"#, "outside the 64-bit range"),
+        ] {
+            let error = derive_identity_raw(&s, body).unwrap_err();
+            assert_eq!(error.reason_code(), "invalid_key", "{body}");
+            let text = error.to_string();
+            assert!(text.contains(why), "{body}: {text}");
+            assert!(
+                text.contains("send larger or fractional ids as strings"),
+                "{text}"
+            );
+        }
+        // The rounding this prevents: two ids that differ only past f64's precision.
+        let a: Value = serde_json::from_str("12345678901234567890123").unwrap();
+        let b: Value = serde_json::from_str("12345678901234567890124").unwrap();
+        assert_eq!(a, b, "serde_json reads both as the same f64");
+    }
+
+    #[test]
+    fn unparseable_bodies_are_invalid_json_without_overflowing_the_stack() {
+        let s = spec(&["/id"]);
+        let deep = "[".repeat(100_000);
+        let deep_object = r#"{"id":"x","a":"#.to_owned() + &"[".repeat(100_000);
+        let closed = format!(
+            r#"{{"id":"x","a":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for body in [
+            "",
+            "   \n\t\r ",
+            "not json",
+            deep.as_str(),
+            deep_object.as_str(),
+            // Deeper than serde_json's recursion limit (128), even though well-formed.
+            closed.as_str(),
+            // A lone UTF-16 surrogate cannot become a Rust (or PostgreSQL) string.
+            r#"{"id":"\ud800"}"#,
+            r#"{"id":"x\udc00"}"#,
+            r#"{"id":"x"} trailing"#,
+            "\u{feff}{\"id\":\"bom\"}",
+        ] {
+            assert_eq!(reason(&s, body), "invalid_json", "{:.40}", body);
+        }
+        // A paired surrogate is an ordinary character.
+        let crab = derive_identity_raw(&s, r#"{"id":"\ud83e\udd80"}"#).unwrap();
+        assert_eq!(crab.key, "🦀");
+        // Without key pointers the body is not parsed for a key: deep nesting is just text.
+        let hashed = derive_identity_raw(&KeySpec::default(), &deep).unwrap();
+        assert_eq!(hashed.key, fallback_key(&deep));
+        assert!(hashed.json.is_none());
+    }
+
+    #[test]
+    fn duplicate_fields_last_one_wins_for_the_key_and_the_handler() {
+        let s = spec(&["/id"]);
+        let id = derive_identity_raw(&s, r#"{"id":"first","n":1,"id":"last"}"#).unwrap();
+        assert_eq!(id.key, "last");
+        // Job::json is this same value: the handler sees what the key was taken from.
+        assert_eq!(id.json.unwrap()["id"], "last");
+        // A later null hides an earlier value.
+        assert_eq!(reason(&s, r#"{"id":"x","id":null}"#), "missing_key");
+    }
+
+    #[test]
+    fn key_fields_of_every_shape() {
+        let s = spec(&["/id"]);
+        for body in [
+            r#"{"other":1}"#,
+            r#"{"id":null}"#,
+            r#"{"id":""}"#,
+            "[]",
+            "null",
+        ] {
+            assert_eq!(reason(&s, body), "missing_key", "{body}");
+        }
+        for body in [r#"{"id":{"a":1}}"#, r#"{"id":[]}"#, r#"{"id":1.5}"#] {
+            assert_eq!(reason(&s, body), "invalid_key", "{body}");
+        }
+        // Hostile text is data: bound as a parameter, stored verbatim.
+        let sql = "'; drop table checkpoints; --";
+        let id = derive_identity_raw(&s, &serde_json::json!({ "id": sql }).to_string()).unwrap();
+        assert_eq!(id.key, sql);
+        // Terminal escapes and newlines are percent-encoded (no log or header injection);
+        // right-to-left marks and emoji are ordinary characters and kept.
+        let body = serde_json::json!({"id": "\u{1b}[31mred\u{1b}[0m\nx\u{202e}evil🦀\u{85}"});
+        let id = derive_identity_raw(&s, &body.to_string()).unwrap();
+        assert_eq!(id.key, "%1B[31mred%1B[0m%0Ax\u{202e}evil🦀%85");
+        // A 10,000-character key is stored as the hash of its escaped form.
+        let long = "é".repeat(10_000);
+        let id = derive_identity_raw(&s, &serde_json::json!({ "id": long }).to_string()).unwrap();
+        assert_eq!(id.key, fallback_key(&long));
+        assert!(id.key.len() <= MAX_KEY_BYTES);
+        // NUL, the one character PostgreSQL text cannot hold, is encoded too.
+        let id = derive_identity_raw(&s, r#"{"id":"\u0000"}"#).unwrap();
+        assert_eq!(id.key, "%00");
+    }
+
+    #[test]
+    fn malformed_sns_envelopes_fall_back_to_raw_delivery() {
+        let s = spec(&["/order_id"]);
+        let sns = |message: Value| {
+            let mut envelope = serde_json::json!({
+                "Type": "Notification",
+                "TopicArn": "arn:aws:sns:us-east-1:000000000000:orders",
+            });
+            if !message.is_null() {
+                envelope["Message"] = message;
+            }
+            envelope.to_string()
+        };
+        // No Message, or a Message that is not a string: not a notification we can unwrap,
+        // so the body is taken as raw delivery, and it has no order_id.
+        for body in [sns(Value::Null), sns(serde_json::json!(17))] {
+            let error = derive_identity(&s, Envelope::Sns, &body).unwrap_err();
+            assert_eq!(error.reason_code(), "missing_key", "{body}");
+        }
+        // ... unless the envelope itself carries the key: then it is the event.
+        let mut odd: Value = serde_json::from_str(&sns(Value::Null)).unwrap();
+        odd["order_id"] = "o-1".into();
+        let id = derive_identity(&s, Envelope::Sns, &odd.to_string()).unwrap();
+        assert_eq!(id.key, "o-1");
+        // A Message that is a string but not JSON: the event has no fields.
+        let error =
+            derive_identity(&s, Envelope::Sns, &sns(serde_json::json!("{not json"))).unwrap_err();
+        assert_eq!(error.reason_code(), "invalid_json");
+        // A body that is not JSON at all is raw delivery of a non-JSON event.
+        let error = derive_identity(&s, Envelope::Sns, "plain").unwrap_err();
+        assert_eq!(error.reason_code(), "invalid_json");
+        // A JSON-encoded object (not a string) in Message is not how SNS wraps: raw delivery.
+        let error = derive_identity(
+            &s,
+            Envelope::Sns,
+            &sns(serde_json::json!({"order_id": "o-2"})),
+        )
+        .unwrap_err();
+        assert_eq!(error.reason_code(), "missing_key");
+    }
+
+    #[test]
+    fn malformed_eventbridge_envelopes() {
+        let s = spec(&["/order_id"]);
+        let eb = |detail: Option<Value>| {
+            let mut event = serde_json::json!({"detail-type": "OrderPlaced", "source": "shop"});
+            if let Some(detail) = detail {
+                event["detail"] = detail;
+            }
+            event.to_string()
+        };
+        for body in [
+            eb(None),
+            "not json".into(),
+            "  ".into(),
+            r#"{"detail":{}}"#.into(),
+        ] {
+            let error = derive_identity(&s, Envelope::Eventbridge, &body).unwrap_err();
+            assert_eq!(error.reason_code(), "invalid_envelope", "{body}");
+        }
+        // `detail` present but not an object: the event is that value, and has no key field.
+        for detail in [
+            serde_json::json!(r#"{"order_id":"e-1"}"#),
+            Value::Null,
+            serde_json::json!(5),
+            serde_json::json!([]),
+        ] {
+            let body = eb(Some(detail));
+            let error = derive_identity(&s, Envelope::Eventbridge, &body).unwrap_err();
+            assert_eq!(error.reason_code(), "missing_key", "{body}");
+        }
+    }
+
+    #[test]
+    fn absurd_marker_values_count_as_absent() {
+        let m = parse_markers([
+            (ATTR_REDRIVE_COUNT, Some("-1")),
+            (ATTR_DLQ_REDRIVEN, Some("1")),
+            (ATTR_DLQ_FINAL_PASS, Some("\u{0}true")),
+        ]);
+        assert_eq!(
+            (m.redrive_count, m.redriven, m.final_pass, m.problems.len()),
+            (0, false, false, 3)
+        );
+        for count in ["4294967296", "1e3", "2.0", "", "🦀"] {
+            let m = parse_markers([(ATTR_REDRIVE_COUNT, Some(count))]);
+            assert_eq!((m.redrive_count, m.problems.len()), (0, 1), "{count:?}");
+        }
+        // Surrounding whitespace is forgiven; the problem text is cut short for the log.
+        let m = parse_markers([(ATTR_REDRIVE_COUNT, Some(" 7 "))]);
+        assert_eq!((m.redrive_count, m.problems.len()), (7, 0));
+        let long = "x".repeat(10_000);
+        let m = parse_markers([(ATTR_DLQ_REDRIVEN, Some(long.as_str()))]);
+        assert!(m.problems[0].len() < 200, "{}", m.problems[0]);
     }
 }

@@ -3,7 +3,9 @@
 //! It turns SDK types into the few plain ones the worker needs and SDK errors into one
 //! error type that names the operation, so the rest of the crate never sees the SDK.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
@@ -17,6 +19,9 @@ use aws_sdk_sqs::types::{
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_199);
 /// SQS refuses more than 10 message attributes on one message.
 pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+/// A queue's MaximumMessageSize when it cannot be read: SQS's limit until 2025, and still
+/// what many queues are set to.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 262_144;
 
 /// An SQS call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -191,11 +196,111 @@ pub fn fit_attributes(
     attributes
 }
 
+/// Text as a message attribute value may hold it: SQS accepts only XML 1.0 characters
+/// (#x9, #xA, #xD, #x20–#xD7FF, #xE000–#xFFFD, #x10000–#x10FFFF) and refuses the whole
+/// message otherwise. Every other character becomes U+FFFD.
+pub fn xml_safe(text: &str) -> Cow<'_, str> {
+    fn allowed(c: char) -> bool {
+        matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}')
+            || c >= '\u{10000}'
+    }
+    if text.chars().all(allowed) {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(
+            text.chars()
+                .map(|c| if allowed(c) { c } else { '\u{FFFD}' })
+                .collect(),
+        )
+    }
+}
+
+/// The bytes one attribute counts towards a message's size: SQS (and LocalStack) add up the
+/// name, the data type and the value.
+pub fn attribute_bytes(name: &str, value: &MessageAttributeValue) -> usize {
+    name.len()
+        + value.data_type().len()
+        + value.string_value().map_or(0, str::len)
+        + value.binary_value().map_or(0, |b| b.as_ref().len())
+}
+
+/// A message's size as SQS measures it against MaximumMessageSize: body plus attributes.
+pub fn message_bytes(body: &str, attributes: &HashMap<String, MessageAttributeValue>) -> usize {
+    body.len()
+        + attributes
+            .iter()
+            .map(|(name, value)| attribute_bytes(name, value))
+            .sum::<usize>()
+}
+
+/// Make a message derived from another (a DLQ copy) fit `max_bytes`, body and attributes
+/// together; the body is never changed. Until it fits: shorten the String value of
+/// `shrinkable` (to no less than `…`), drop the attributes not in `keep` (the largest
+/// first), drop `shrinkable`, then drop `keep` from its end (most important first in it).
+/// Returns the names of the attributes dropped, for the caller's one log line.
+pub fn fit_message_size(
+    body: &str,
+    attributes: &mut HashMap<String, MessageAttributeValue>,
+    max_bytes: usize,
+    shrinkable: &str,
+    keep: &[&str],
+) -> Vec<String> {
+    let excess = |attributes: &HashMap<String, MessageAttributeValue>| {
+        message_bytes(body, attributes).saturating_sub(max_bytes)
+    };
+    let mut dropped = Vec::new();
+    if excess(attributes) == 0 {
+        return dropped;
+    }
+    if let Some(text) = attributes.get(shrinkable).and_then(|v| v.string_value()) {
+        let target = text.len().saturating_sub(excess(attributes));
+        let shortened = shorten_to_bytes(text, target);
+        attributes.insert(shrinkable.to_owned(), string_attribute(shortened));
+    }
+    let mut optional: Vec<(usize, String)> = attributes
+        .iter()
+        .filter(|(name, _)| name.as_str() != shrinkable && !keep.contains(&name.as_str()))
+        .map(|(name, value)| (attribute_bytes(name, value), name.clone()))
+        .collect();
+    // Largest first (fewest attributes lost); the name makes the order stable.
+    optional.sort_by(|a, b| b.cmp(a));
+    let last_resort = std::iter::once(shrinkable).chain(keep.iter().rev().copied());
+    let order = optional
+        .into_iter()
+        .map(|(_, name)| name)
+        .chain(last_resort.map(str::to_owned));
+    for name in order {
+        if excess(attributes) == 0 {
+            break;
+        }
+        if attributes.remove(&name).is_some() {
+            dropped.push(name);
+        }
+    }
+    dropped
+}
+
+/// `text` cut at a character boundary to at most `max_bytes` bytes, `…` included; never
+/// shorter than `…` itself (SQS refuses an empty String attribute).
+fn shorten_to_bytes(text: &str, max_bytes: usize) -> String {
+    const ELLIPSIS: &str = "…";
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let mut cut = max_bytes.saturating_sub(ELLIPSIS.len()).min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{ELLIPSIS}", &text[..cut])
+}
+
 /// One queue and the client that reaches it.
 #[derive(Debug, Clone)]
 pub struct SqsQueue {
     client: Client,
     url: String,
+    /// MaximumMessageSize, read on first use (the clones of a queue share it).
+    max_message_bytes: Arc<tokio::sync::OnceCell<usize>>,
 }
 
 impl SqsQueue {
@@ -204,7 +309,25 @@ impl SqsQueue {
         Self {
             client,
             url: url.into(),
+            max_message_bytes: Arc::default(),
         }
+    }
+
+    /// The queue's MaximumMessageSize: the most bytes of body and attributes one message
+    /// may have. Read once per queue; a failed read is tried again next time.
+    pub async fn max_message_bytes(&self) -> Result<usize, SqsError> {
+        self.max_message_bytes
+            .get_or_try_init(|| async {
+                let attributes = self
+                    .queue_attributes(&[QueueAttributeName::MaximumMessageSize])
+                    .await?;
+                Ok(attributes
+                    .get(&QueueAttributeName::MaximumMessageSize)
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES))
+            })
+            .await
+            .copied()
     }
 
     /// Find a queue by name.
@@ -555,6 +678,83 @@ mod tests {
             queue_name_from_url("https://sqs.eu-west-1.amazonaws.com/123/jobs.fifo/"),
             "jobs.fifo"
         );
+    }
+
+    #[test]
+    fn xml_safe_replaces_what_sqs_refuses() {
+        assert!(matches!(xml_safe("plain\ttext\r\n🦀"), Cow::Borrowed(_)));
+        assert_eq!(
+            xml_safe("a\0b\u{1}c\u{1b}d\u{FFFE}e\u{FFFF}f\u{D7FF}\u{E000}\u{10FFFF}"),
+            "a\u{FFFD}b\u{FFFD}c\u{FFFD}d\u{FFFD}e\u{FFFD}f\u{D7FF}\u{E000}\u{10FFFF}"
+        );
+    }
+
+    #[test]
+    fn sizes_count_name_type_and_value() {
+        let mut attributes = HashMap::new();
+        attributes.insert("a".to_owned(), string_attribute("v"));
+        assert_eq!(message_bytes("xyz", &attributes), 3 + 1 + 6 + 1);
+        let binary = MessageAttributeValue::builder()
+            .data_type("Binary")
+            .binary_value(aws_sdk_sqs::primitives::Blob::new(vec![0u8; 5]))
+            .build()
+            .unwrap();
+        assert_eq!(attribute_bytes("bb", &binary), 2 + 6 + 5);
+        assert_eq!(message_bytes("é", &HashMap::new()), 2);
+    }
+
+    #[test]
+    fn shortening_respects_char_boundaries_and_never_empties() {
+        assert_eq!(shorten_to_bytes("short", 10), "short");
+        assert_eq!(shorten_to_bytes("ééééé", 7), "éé…");
+        assert_eq!(shorten_to_bytes("abcdef", 0), "…");
+    }
+
+    #[test]
+    fn fitting_shortens_then_drops_optional_then_required() {
+        let attrs = |pairs: &[(&str, &str)]| -> HashMap<String, MessageAttributeValue> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), string_attribute(*v)))
+                .collect()
+        };
+        let keep = ["marker", "reason"];
+        let start = attrs(&[
+            ("reason", "r"),
+            ("detail", &"d".repeat(100)),
+            ("marker", "1"),
+            ("big", &"b".repeat(50)),
+            ("small", "s"),
+        ]);
+        // Fits already: untouched.
+        let mut a = start.clone();
+        fit_message_size("body", &mut a, 10_000, "detail", &keep);
+        assert_eq!(a, start);
+        // 40 bytes over: the detail gives them up and nothing is dropped.
+        let total = message_bytes("body", &start);
+        let mut a = start.clone();
+        fit_message_size("body", &mut a, total - 40, "detail", &keep);
+        assert_eq!(message_bytes("body", &a), total - 40);
+        assert_eq!(a.len(), 5);
+        assert!(a["detail"].string_value().unwrap().ends_with('…'));
+        // More than the detail can give: the largest ordinary attribute goes, the marker
+        // stays.
+        let mut a = start.clone();
+        fit_message_size("body", &mut a, total - 150, "detail", &keep);
+        assert!(message_bytes("body", &a) <= total - 150);
+        assert_eq!(a["detail"].string_value(), Some("…"));
+        assert!(a.contains_key("marker") && a.contains_key("small"));
+        assert!(!a.contains_key("big"));
+        // Less room: the detail goes, then `keep` from its end.
+        let mut a = start.clone();
+        fit_message_size("body", &mut a, 4 + 6 + 6 + 1 + 6 + 6 + 1, "detail", &keep);
+        assert_eq!(a.len(), 2, "{a:?}");
+        let mut a = start.clone();
+        fit_message_size("body", &mut a, 4 + 6 + 6 + 1, "detail", &keep);
+        assert_eq!(a.keys().collect::<Vec<_>>(), ["marker"]);
+        let mut a = start.clone();
+        fit_message_size("body", &mut a, 4, "detail", &keep);
+        assert!(a.is_empty());
     }
 
     #[test]

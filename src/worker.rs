@@ -1888,7 +1888,8 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
     let key = parsed.key();
     let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %key);
     async {
-        tracing::warn!(reason = error.reason_code(), %error, "message has no usable idempotency key");
+        // One line per message: "sent to the DLQ" (or the final pass's, or the failed
+        // send's) says the reason code and why; the span names the message.
         if parsed.markers.final_pass {
             let failure = FinalFailure {
                 key: &key,
@@ -2015,27 +2016,43 @@ async fn send_to_dlq(
         );
         return false;
     };
-    let outgoing = dlq_message(message, reason, detail, dlq.url().ends_with(".fifo"));
+    let max_bytes = match dlq.max_message_bytes().await {
+        Ok(max_bytes) => max_bytes,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the DLQ's maximum message size; sending the copy untrimmed");
+            usize::MAX
+        }
+    };
+    let fifo = dlq.url().ends_with(".fifo");
+    let outgoing = dlq_message(message, reason, detail, fifo, max_bytes);
     match dlq.send(outgoing).await {
         Ok(_) => {
             shared.counters.dead_lettered.add(1);
-            tracing::warn!(reason, error = %detail, dlq = dlq.name(), "sent to the DLQ");
+            // Debug-quoted: a handler's text may hold newlines, NUL or terminal escapes, and
+            // this stays one line.
+            tracing::warn!(reason, error = ?detail, dlq = dlq.name(), "sent to the DLQ");
             true
         }
         Err(error) => {
-            tracing::error!(%error, "could not send to the DLQ; retrying later");
+            tracing::error!(%error, reason, "could not send to the DLQ; retrying later");
             false
         }
     }
 }
 
 /// The DLQ copy of a message: same body, its attributes plus the failure reason, trimmed to
-/// SQS's attribute limit (redrive markers and the reason are kept first).
+/// SQS's attribute limit (redrive markers and the reason are kept first) and to the DLQ's
+/// `max_bytes` for body and attributes: a copy SQS refuses would fail the same way on every
+/// retry. To fit, the detail is shortened first, then the message's own attributes are
+/// dropped, then the detail; a body that leaves no room goes without the reason too, and
+/// then without the redrive markers (reason and detail are still in the log and the
+/// checkpoint).
 fn dlq_message(
     message: &ReceivedMessage,
     reason: &str,
     detail: &str,
     fifo: bool,
+    max_bytes: usize,
 ) -> OutgoingMessage {
     let is_marker = |n: &str| {
         matches!(
@@ -2043,18 +2060,52 @@ fn dlq_message(
             message::ATTR_DLQ_REDRIVEN | message::ATTR_REDRIVE_COUNT | message::ATTR_DLQ_FINAL_PASS
         )
     };
-    let attributes = sqs::fit_attributes(
+    let rank = |name: &str| u8::from(!is_marker(name));
+    // SQS refuses characters outside XML 1.0 and empty String values: either would fail the
+    // send, and with it every retry of this message.
+    let attribute_text = |text: &str, empty: &str| {
+        let text = if text.is_empty() { empty } else { text };
+        sqs::string_attribute(sqs::xml_safe(text).into_owned())
+    };
+    let mut attributes = sqs::fit_attributes(
         vec![
-            (message::ATTR_FAILURE_REASON, sqs::string_attribute(reason)),
+            (
+                message::ATTR_FAILURE_REASON,
+                attribute_text(reason, "unspecified"),
+            ),
             (
                 message::ATTR_FAILURE_DETAIL,
-                sqs::string_attribute(message::truncate_for_log(detail, 1000)),
+                attribute_text(&message::truncate_for_log(detail, 1000), "(no detail)"),
             ),
         ],
         &message.message_attributes,
         &[],
-        |name| u8::from(!is_marker(name)),
+        rank,
     );
+    // What a copy keeps longest, most important first: the redrive markers (a lost
+    // redrive_count would let `redrive` loop past --max-redrives), then the reason.
+    let keep = [
+        message::ATTR_REDRIVE_COUNT,
+        message::ATTR_DLQ_FINAL_PASS,
+        message::ATTR_DLQ_REDRIVEN,
+        message::ATTR_FAILURE_REASON,
+    ];
+    if sqs::message_bytes(&message.body, &attributes) > max_bytes {
+        let dropped = sqs::fit_message_size(
+            &message.body,
+            &mut attributes,
+            max_bytes,
+            message::ATTR_FAILURE_DETAIL,
+            &keep,
+        );
+        tracing::warn!(
+            body_bytes = message.body.len(),
+            max_bytes,
+            ?dropped,
+            "the DLQ copy would exceed the DLQ's maximum message size: failure detail \
+             shortened, the attributes named dropped"
+        );
+    }
     OutgoingMessage {
         body: message.body.clone(),
         attributes,
@@ -2426,7 +2477,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let out = dlq_message(&received(&refs), "missing_key", "no key", false);
+        let out = dlq_message(&received(&refs), "missing_key", "no key", false, usize::MAX);
         assert_eq!(out.attributes.len(), MAX_MESSAGE_ATTRIBUTES);
         assert!(out.attributes.contains_key(message::ATTR_FAILURE_REASON));
         assert!(out.attributes.contains_key(message::ATTR_FAILURE_DETAIL));
@@ -2434,8 +2485,95 @@ mod tests {
         assert_eq!(out.body, "{}");
         assert!(out.message_group_id.is_none());
 
-        let fifo = dlq_message(&received(&[]), "r", "d", true);
+        let fifo = dlq_message(&received(&[]), "r", "d", true, usize::MAX);
         assert_eq!(fifo.deduplication_id.as_deref(), Some("m-1"));
         assert!(fifo.message_group_id.is_some());
+    }
+
+    #[test]
+    fn dlq_copy_attributes_are_always_sendable() {
+        let out = dlq_message(
+            &received(&[]),
+            "bad\u{0}reason",
+            "stderr: \u{0}\u{1b}[31m\u{FFFF}",
+            false,
+            usize::MAX,
+        );
+        let text = |name: &str| out.attributes[name].string_value().unwrap().to_owned();
+        assert_eq!(text(message::ATTR_FAILURE_REASON), "bad\u{FFFD}reason");
+        assert_eq!(
+            text(message::ATTR_FAILURE_DETAIL),
+            "stderr: \u{FFFD}\u{FFFD}[31m\u{FFFD}"
+        );
+        // SQS refuses empty String attributes.
+        let out = dlq_message(&received(&[]), "", "", false, usize::MAX);
+        assert_eq!(
+            out.attributes[message::ATTR_FAILURE_REASON].string_value(),
+            Some("unspecified")
+        );
+        assert_eq!(
+            out.attributes[message::ATTR_FAILURE_DETAIL].string_value(),
+            Some("(no detail)")
+        );
+    }
+
+    #[test]
+    fn dlq_copy_fits_the_maximum_message_size() {
+        let limit = sqs::DEFAULT_MAX_MESSAGE_BYTES;
+        let detail = "why ".repeat(200);
+        let mut original = received(&[
+            (message::ATTR_REDRIVE_COUNT, "1"),
+            ("trace_id", "t-123456789"),
+        ]);
+        let original_attrs = sqs::message_bytes("", &original.message_attributes);
+        // The original left `room` bytes free; the copy adds the reason (42 bytes) and the
+        // detail (31 bytes + its text).
+        let copy = |original: &mut ReceivedMessage, room: usize| {
+            original.body = "x".repeat(limit - original_attrs - room);
+            let out = dlq_message(original, "missing_key", &detail, false, limit);
+            assert!(sqs::message_bytes(&out.body, &out.attributes) <= limit);
+            assert_eq!(out.body, original.body, "the body is never changed");
+            let mut names: Vec<String> = out.attributes.keys().cloned().collect();
+            names.sort();
+            (out, names)
+        };
+        // Some room: only the detail is shortened.
+        let (out, names) = copy(&mut original, 300);
+        assert_eq!(names.len(), 4);
+        let shortened = out.attributes[message::ATTR_FAILURE_DETAIL]
+            .string_value()
+            .unwrap();
+        assert!(shortened.starts_with("why why") && shortened.ends_with('…'));
+        assert_eq!(sqs::message_bytes(&out.body, &out.attributes), limit);
+        // Less: the detail is cut to the bone and the ordinary attribute goes.
+        let (out, names) = copy(&mut original, 60);
+        assert_eq!(
+            names,
+            [
+                message::ATTR_REDRIVE_COUNT,
+                message::ATTR_FAILURE_DETAIL,
+                message::ATTR_FAILURE_REASON
+            ]
+        );
+        assert_eq!(
+            out.attributes[message::ATTR_FAILURE_DETAIL].string_value(),
+            Some("…")
+        );
+        // Less: the detail goes; the reason and the redrive marker stay.
+        let (_, names) = copy(&mut original, 20);
+        assert_eq!(
+            names,
+            [message::ATTR_REDRIVE_COUNT, message::ATTR_FAILURE_REASON]
+        );
+        // None: the marker outlasts the reason.
+        let (_, names) = copy(&mut original, 0);
+        assert_eq!(names, [message::ATTR_REDRIVE_COUNT]);
+        // A body at the limit goes bare.
+        let bare = ReceivedMessage {
+            body: "x".repeat(limit),
+            ..received(&[])
+        };
+        let out = dlq_message(&bare, "missing_key", &detail, false, limit);
+        assert!(out.attributes.is_empty());
     }
 }

@@ -1841,7 +1841,7 @@ async fn end_final_pass(
             tracing::warn!(
                 dead_letter_id = id,
                 reason = failure.reason,
-                error = %failure.error,
+                error = ?failure.error,
                 redrive_count = failure.redrive_count,
                 "final redrive pass failed; recorded in dead_letters and deleted (no retry, no DLQ)"
             );
@@ -1869,8 +1869,9 @@ async fn retry_later(
     delay: Duration,
 ) {
     shared.counters.retried.add(1);
+    // Debug-quoted: a handler's text may hold newlines, NUL or terminal escapes.
     tracing::warn!(
-        %error,
+        ?error,
         retry_in_secs = sqs::visibility_seconds(delay),
         "handler failed; retrying after a backoff"
     );

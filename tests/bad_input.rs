@@ -74,6 +74,17 @@ struct Case {
     fate: Fate,
 }
 
+impl Case {
+    fn attributes_map(&self) -> Option<HashMap<String, MessageAttributeValue>> {
+        (!self.attributes.is_empty()).then(|| {
+            self.attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Fate {
     /// Handled once: checkpoint `complete` under this key, attempts as given.
@@ -238,12 +249,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(&c.body)
-                    .set_message_attributes((!c.attributes.is_empty()).then(|| {
-                        c.attributes
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.clone()))
-                            .collect()
-                    }))
+                    .set_message_attributes(c.attributes_map())
                     .build()
                     .unwrap()
             })
@@ -262,12 +268,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
             .send_message()
             .queue_url(&queue.url)
             .message_body(&c.body)
-            .set_message_attributes((!c.attributes.is_empty()).then(|| {
-                c.attributes
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.clone()))
-                    .collect()
-            }))
+            .set_message_attributes(c.attributes_map())
             .send()
             .await
             .unwrap();

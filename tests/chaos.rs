@@ -412,6 +412,23 @@ async fn readyz_goes_down(addr: SocketAddr, field: &str, within: Duration) -> bo
     false
 }
 
+/// Take `proxy` down for `length`, then up; whether /readyz reported `field` false meanwhile.
+/// Returns once /readyz is ready again (bounded).
+async fn outage(proxy: &Proxy, metrics_addr: SocketAddr, field: &str, length: Duration) -> bool {
+    let down_at = Instant::now();
+    proxy.down();
+    let seen = readyz_goes_down(metrics_addr, field, length).await;
+    tokio::time::sleep_until((down_at + length).into()).await;
+    proxy.up();
+    wait_until(
+        &format!("/readyz ready after the {field} outage"),
+        Duration::from_secs(20),
+        || async { matches!(readyz(metrics_addr).await, Some((200, _))) },
+    )
+    .await;
+    seen
+}
+
 async fn send_batch(client: &aws_sdk_sqs::Client, queue_url: &str, bodies: &[String]) {
     let entries = bodies
         .iter()
@@ -539,30 +556,9 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
             .unwrap();
             tokio::time::sleep(Duration::from_secs(3)).await;
 
-            let down_at = Instant::now();
-            db_proxy.down();
-            let database_seen = readyz_goes_down(metrics_addr, "database", DATABASE_OUTAGE).await;
-            tokio::time::sleep_until((down_at + DATABASE_OUTAGE).into()).await;
-            db_proxy.up();
-            wait_until(
-                "/readyz ready after the database outage",
-                Duration::from_secs(20),
-                || async { matches!(readyz(metrics_addr).await, Some((200, _))) },
-            )
-            .await;
-
+            let database_seen = outage(&db_proxy, metrics_addr, "database", DATABASE_OUTAGE).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let down_at = Instant::now();
-            sqs_proxy.down();
-            let sqs_seen = readyz_goes_down(metrics_addr, "sqs", SQS_OUTAGE).await;
-            tokio::time::sleep_until((down_at + SQS_OUTAGE).into()).await;
-            sqs_proxy.up();
-            wait_until(
-                "/readyz ready after the SQS outage",
-                Duration::from_secs(20),
-                || async { matches!(readyz(metrics_addr).await, Some((200, _))) },
-            )
-            .await;
+            let sqs_seen = outage(&sqs_proxy, metrics_addr, "sqs", SQS_OUTAGE).await;
             (terminated, database_seen, sqs_seen, sqs_proxy, db_proxy)
         })
     };

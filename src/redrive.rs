@@ -229,6 +229,14 @@ pub async fn redrive(
     let mut next_send = Instant::now();
     let mut empty_receives = 0;
     let target_is_fifo = target.url().ends_with(".fifo");
+    // A DLQ copy may already fill the size limit; the markers need room (see fit_redriven).
+    let target_max_bytes = match target.max_message_bytes().await {
+        Ok(max) => max,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the target queue's MaximumMessageSize; sending redriven messages untrimmed");
+            usize::MAX
+        }
+    };
     // How long received messages stay hidden. A dry run or a filter holds messages until the
     // scan ends, so each is seen once; a real run settles each batch at once (after its
     // rate pacing), so a short time means a killed run's messages soon come back.
@@ -361,17 +369,29 @@ pub async fn redrive(
                             }
                             next_send = next_send.max(now) + Duration::from_secs_f64(1.0 / rate);
                         }
-                        let outgoing =
+                        let mut outgoing =
                             redriven_message(&message, *redrive_count, *final_pass, target_is_fifo);
                         // Send first, delete after: killed in between, the message exists
                         // twice, and the checkpoint makes the duplicate harmless.
-                        match target.send(outgoing).await {
+                        let sent = match fit_redriven(&mut outgoing, target_max_bytes) {
+                            Ok(dropped) => {
+                                if !dropped.is_empty() {
+                                    tracing::warn!(
+                                        message_id = %message.message_id,
+                                        ?dropped,
+                                        "dropped attributes so the redriven message fits the \
+                                         target queue's MaximumMessageSize"
+                                    );
+                                }
+                                target.send(outgoing).await.map_err(|e| e.to_string())
+                            }
+                            Err(error) => Err(error),
+                        };
+                        match sent {
                             Ok(_) => delete_one(&dlq, &message).await?,
                             Err(error) => {
                                 hold.push(message.receipt_handle.clone());
-                                outcome.action = Action::Failed {
-                                    error: error.to_string(),
-                                };
+                                outcome.action = Action::Failed { error };
                             }
                         }
                     }
@@ -478,6 +498,40 @@ pub fn redriven_message(
         deduplication_id: fifo.then(|| format!("{}-redrive-{redrive_count}", message.message_id)),
         delay: None,
     }
+}
+
+/// Make a redriven message fit the target queue's `max_bytes` (body and attributes): the
+/// worker's failure detail is shortened first, then the message's own attributes and the
+/// failure reason go. The redrive markers never go: without them the message would start
+/// its redrives afresh and could loop, so a body that leaves them no room is an error (the
+/// message stays in the DLQ and the run reports it as failed).
+fn fit_redriven(outgoing: &mut OutgoingMessage, max_bytes: usize) -> Result<Vec<String>, String> {
+    const MARKERS: [&str; 3] = [
+        message::ATTR_DLQ_REDRIVEN,
+        message::ATTR_REDRIVE_COUNT,
+        message::ATTR_DLQ_FINAL_PASS,
+    ];
+    let dropped = sqs::fit_message_size(
+        &outgoing.body,
+        &mut outgoing.attributes,
+        max_bytes,
+        message::ATTR_FAILURE_DETAIL,
+        &[
+            MARKERS[0],
+            MARKERS[1],
+            MARKERS[2],
+            message::ATTR_FAILURE_REASON,
+        ],
+    );
+    if dropped.iter().any(|name| MARKERS.contains(&name.as_str())) {
+        return Err(format!(
+            "the body ({} bytes) leaves no room for the redrive markers within the target \
+             queue's MaximumMessageSize ({max_bytes} bytes); raise it, or handle this message \
+             by hand",
+            outgoing.body.len()
+        ));
+    }
+    Ok(dropped)
 }
 
 /// One message as `dlq peek` shows it.
@@ -614,6 +668,39 @@ mod tests {
         let last = redriven_message(&stale, 3, true, true);
         assert_eq!(attr(&last, message::ATTR_DLQ_FINAL_PASS), Some("true"));
         assert_eq!(last.deduplication_id.as_deref(), Some("m-1-redrive-3"));
+    }
+
+    #[test]
+    fn a_redriven_copy_at_the_size_limit_gives_up_notes_never_markers() {
+        let mut dead = received(&[
+            ("tenant", "t1"),
+            (message::ATTR_FAILURE_REASON, "handler_permanent"),
+        ]);
+        dead.message_attributes.insert(
+            message::ATTR_FAILURE_DETAIL.into(),
+            sqs::string_attribute("d".repeat(900)),
+        );
+        dead.body = "b".repeat(1_000);
+        let fits = |max: usize| {
+            let mut out = redriven_message(&dead, 3, true, false);
+            fit_redriven(&mut out, max).map(|dropped| (out, dropped))
+        };
+
+        let (roomy, dropped) = fits(262_144).unwrap();
+        assert!(dropped.is_empty());
+        assert_eq!(attr(&roomy, message::ATTR_DLQ_FINAL_PASS), Some("true"));
+
+        // Room for the markers and a little more: the detail shrinks, the rest goes.
+        let (tight, dropped) = fits(1_000 + 120).unwrap();
+        assert!(sqs::message_bytes(&tight.body, &tight.attributes) <= 1_120);
+        assert_eq!(attr(&tight, message::ATTR_DLQ_REDRIVEN), Some("true"));
+        assert_eq!(attr(&tight, message::ATTR_REDRIVE_COUNT), Some("3"));
+        assert_eq!(attr(&tight, message::ATTR_DLQ_FINAL_PASS), Some("true"));
+        assert!(dropped.contains(&"tenant".to_owned()), "{dropped:?}");
+
+        // No room for the markers: not sent at all.
+        let error = fits(1_010).unwrap_err();
+        assert!(error.contains("no room for the redrive markers"), "{error}");
     }
 
     #[test]

@@ -1092,8 +1092,13 @@ pub(crate) async fn handle_batch(
         .enumerate()
         .map(|(position, message)| {
             let markers = message::parse_markers(message.attribute_strings());
-            for problem in &markers.problems {
-                tracing::warn!(message_id = %message.message_id, %problem, "ignoring an unreadable redrive marker");
+            if !markers.problems.is_empty() {
+                // One line per message, however many markers are bad.
+                tracing::warn!(
+                    message_id = %message.message_id,
+                    problems = ?markers.problems,
+                    "ignoring unreadable redrive markers (each counts as absent)"
+                );
             }
             Parsed {
                 identity: message::derive_identity(

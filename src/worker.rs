@@ -1131,14 +1131,27 @@ pub(crate) async fn handle_batch(
         })
         .collect();
     let _claiming = Claiming::new(shared, &requests);
-    let Some(outcomes) = claim_with_retries(shared, &lease_token, lease, &requests).await else {
-        tracing::error!(
-            messages = parsed.len(),
-            "cannot claim checkpoints; the batch returns to the queue after its visibility \
-             timeout (is PostgreSQL reachable?)"
-        );
-        // Leaving the messages alone is safe: nothing was claimed or deleted.
-        return;
+    // Retried while the batch's visibility timeout leaves room (half the lease): a short
+    // database blip then costs a moment, not a redelivery, and the messages stay hidden
+    // meanwhile, so retrying adds nothing to their receive counts.
+    let claimed = retry_database(shared, "claim", lease / 2, || {
+        shared
+            .store
+            .claim_batch(&shared.scope, &lease_token, lease, &requests)
+    })
+    .await;
+    let outcomes = match claimed {
+        Ok(outcomes) => outcomes,
+        Err(error) => {
+            tracing::error!(
+                %error,
+                messages = parsed.len(),
+                "cannot claim checkpoints; the batch returns to the queue after its visibility \
+                 timeout (is PostgreSQL reachable?)"
+            );
+            // Leaving the messages alone is safe: nothing was claimed or deleted.
+            return;
+        }
     };
     // Chaos tests kill the process here: claimed, no handler started.
     #[cfg(feature = "failpoints")]
@@ -1367,42 +1380,6 @@ const RECENTLY_SETTLED: Duration = Duration::from_secs(5);
 
 /// Give a claimed event back untouched: release its lease and make its message(s) visible
 /// again — at once at shutdown, or just after `back_in` behind a FIFO group's held message.
-/// The claim statement, tried again while the batch's visibility timeout leaves room (half
-/// the lease): a short database blip then costs a moment, not a redelivery. The messages
-/// stay hidden meanwhile, so retrying adds nothing to their receive counts.
-async fn claim_with_retries(
-    shared: &Shared,
-    lease_token: &str,
-    lease: Duration,
-    requests: &[ClaimRequest],
-) -> Option<HashMap<String, ClaimOutcome>> {
-    let give_up_at = Instant::now() + lease / 2;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match shared
-            .store
-            .claim_batch(&shared.scope, lease_token, lease, requests)
-            .await
-        {
-            Ok(outcomes) => {
-                shared.database_reached(true);
-                return Some(outcomes);
-            }
-            Err(error) => {
-                shared.database_reached(false);
-                shared.counters.database_errors.add(1);
-                if Instant::now() + delay >= give_up_at {
-                    tracing::error!(%error, "claim failed; giving up on this batch");
-                    return None;
-                }
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "claim failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
-
 async fn hand_back(
     shared: &Shared,
     event: &ClaimedEvent,
@@ -2297,7 +2274,12 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
             AckKind::Delete => None,
         })
         .collect();
-    let completed: Result<HashSet<(String, String)>, String> = complete_with_retries(shared, &keys)
+    // The handlers' work is done: keep trying for half a lease (their messages stay hidden
+    // and their leases held meanwhile) rather than have them run again after an outage.
+    let completed: Result<HashSet<(String, String)>, String> =
+        retry_database(shared, "marking events complete", shared.lease / 2, || {
+            shared.store.complete_batch(&shared.scope, &keys)
+        })
         .await
         .map(|done| done.into_iter().collect())
         .map_err(|error| format!("cannot mark events complete: {error}"));
@@ -2341,19 +2323,26 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
     }
 }
 
-async fn complete_with_retries(
+/// A checkpoint statement, tried again with a doubling delay (100 ms up to 2 s) until
+/// `budget` has passed. Each failure is counted and marks the database unreachable (which
+/// stops receiving, see `Shared::database_up`); a success marks it reachable.
+async fn retry_database<T, F, Fut>(
     shared: &Shared,
-    keys: &[(String, String)],
-) -> Result<Vec<(String, String)>, CheckpointError> {
-    // The handlers' work is done: keep trying for half a lease (their messages stay hidden
-    // and their leases held meanwhile) rather than have them run again after an outage.
-    let give_up_at = Instant::now() + shared.lease / 2;
+    what: &str,
+    budget: Duration,
+    mut call: F,
+) -> Result<T, CheckpointError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CheckpointError>>,
+{
+    let give_up_at = Instant::now() + budget;
     let mut delay = Duration::from_millis(100);
     loop {
-        match shared.store.complete_batch(&shared.scope, keys).await {
-            Ok(done) => {
+        match call().await {
+            Ok(value) => {
                 shared.database_reached(true);
-                return Ok(done);
+                return Ok(value);
             }
             Err(error) => {
                 shared.counters.database_errors.add(1);
@@ -2361,7 +2350,7 @@ async fn complete_with_retries(
                 if Instant::now() + delay >= give_up_at {
                     return Err(error);
                 }
-                tracing::warn!(%error, "marking events complete failed; trying again");
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "{what} failed; trying again");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

@@ -17,6 +17,17 @@ pub const ATTR_REDRIVE_COUNT: &str = "redrive_count";
 /// Message attribute: `"true"` on the last redrive an operator allows; a failure then ends
 /// the message (recorded, deleted) instead of sending it to the DLQ again.
 pub const ATTR_DLQ_FINAL_PASS: &str = "dlq_final_pass";
+/// The redrive markers, most important first.
+pub const REDRIVE_MARKERS: [&str; 3] = [ATTR_REDRIVE_COUNT, ATTR_DLQ_FINAL_PASS, ATTR_DLQ_REDRIVEN];
+/// What a message derived from another (a DLQ copy, a redriven message) keeps longest when
+/// it must shrink to fit a size limit, most important first: the redrive markers (a lost
+/// `redrive_count` would let `redrive` loop past `--max-redrives`), then the failure reason.
+pub const KEEP_LONGEST: [&str; 4] = [
+    ATTR_REDRIVE_COUNT,
+    ATTR_DLQ_FINAL_PASS,
+    ATTR_DLQ_REDRIVEN,
+    ATTR_FAILURE_REASON,
+];
 /// Message attribute the worker adds when it sends a message to the DLQ: a reason code.
 pub const ATTR_FAILURE_REASON: &str = "sqs_worker_failure_reason";
 /// Message attribute the worker adds when it sends a message to the DLQ: the error text.

@@ -230,13 +230,7 @@ pub async fn redrive(
     let mut empty_receives = 0;
     let target_is_fifo = target.url().ends_with(".fifo");
     // A DLQ copy may already fill the size limit; the markers need room (see fit_redriven).
-    let target_max_bytes = match target.max_message_bytes().await {
-        Ok(max) => max,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read the target queue's MaximumMessageSize; sending redriven messages untrimmed");
-            usize::MAX
-        }
-    };
+    let target_max_bytes = target.size_limit().await;
     // How long received messages stay hidden. A dry run or a filter holds messages until the
     // scan ends, so each is seen once; a real run settles each batch at once (after its
     // rate pacing), so a short time means a killed run's messages soon come back.
@@ -506,24 +500,17 @@ pub fn redriven_message(
 /// its redrives afresh and could loop, so a body that leaves them no room is an error (the
 /// message stays in the DLQ and the run reports it as failed).
 fn fit_redriven(outgoing: &mut OutgoingMessage, max_bytes: usize) -> Result<Vec<String>, String> {
-    const MARKERS: [&str; 3] = [
-        message::ATTR_DLQ_REDRIVEN,
-        message::ATTR_REDRIVE_COUNT,
-        message::ATTR_DLQ_FINAL_PASS,
-    ];
     let dropped = sqs::fit_message_size(
         &outgoing.body,
         &mut outgoing.attributes,
         max_bytes,
         message::ATTR_FAILURE_DETAIL,
-        &[
-            MARKERS[0],
-            MARKERS[1],
-            MARKERS[2],
-            message::ATTR_FAILURE_REASON,
-        ],
+        &message::KEEP_LONGEST,
     );
-    if dropped.iter().any(|name| MARKERS.contains(&name.as_str())) {
+    if dropped
+        .iter()
+        .any(|name| message::REDRIVE_MARKERS.contains(&name.as_str()))
+    {
         return Err(format!(
             "the body ({} bytes) leaves no room for the redrive markers within the target \
              queue's MaximumMessageSize ({max_bytes} bytes); raise it, or handle this message \

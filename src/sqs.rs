@@ -330,6 +330,19 @@ impl SqsQueue {
             .copied()
     }
 
+    /// The queue's MaximumMessageSize for trimming a message to fit, or no limit when it
+    /// cannot be read (logged): an untrimmed message may still fit, and not sending at all
+    /// would be worse.
+    pub async fn size_limit(&self) -> usize {
+        match self.max_message_bytes().await {
+            Ok(max_bytes) => max_bytes,
+            Err(error) => {
+                tracing::warn!(%error, queue = self.name(), "cannot read the queue's MaximumMessageSize; sending untrimmed");
+                usize::MAX
+            }
+        }
+    }
+
     /// Find a queue by name.
     pub async fn lookup(client: Client, name: &str) -> Result<Self, SqsError> {
         let output = client

@@ -1999,15 +1999,8 @@ async fn send_to_dlq(
         );
         return false;
     };
-    let max_bytes = match dlq.max_message_bytes().await {
-        Ok(max_bytes) => max_bytes,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read the DLQ's maximum message size; sending the copy untrimmed");
-            usize::MAX
-        }
-    };
     let fifo = dlq.url().ends_with(".fifo");
-    let outgoing = dlq_message(message, reason, detail, fifo, max_bytes);
+    let outgoing = dlq_message(message, reason, detail, fifo, dlq.size_limit().await);
     match dlq.send(outgoing).await {
         Ok(_) => {
             shared.counters.dead_lettered.add(1);
@@ -2037,13 +2030,7 @@ fn dlq_message(
     fifo: bool,
     max_bytes: usize,
 ) -> OutgoingMessage {
-    let is_marker = |n: &str| {
-        matches!(
-            n,
-            message::ATTR_DLQ_REDRIVEN | message::ATTR_REDRIVE_COUNT | message::ATTR_DLQ_FINAL_PASS
-        )
-    };
-    let rank = |name: &str| u8::from(!is_marker(name));
+    let rank = |name: &str| u8::from(!message::REDRIVE_MARKERS.contains(&name));
     // SQS refuses characters outside XML 1.0 and empty String values: either would fail the
     // send, and with it every retry of this message.
     let attribute_text = |text: &str, empty: &str| {
@@ -2065,21 +2052,13 @@ fn dlq_message(
         &[],
         rank,
     );
-    // What a copy keeps longest, most important first: the redrive markers (a lost
-    // redrive_count would let `redrive` loop past --max-redrives), then the reason.
-    let keep = [
-        message::ATTR_REDRIVE_COUNT,
-        message::ATTR_DLQ_FINAL_PASS,
-        message::ATTR_DLQ_REDRIVEN,
-        message::ATTR_FAILURE_REASON,
-    ];
     if sqs::message_bytes(&message.body, &attributes) > max_bytes {
         let dropped = sqs::fit_message_size(
             &message.body,
             &mut attributes,
             max_bytes,
             message::ATTR_FAILURE_DETAIL,
-            &keep,
+            &message::KEEP_LONGEST,
         );
         tracing::warn!(
             body_bytes = message.body.len(),

@@ -1,15 +1,20 @@
 //! The exec handler: runs a command per event, body on stdin.
 //!
 //! Exit 0 means done, exit 65 (EX_DATAERR) means the event is bad and goes to the DLQ, any
-//! other exit or a signal is retryable. When the worker stops the handler (`--max-handler-time`,
-//! a failed heartbeat, the shutdown deadline) the future is dropped and `kill_on_drop` kills
-//! the child.
+//! other exit or a signal is retryable. The command runs under a supervisor
+//! ([`super::supervisor`]): when the worker stops the handler (`--max-handler-time`, a failed
+//! heartbeat, the shutdown deadline) or dies, the command and every process it started are
+//! stopped (SIGTERM, then SIGKILL), and whatever the command leaves running when it exits is
+//! stopped too.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+
+use super::supervisor::{self, STOP_GRACE};
 
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::truncate_for_log;
@@ -38,7 +43,8 @@ impl ExecHandler {
 #[async_trait]
 impl Handler for ExecHandler {
     async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command
             .args(&self.args)
             .env("SQS_WORKER_KEY", job.key())
             .env("SQS_WORKER_SCOPE", job.scope())
@@ -48,8 +54,11 @@ impl Handler for ExecHandler {
             .env("SQS_WORKER_FINAL_PASS", job.is_final_pass().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            .stderr(Stdio::piped());
+        let supervision = supervisor::supervise(&mut command).map_err(|error| {
+            HandlerError::retryable(format!("cannot prepare the handler command: {error}"))
+        })?;
+        let mut child = command
             .spawn()
             // Retryable: a missing or unexecutable command is a deployment problem, and the
             // events must survive until it is fixed.
@@ -59,36 +68,47 @@ impl Handler for ExecHandler {
                     self.program
                 ))
             })?;
+        // From here on, dropping `tree` (this future dropped by the worker) stops the
+        // command and everything it started.
+        let mut tree = supervision.spawned();
 
+        // Write stdin and read the output in tasks of their own: a command that prints a lot
+        // before reading its input would otherwise deadlock against a full pipe.
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let body = job.body().to_owned();
-        // Write stdin concurrently with reading the output: a command that prints a lot
-        // before reading its input would otherwise deadlock against a full pipe.
-        let writer = async move {
+        tokio::spawn(async move {
             // A command that exits without reading stdin is allowed: ignore a broken pipe.
             let _ = stdin.write_all(body.as_bytes()).await;
-            drop(stdin);
-        };
+        });
+        let stdout = tokio::spawn(read_all(child.stdout.take()));
+        let stderr = tokio::spawn(read_all(child.stderr.take()));
+
         let cancel = job.cancellation().clone();
-        let (_, output) = tokio::select! {
-            done = async { tokio::join!(writer, child.wait_with_output()) } => done,
-            // Dropping the child's future kills it.
+        let status = tokio::select! {
+            status = child.wait() => status,
             _ = cancel.cancelled() => {
+                tree.stop();
+                // Wait for the tree to be gone (the supervisor exits last), so that no part of
+                // this run overlaps the next holder of the event.
+                let _ = tokio::time::timeout(STOP_GRACE * 2 + STOP_SLACK, child.wait()).await;
                 return Err(HandlerError::retryable(
-                    "handler command stopped: the lease could not be renewed or the worker is stopping",
+                    "handler command stopped: the lease could not be renewed, its time ran out \
+                     or the worker is stopping",
                 ));
             }
         };
-        let output = output.map_err(|error| {
+        let status = status.map_err(|error| {
             HandlerError::retryable(format!("waiting for the handler command failed: {error}"))
         })?;
+        let stdout = stdout.await.unwrap_or_default();
+        let stderr = stderr.await.unwrap_or_default();
 
-        if !output.stdout.is_empty() {
-            tracing::debug!(stdout = %String::from_utf8_lossy(&output.stdout), "handler command output");
+        if !stdout.is_empty() {
+            tracing::debug!(stdout = %String::from_utf8_lossy(&stdout), "handler command output");
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = String::from_utf8_lossy(&stderr);
         let stderr_tail = truncate_for_log(stderr.trim(), 500);
-        match output.status.code() {
+        match status.code() {
             Some(0) => Ok(()),
             Some(EXIT_PERMANENT) => Err(HandlerError::permanent(format!(
                 "handler command exited with {EXIT_PERMANENT} (permanent): {stderr_tail}"
@@ -101,4 +121,17 @@ impl Handler for ExecHandler {
             ))),
         }
     }
+}
+
+/// How long past its grace a stopped tree may take to be reaped before the handler gives up
+/// waiting (the supervisor still finishes the job).
+const STOP_SLACK: Duration = Duration::from_secs(1);
+
+/// Everything a pipe yields until its last writer closes it.
+async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Some(mut pipe) = pipe {
+        let _ = pipe.read_to_end(&mut bytes).await;
+    }
+    bytes
 }

@@ -2,6 +2,7 @@
 
 mod exec;
 mod http;
+mod supervisor;
 
 pub use exec::ExecHandler;
 pub use http::{DELIVER_STEP, HttpHandler, HttpHandlerError, HttpHeader, MAX_RETRY_AFTER};

@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -30,7 +30,6 @@ use common::*;
 use serde::Serialize;
 use sqs_worker::message::KeySpec;
 use sqs_worker::{Handler, HandlerError, Job, Worker};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -223,59 +222,6 @@ impl Handler for ChaosHandler {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(20..150))).await;
         self.point("handler_end");
         Ok(())
-    }
-}
-
-// ---- a proxy that can refuse and cut connections ------------------------------------------
-
-/// A TCP forwarder to `upstream`. While down it accepts and at once closes every connection
-/// (the client sees its connection reset or closed), and going down cuts every live one.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    live: Arc<Mutex<CancellationToken>>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let live = Arc::new(Mutex::new(CancellationToken::new()));
-        let (up_flag, live_tokens) = (up.clone(), live.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                if !up_flag.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let cut = live_tokens.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = cut.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Self { addr, up, live }
-    }
-
-    fn down(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        let mut live = self.live.lock().unwrap();
-        live.cancel();
-        *live = CancellationToken::new();
-    }
-
-    fn up(&self) {
-        self.up.store(true, Ordering::SeqCst);
     }
 }
 

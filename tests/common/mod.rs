@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,8 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
 use sqlx::PgPool;
 use sqs_worker::{Handler, HandlerError, Job, RunSummary, Worker, WorkerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub fn endpoint() -> String {
@@ -34,6 +38,32 @@ pub async fn sqs_client() -> Client {
         .with_test_writer()
         .try_init();
     sqs_worker::sqs::local_client(&endpoint()).await
+}
+
+/// A fresh directory for one test's files (handler logs, PID files, event files).
+pub fn tempdir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The name of a queue (its URL's last segment): the worker's default scope.
+pub fn queue_name(url: &str) -> &str {
+    sqs_worker::sqs::queue_name_from_url(url)
+}
+
+/// A queue's ARN (for Lambda event records and redrive policies).
+pub async fn queue_arn(client: &Client, queue_url: &str) -> String {
+    client
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone()
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -206,6 +236,16 @@ pub async fn peek_all(
             .unwrap();
         found.extend(output.messages().iter().cloned());
     }
+    for message in &found {
+        client
+            .change_message_visibility()
+            .queue_url(queue_url)
+            .receipt_handle(message.receipt_handle().unwrap())
+            .visibility_timeout(0)
+            .send()
+            .await
+            .unwrap();
+    }
     found
 }
 
@@ -343,4 +383,80 @@ pub fn calls_per_key(calls: &Mutex<Vec<Call>>) -> HashMap<String, usize> {
         *counts.entry(call.key.clone()).or_default() += 1;
     }
     counts
+}
+
+// ---- a proxy that can refuse and cut connections ------------------------------------------
+
+/// A TCP forwarder to `upstream`. While down it accepts and at once closes every connection
+/// (the client sees its connection reset or closed), and going down cuts every live one.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    live: Arc<Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let live = Arc::new(Mutex::new(CancellationToken::new()));
+        let (up_flag, live_tokens) = (up.clone(), live.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !up_flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = live_tokens.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, live }
+    }
+
+    pub fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut live = self.live.lock().unwrap();
+        live.cancel();
+        *live = CancellationToken::new();
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A plain HTTP/1.0 GET on localhost: (status, body). For /healthz, /readyz and /metrics.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

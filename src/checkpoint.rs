@@ -15,6 +15,12 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use crate::message::Pass;
+
+fn clamp_i32(n: u32) -> i32 {
+    n.min(i32::MAX as u32) as i32
+}
+
 /// Text as PostgreSQL can store it: `text` columns cannot hold NUL (`\0`), and a statement
 /// binding one fails whole. Error texts come from handlers (an exec handler's stderr, say) and
 /// may hold anything; replacing NUL with U+FFFD keeps such a failure recordable.
@@ -43,9 +49,15 @@ pub struct ClaimRequest {
     pub payload_sha256: String,
     /// The SQS message id, kept as first/last message id for operators.
     pub message_id: String,
-    /// A `failed` checkpoint may be claimed again: true for operator redrives, which exist
-    /// precisely to give dead-lettered events another chance.
+    /// The delivery is an operator's redrive or requeue (`dlq_redriven=true`): it may claim
+    /// a `failed` checkpoint again, if its `pass` is later than the one that failed.
     pub reclaim_failed: bool,
+    /// The delivery's pass (requeue generation, redrive count). A failed event is reclaimed
+    /// only by a later pass, so duplicates of one redrive do not run it again.
+    pub pass: Pass,
+    /// Digests of the fingerprinted fields, stored on first sight so that a later mismatch
+    /// can name the fields that differ.
+    pub field_digests: Option<String>,
 }
 
 /// What a claim found.
@@ -131,6 +143,13 @@ pub struct Checkpoint {
     pub last_message_id: String,
     /// The latest failure, if any.
     pub last_error: Option<String>,
+    /// Deliberate requeues (`dead-letters requeue`) of the latest pass that claimed it.
+    pub requeue_generation: i32,
+    /// Redrives of the latest pass that claimed it: a failed event is claimed again only
+    /// by a later pass.
+    pub redrive_count: i32,
+    /// Digests of the fingerprinted fields as first seen (`{"/pointer": "digest"}`).
+    pub payload_fields: Option<String>,
     /// First seen.
     pub created_at: DateTime<Utc>,
     /// Last changed.
@@ -193,6 +212,8 @@ pub struct NewDeadLetter<'a> {
     pub attempts: i32,
     /// Redrives the message had been through.
     pub redrive_count: i32,
+    /// Deliberate requeues the message had been through.
+    pub requeue_generation: i32,
     /// Payload fingerprint, for a checkpoint created here.
     pub payload_sha256: &'a str,
 }
@@ -246,6 +267,26 @@ impl CheckpointStore {
         let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
         let fingerprints: Vec<String> = requests.iter().map(|r| r.payload_sha256.clone()).collect();
         let message_ids: Vec<String> = requests.iter().map(|r| r.message_id.clone()).collect();
+        // Empty text stands for "no digests" (a bound text[] cannot be checked with nulls).
+        let field_digests: Vec<String> = requests
+            .iter()
+            .map(|r| r.field_digests.clone().unwrap_or_default())
+            .collect();
+        // One pass per key: the latest any delivery of it in this batch carries, so that a
+        // redrive sharing the batch with a plain duplicate still counts.
+        let mut latest: HashMap<&str, Pass> = HashMap::new();
+        for r in requests {
+            let pass = latest.entry(&r.key).or_default();
+            *pass = (*pass).max(r.pass);
+        }
+        let generations: Vec<i32> = requests
+            .iter()
+            .map(|r| clamp_i32(latest[r.key.as_str()].requeue_generation))
+            .collect();
+        let redrive_counts: Vec<i32> = requests
+            .iter()
+            .map(|r| clamp_i32(latest[r.key.as_str()].redrive_count))
+            .collect();
         let reclaimable: Vec<String> = requests
             .iter()
             .filter(|r| r.reclaim_failed)
@@ -255,23 +296,31 @@ impl CheckpointStore {
         // `distinct on` because one statement may not update the same row twice. Every
         // sub-statement of a `with` sees the same snapshot, so `existing` shows rows as they
         // were before this claim: a key that is neither claimed nor visible there was inserted
-        // by a concurrent claim a moment ago, i.e. it is busy.
+        // by a concurrent claim a moment ago, i.e. it is busy. A failed row is reclaimed only
+        // by a redrive of a later pass; the pass stored never goes back.
         let rows = sqlx::query!(
             r#"
             with input as (
                 select distinct on (idempotency_key)
-                       idempotency_key, payload_sha256, message_id
-                from unnest($2::text[], $3::text[], $4::text[])
-                     with ordinality as i(idempotency_key, payload_sha256, message_id, position)
+                       idempotency_key, payload_sha256, message_id,
+                       nullif(payload_fields, '') as payload_fields,
+                       requeue_generation, redrive_count
+                from unnest($2::text[], $3::text[], $4::text[], $8::text[], $9::int4[],
+                            $10::int4[])
+                     with ordinality as i(idempotency_key, payload_sha256, message_id,
+                                          payload_fields, requeue_generation, redrive_count,
+                                          position)
                 order by idempotency_key, position
             ),
             claimed as (
                 insert into checkpoints as c
                     (scope, idempotency_key, status, lease_owner, lease_expires_at, attempts,
-                     payload_sha256, first_message_id, last_message_id)
+                     payload_sha256, first_message_id, last_message_id, payload_fields,
+                     requeue_generation, redrive_count)
                 select $1, idempotency_key, 'in_progress', $5,
                        now() + make_interval(secs => $6), 1,
-                       payload_sha256, message_id, message_id
+                       payload_sha256, message_id, message_id, payload_fields,
+                       requeue_generation, redrive_count
                 from input
                 on conflict (scope, idempotency_key) do update
                 set status = 'in_progress',
@@ -279,10 +328,20 @@ impl CheckpointStore {
                     lease_expires_at = excluded.lease_expires_at,
                     attempts = c.attempts + 1,
                     last_message_id = excluded.last_message_id,
+                    requeue_generation = case
+                        when (excluded.requeue_generation, excluded.redrive_count)
+                             > (c.requeue_generation, c.redrive_count)
+                        then excluded.requeue_generation else c.requeue_generation end,
+                    redrive_count = case
+                        when (excluded.requeue_generation, excluded.redrive_count)
+                             > (c.requeue_generation, c.redrive_count)
+                        then excluded.redrive_count else c.redrive_count end,
                     updated_at = now()
                 where (c.status = 'in_progress'
                        and (c.lease_expires_at is null or c.lease_expires_at <= now()))
-                   or (c.status = 'failed' and c.idempotency_key = any($7::text[]))
+                   or (c.status = 'failed' and c.idempotency_key = any($7::text[])
+                       and (c.requeue_generation, c.redrive_count)
+                           < (excluded.requeue_generation, excluded.redrive_count))
                 returning c.idempotency_key, c.attempts, c.steps, c.payload_sha256,
                           (c.xmax = 0) as inserted
             )
@@ -307,6 +366,9 @@ impl CheckpointStore {
             owner,
             lease.as_secs_f64(),
             &reclaimable,
+            &field_digests,
+            &generations,
+            &redrive_counts,
         )
         .fetch_all(&self.pool)
         .await?;
@@ -671,12 +733,21 @@ impl CheckpointStore {
                 r#"
                 insert into checkpoints as c
                     (scope, idempotency_key, status, payload_sha256, first_message_id,
-                     last_message_id, last_error)
-                values ($1, $2, 'failed', $3, $4, $4, $5)
+                     last_message_id, last_error, requeue_generation, redrive_count)
+                values ($1, $2, 'failed', $3, $4, $4, $5, $7, $8)
                 on conflict (scope, idempotency_key) do update
                 set status = 'failed', lease_owner = null, lease_expires_at = null,
                     last_message_id = excluded.last_message_id,
-                    last_error = excluded.last_error, updated_at = now()
+                    last_error = excluded.last_error,
+                    requeue_generation = case
+                        when (excluded.requeue_generation, excluded.redrive_count)
+                             > (c.requeue_generation, c.redrive_count)
+                        then excluded.requeue_generation else c.requeue_generation end,
+                    redrive_count = case
+                        when (excluded.requeue_generation, excluded.redrive_count)
+                             > (c.requeue_generation, c.redrive_count)
+                        then excluded.redrive_count else c.redrive_count end,
+                    updated_at = now()
                 where c.status <> 'complete'
                   and (c.lease_owner is null or c.lease_owner = $6
                        or c.lease_expires_at <= now())
@@ -687,6 +758,8 @@ impl CheckpointStore {
                 letter.message_id,
                 &*error,
                 lease_owner,
+                letter.requeue_generation,
+                letter.redrive_count,
             )
             .execute(&mut *transaction)
             .await?;
@@ -809,6 +882,7 @@ impl CheckpointStore {
             r#"
             select scope, idempotency_key, status, steps, lease_owner, lease_expires_at,
                    attempts, payload_sha256, first_message_id, last_message_id, last_error,
+                   requeue_generation, redrive_count, payload_fields,
                    created_at, updated_at, completed_at
             from checkpoints
             where scope = $1 and idempotency_key = $2

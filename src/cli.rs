@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use comfy_table::{CellAlignment, ContentArrangement, Table};
+use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
@@ -15,18 +17,78 @@ use crate::config::{
 };
 use crate::lambda::LambdaWorker;
 use crate::message::{self, KeySpec};
-use crate::redrive::{self, Action, Filter, Outcome, RedriveOptions};
-use crate::sqs::{self, OutgoingMessage, SqsQueue};
+use crate::redrive::{self, Action, Filter, Outcome, RedriveError, RedriveOptions};
+use crate::sqs::{self, OutgoingMessage, SqsError, SqsQueue};
+use crate::startup::{self, StartupError, Verdict};
 use crate::telemetry::{self, Readiness};
-use crate::worker::{RunSummary, Worker};
+use crate::worker::{RunSummary, Worker, WorkerError};
 
-/// Connect to PostgreSQL with an error that says what to do.
+/// A mistake only an operator can fix (a malformed URL, a queue that does not exist,
+/// refused credentials, an invalid option): the binary exits 2 with this one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OperatorError(pub String);
+
+/// An error and its causes in one line, each cause once: sqlx and the AWS SDK repeat their
+/// inner error's text in their own, which `{:#}` would print twice.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(text.as_str()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text.lines().next().unwrap_or_default());
+    }
+    line
+}
+
+/// The exit status for an error that ended a command: 2 for an operator's mistake, 1 for
+/// anything else (an outage that outlasted `--startup-timeout`, a failed redrive).
+pub fn exit_status(error: &anyhow::Error) -> u8 {
+    let sqs_fatal = |e: &SqsError| !e.kind.is_transient();
+    let fatal = error.chain().any(|cause| {
+        cause.is::<OperatorError>()
+            || cause.downcast_ref::<StartupError>().is_some_and(StartupError::is_fatal)
+            || cause.downcast_ref::<WorkerError>().is_some_and(WorkerError::is_fatal)
+            || cause.downcast_ref::<SqsError>().is_some_and(sqs_fatal)
+            || matches!(cause.downcast_ref::<RedriveError>(), Some(RedriveError::Sqs(e)) if sqs_fatal(e))
+            || matches!(cause.downcast_ref::<RedriveError>(), Some(RedriveError::Config(_)))
+    });
+    if fatal { 2 } else { 1 }
+}
+
+/// One direct connection attempt, judged: the pool's own connect would wait out its acquire
+/// timeout and then report only that it timed out, hiding a refused connection or a wrong
+/// password behind ten seconds of silence.
+async fn probe_database(database_url: &str) -> Result<(), Verdict> {
+    use sqlx::Connection;
+    match sqlx::PgConnection::connect(database_url).await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Err(error) => Err(startup::judge_database(&error, &redact_url(database_url))),
+    }
+}
+
+/// Connect to PostgreSQL for an operator command: at once, or one line saying what to fix.
 pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
+    match probe_database(database_url).await {
+        Ok(()) => {}
+        Err(Verdict::Fatal(problem)) => return Err(OperatorError(problem).into()),
+        Err(Verdict::Transient(problem)) => {
+            bail!("{problem}; start it, or fix --database-url / DATABASE_URL")
+        }
+    }
     crate::connect_database(database_url, max_connections)
         .await
         .with_context(|| {
             format!(
-                "cannot connect to PostgreSQL at {}; start it or set DATABASE_URL",
+                "cannot connect to the database at {}",
                 redact_url(database_url)
             )
         })
@@ -44,12 +106,28 @@ pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
 }
 
 /// A pool for a worker, with the migrations applied unless the schema is managed elsewhere.
+/// A database that cannot be reached yet is tried again until `deadline`.
 async fn connect_migrated(
     database_url: &str,
     connections: u32,
     migrate: bool,
+    deadline: std::time::Instant,
 ) -> anyhow::Result<sqlx::PgPool> {
-    let pool = connect(database_url, connections).await?;
+    startup::retry_until(
+        "connecting to the database",
+        deadline,
+        || probe_database(database_url),
+        Verdict::clone,
+    )
+    .await?;
+    let pool = crate::connect_database(database_url, connections)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the database at {}",
+                redact_url(database_url)
+            )
+        })?;
     if migrate {
         crate::MIGRATOR.run(&pool).await.context(
             "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
@@ -60,27 +138,34 @@ async fn connect_migrated(
 
 /// `sqs-worker run`.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
-    let config = args
-        .worker_config()
-        .map_err(anyhow::Error::msg)
-        .context("invalid --key")?;
-    let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
+    let deadline = std::time::Instant::now() + args.processing.startup_timeout;
+    let mut config = args.worker_config().map_err(OperatorError)?;
+    let handler = args.handler.build_handler().map_err(OperatorError)?;
+    // The endpoints come first, so that /readyz answers 503 while the start waits out an
+    // outage; they outlive the worker's drain by a little and stop when this returns.
+    let endpoints = CancellationToken::new();
+    let _stop_endpoints = endpoints.clone().drop_guard();
+    let readiness = match args.metrics_addr {
+        Some(addr) => {
+            let prometheus = telemetry::install_recorder()?;
+            let readiness = Arc::new(Readiness::new());
+            telemetry::serve(addr, prometheus, readiness.clone(), endpoints).await?;
+            Some(readiness)
+        }
+        None => None,
+    };
     // Enough connections for the claim, the acker and the handlers' own checkpoint writes.
     let pool = connect_migrated(
         &args.database.database_url,
         (config.concurrency as u32 / 2).clamp(4, 32),
         !args.processing.no_migrate,
+        deadline,
     )
     .await?;
     let client = crate::sqs::client_from_env().await;
+    config.startup_timeout = deadline.saturating_duration_since(std::time::Instant::now());
     let mut worker = Worker::new(config, client, pool, handler).with_shutdown(shutdown.clone());
-    // The endpoints outlive the worker's drain by a little: they stop when this returns.
-    let endpoints = CancellationToken::new();
-    let _stop_endpoints = endpoints.clone().drop_guard();
-    if let Some(addr) = args.metrics_addr {
-        let prometheus = telemetry::install_recorder()?;
-        let readiness = Arc::new(Readiness::new());
-        telemetry::serve(addr, prometheus, readiness.clone(), endpoints).await?;
+    if let Some(readiness) = readiness {
         worker = worker.with_readiness(readiness);
     }
     let summary = worker.run().await?;
@@ -92,17 +177,15 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
 /// `sqs-worker lambda`: serve the Lambda runtime API, or run one local invocation on an
 /// event file and print the batch response.
 pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
-    let mut config = args
-        .processing
-        .worker_config("")
-        .map_err(anyhow::Error::msg)
-        .context("invalid --key")?;
+    let deadline = std::time::Instant::now() + args.processing.startup_timeout;
+    let mut config = args.processing.worker_config("").map_err(OperatorError)?;
     config.concurrency = args.concurrency as usize;
-    let handler = args.handler.build_handler().map_err(anyhow::Error::msg)?;
+    let handler = args.handler.build_handler().map_err(OperatorError)?;
     let pool = connect_migrated(
         &args.database.database_url,
         (config.concurrency as u32 / 2).clamp(2, 16),
         !args.processing.no_migrate,
+        deadline,
     )
     .await?;
     let client = crate::sqs::client_from_env().await;
@@ -147,6 +230,11 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
     let started = Instant::now();
     // Progress on stderr: one updating line on a terminal, a line per 20 statements otherwise.
     let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        progress_bar(None, "{spinner} {pos} deleted · {msg} · {per_sec}")
+    } else {
+        ProgressBar::hidden()
+    };
     let mut deleted: u64 = 0;
     let mut batches: u64 = 0;
     loop {
@@ -162,19 +250,17 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
             )?;
         deleted += n;
         batches += 1;
-        let rate = deleted as f64 / started.elapsed().as_secs_f64().max(0.001);
-        if terminal {
-            eprint!("\r{deleted} deleted · {batches} statements · {rate:.0}/s   ");
-        } else if batches.is_multiple_of(20) {
+        bar.inc(n);
+        bar.set_message(format!("{batches} statements"));
+        if !terminal && batches.is_multiple_of(20) {
+            let rate = deleted as f64 / started.elapsed().as_secs_f64().max(0.001);
             eprintln!("{deleted} deleted · {batches} statements · {rate:.0}/s");
         }
         if n == 0 {
             break;
         }
     }
-    if terminal {
-        eprintln!();
-    }
+    bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     match args.format {
         OutputFormat::Json => println!(
@@ -241,7 +327,14 @@ fn print_checkpoint(c: &Checkpoint) {
         ("lease expires", opt_time(c.lease_expires_at)),
         ("first message", c.first_message_id.clone()),
         ("last message", c.last_message_id.clone()),
-        ("payload sha256", c.payload_sha256.clone()),
+        (
+            "pass",
+            format!(
+                "requeue {}, redrive {}",
+                c.requeue_generation, c.redrive_count
+            ),
+        ),
+        ("fingerprint", c.payload_sha256.clone()),
         (
             "last error",
             c.last_error.clone().unwrap_or_else(|| "-".into()),
@@ -250,15 +343,11 @@ fn print_checkpoint(c: &Checkpoint) {
         ("updated", c.updated_at.to_rfc3339()),
         ("completed", opt_time(c.completed_at)),
     ];
-    for (name, value) in rows {
-        println!("{name:<15} {value}");
-    }
+    print_fields(&rows);
 }
 
 fn key_spec(args: &KeyArgs) -> anyhow::Result<KeySpec> {
-    KeySpec::new(args.keys.clone())
-        .map_err(anyhow::Error::msg)
-        .context("invalid --key")
+    Ok(KeySpec::new(args.keys.clone()).map_err(OperatorError)?)
 }
 
 fn default_operator() -> String {
@@ -319,9 +408,26 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         operator: args.operator.clone().unwrap_or_else(default_operator),
     };
 
-    // Progress: one updating line on a terminal, one line per message otherwise.
+    // Progress on stderr: a bar with rate and ETA on a terminal (its length is the DLQ's
+    // approximate depth), one line per message otherwise.
     let terminal = std::io::stderr().is_terminal();
-    let started = Instant::now();
+    let bar = if terminal && !options.dry_run {
+        let depth = SqsQueue::new(client.clone(), options.dlq_url.clone())
+            .message_counts()
+            .await
+            .ok()
+            .map(|counts| counts.visible);
+        let length = match (depth, options.limit) {
+            (Some(depth), Some(limit)) => Some(depth.min(limit)),
+            (depth, limit) => depth.or(limit),
+        };
+        progress_bar(
+            length,
+            "{spinner} {pos}/{len} examined · {msg} · {per_sec} · ETA {eta}",
+        )
+    } else {
+        ProgressBar::hidden()
+    };
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut tally: HashMap<&'static str, u64> = HashMap::new();
     let report = redrive::redrive(client, &store, &options, |outcome| {
@@ -336,15 +442,14 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         if options.dry_run {
             outcomes.push(outcome.clone());
         } else if terminal {
-            let examined: u64 = tally.values().sum();
-            eprint!(
-                "\r{examined} examined · {} redriven · {} already done · {} exhausted · {} failed · {:.1}/s   ",
+            bar.inc(1);
+            bar.set_message(format!(
+                "{} redriven · {} already done · {} exhausted · {} failed",
                 tally.get("redriven").unwrap_or(&0),
                 tally.get("already done").unwrap_or(&0),
                 tally.get("exhausted").unwrap_or(&0),
                 tally.get("failed").unwrap_or(&0),
-                examined as f64 / started.elapsed().as_secs_f64().max(0.001),
-            );
+            ));
         } else {
             eprintln!(
                 "{} key={} {}",
@@ -359,9 +464,7 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         "redrive stopped; nothing was lost (a message leaves the DLQ only after it was sent). \
          Check AWS credentials, region and AWS_ENDPOINT_URL, then run it again",
     )?;
-    if terminal && !options.dry_run {
-        eprintln!();
-    }
+    bar.finish_and_clear();
 
     match args.format {
         OutputFormat::Json => {
@@ -370,23 +473,20 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         }
         OutputFormat::Table => {
             if options.dry_run {
-                println!(
-                    "{:<38} {:<30} {:>8} {:<12} WOULD",
-                    "MESSAGE ID", "KEY", "REDRIVES", "CHECKPOINT"
-                );
+                let mut table = table(&["MESSAGE ID", "KEY", "REDRIVES", "CHECKPOINT", "WOULD"]);
+                align_right(&mut table, &[2]);
                 for o in &outcomes {
-                    println!(
-                        "{:<38} {:<30} {:>8} {:<12} {}",
-                        o.message_id,
-                        message::truncate_for_log(&o.key, 29),
+                    table.add_row(vec![
+                        o.message_id.clone(),
+                        o.key.clone(),
                         o.previous_redrive_count
                             .map(|c| c.to_string())
                             .unwrap_or_else(|| "?".into()),
-                        o.checkpoint_status.as_deref().unwrap_or("-"),
-                        describe_action(&o.action)
-                    );
+                        o.checkpoint_status.clone().unwrap_or_else(|| "-".into()),
+                        describe_action(&o.action),
+                    ]);
                 }
-                println!();
+                println!("{}\n", table.trim_fmt());
             }
             println!(
                 "redrive #{} to {}{}",
@@ -413,10 +513,16 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
                 ("filtered out (kept)".to_owned(), report.filtered_out),
                 ("send failures (kept)".to_owned(), report.counts.failed),
             ];
+            let mut summary = table(&[]);
+            align_right(&mut summary, &[1]);
             for (label, count) in lines {
-                println!("  {label:<32}{count:>6}");
+                summary.add_row(vec![label, count.to_string()]);
             }
-            println!("  {:<32}{:>6.1}", "seconds", report.elapsed_secs);
+            summary.add_row(vec![
+                "seconds".to_owned(),
+                format!("{:.1}", report.elapsed_secs),
+            ]);
+            println!("{}", summary.trim_fmt());
         }
     }
     if report.counts.failed > 0 {
@@ -444,24 +550,23 @@ async fn redrive_native_calls(
         match args.format {
             OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&tasks)?),
             OutputFormat::Table => {
-                println!(
-                    "{:<12} {:>8} {:>8}  {:<40} FAILURE",
-                    "STATUS", "MOVED", "TO MOVE", "TASK HANDLE"
-                );
+                if tasks.is_empty() {
+                    println!("no move tasks for this DLQ");
+                    return Ok(());
+                }
+                let mut table = table(&["STATUS", "MOVED", "TO MOVE", "TASK HANDLE", "FAILURE"]);
+                align_right(&mut table, &[1, 2]);
                 for task in &tasks {
                     let text = |field: &str| task[field].as_str().unwrap_or("-").to_owned();
-                    println!(
-                        "{:<12} {:>8} {:>8}  {:<40} {}",
+                    table.add_row(vec![
                         text("status"),
                         task["moved"].to_string(),
                         task["to_move"].to_string(),
                         text("task_handle"),
-                        text("failure_reason")
-                    );
+                        text("failure_reason"),
+                    ]);
                 }
-                if tasks.is_empty() {
-                    println!("no move tasks for this DLQ");
-                }
+                println!("{}", table.trim_fmt());
             }
         }
         return Ok(());
@@ -531,24 +636,30 @@ pub async fn dlq_peek(args: DlqPeekArgs) -> anyhow::Result<()> {
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&peeked)?),
         OutputFormat::Table => {
-            println!(
-                "{:<38} {:<24} {:>7} {:>5} {:>8} {:<18} BODY",
-                "MESSAGE ID", "KEY", "AGE", "RECV", "REDRIVES", "REASON"
-            );
+            let mut table = table(&[
+                "MESSAGE ID",
+                "KEY",
+                "AGE",
+                "RECV",
+                "REDRIVES",
+                "REASON",
+                "BODY",
+            ]);
+            align_right(&mut table, &[2, 3, 4]);
             for m in &peeked {
-                println!(
-                    "{:<38} {:<24} {:>7} {:>5} {:>8} {:<18} {}",
-                    m.message_id,
-                    message::truncate_for_log(&m.key, 23),
+                table.add_row(vec![
+                    m.message_id.clone(),
+                    m.key.clone(),
                     m.age_secs.map(human_age).unwrap_or_else(|| "-".into()),
                     m.receive_count
                         .map(|c| c.to_string())
                         .unwrap_or_else(|| "-".into()),
-                    m.redrive_count,
-                    m.failure_reason.as_deref().unwrap_or("-"),
-                    m.body_preview.replace('\n', " ")
-                );
+                    m.redrive_count.to_string(),
+                    m.failure_reason.clone().unwrap_or_else(|| "-".into()),
+                    m.body_preview.replace('\n', " "),
+                ]);
             }
+            println!("{}", table.trim_fmt());
             eprintln!(
                 "{} message(s) shown; all were made visible again",
                 peeked.len()
@@ -582,22 +693,24 @@ pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyho
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&letters)?),
         OutputFormat::Table => {
-            println!(
-                "{:>6} {:<20} {:<16} {:<24} {:<22} {:>8} ERROR",
-                "ID", "WHEN", "SCOPE", "KEY", "REASON", "REDRIVES"
-            );
-            for l in &letters {
-                println!(
-                    "{:>6} {:<20} {:<16} {:<24} {:<22} {:>8} {}",
-                    l.id,
-                    l.created_at.format("%Y-%m-%d %H:%M:%S"),
-                    message::truncate_for_log(&l.scope, 15),
-                    message::truncate_for_log(&l.idempotency_key, 23),
-                    l.reason,
-                    l.redrive_count,
-                    message::truncate_for_log(&l.error, 60)
-                );
+            if letters.is_empty() {
+                println!("no dead letters{}", scope_note(args.scope.as_deref()));
+                return Ok(());
             }
+            let mut table = table(&["ID", "WHEN", "SCOPE", "KEY", "REASON", "REDRIVES", "ERROR"]);
+            align_right(&mut table, &[0, 5]);
+            for l in &letters {
+                table.add_row(vec![
+                    l.id.to_string(),
+                    l.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    l.scope.clone(),
+                    l.idempotency_key.clone(),
+                    l.reason.clone(),
+                    l.redrive_count.to_string(),
+                    message::truncate_for_log(&l.error, 120),
+                ]);
+            }
+            println!("{}", table.trim_fmt());
         }
     }
     Ok(())
@@ -631,9 +744,7 @@ pub async fn dead_letter_show(args: DeadLetterIdArgs) -> anyhow::Result<()> {
                 ("attributes", letter.attributes.to_string()),
                 ("body", letter.body.clone()),
             ];
-            for (name, value) in rows {
-                println!("{name:<11} {value}");
-            }
+            print_fields(&rows);
         }
     }
     Ok(())
@@ -647,8 +758,9 @@ async fn find_dead_letter(store: &CheckpointStore, id: i64) -> anyhow::Result<De
 }
 
 /// `sqs-worker dead-letters requeue`: send one back on purpose. It carries
-/// `dlq_redriven=true` (so its failed checkpoint may be claimed again) and a redrive count of
-/// 0, so it gets the full number of redrives again.
+/// `dlq_redriven=true`, a redrive count of 0 (the full number of redrives again) and the next
+/// `requeue_generation`, a later pass than any seen, so its failed checkpoint is claimed once
+/// more.
 pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
     let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
     let letter = find_dead_letter(&store, args.id).await?;
@@ -673,11 +785,27 @@ pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
     ] {
         attributes.remove(marker);
     }
+    // A requeue is a new pass: the next generation after any seen, so its failed event runs
+    // once more, while duplicates of this requeue (or a second requeue of the same letter
+    // before it ran) count as one.
+    let recorded_generation = letter.attributes[message::ATTR_REQUEUE_GENERATION]["value"]
+        .as_str()
+        .and_then(|g| g.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    let checkpoint_generation = store
+        .find(&letter.scope, &letter.idempotency_key)
+        .await?
+        .map_or(0, |c| c.requeue_generation.max(0) as u32);
+    let generation = recorded_generation.max(checkpoint_generation) + 1;
     attributes.insert(
         message::ATTR_DLQ_REDRIVEN.into(),
         sqs::string_attribute("true"),
     );
     attributes.insert(message::ATTR_REDRIVE_COUNT.into(), sqs::number_attribute(0));
+    attributes.insert(
+        message::ATTR_REQUEUE_GENERATION.into(),
+        sqs::number_attribute(generation),
+    );
     let fifo = letter.queue_url.ends_with(".fifo");
     let queue = SqsQueue::new(sqs::client_from_env().await, letter.queue_url.clone());
     let message_id = queue
@@ -691,10 +819,63 @@ pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
         .await?;
     store.mark_dead_letter_requeued(letter.id).await?;
     println!(
-        "requeued dead letter {} to {} as message {message_id}",
+        "requeued dead letter {} to {} as message {message_id} (requeue {generation}: its \
+         event runs once more, with the full number of redrives)",
         letter.id, letter.queue_url
     );
     Ok(())
+}
+
+fn scope_note(scope: Option<&str>) -> String {
+    scope
+        .map(|s| format!(" in scope {s:?}"))
+        .unwrap_or_default()
+}
+
+/// A table for people: a header row, no borders, columns measured by display width (CJK and
+/// emoji keep them straight) and, on a terminal, wrapped to its width rather than cut.
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    if !header.is_empty() {
+        table.set_header(header.to_vec());
+    }
+    if let Some((_, width)) = console::Term::stdout().size_checked() {
+        table
+            .set_width(width)
+            .set_content_arrangement(ContentArrangement::Dynamic);
+    }
+    table
+}
+
+fn align_right(table: &mut Table, columns: &[usize]) {
+    for &i in columns {
+        if let Some(column) = table.column_mut(i) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+}
+
+/// A progress bar on stderr: with a length, a bar with ETA; without one, a spinner.
+fn progress_bar(length: Option<u64>, template: &str) -> ProgressBar {
+    let bar = match length {
+        Some(length) => ProgressBar::new(length),
+        None => ProgressBar::new_spinner(),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// Name–value pairs as a two-column table.
+fn print_fields(rows: &[(&str, String)]) {
+    let mut fields = table(&[]);
+    for (name, value) in rows {
+        fields.add_row(vec![(*name).to_owned(), value.clone()]);
+    }
+    println!("{}", fields.trim_fmt());
 }
 
 /// Hide the password of a database URL for messages.

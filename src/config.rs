@@ -155,9 +155,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR", env = "SQS_WORKER_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
-    /// Exit 0 once nothing was received and nothing was in flight for this many seconds
-    /// (drain mode for batch jobs and tests). Messages waiting out a retry backoff are not
-    /// in flight.
+    /// Exit 0 once nothing was received or running here for this many seconds and the queue
+    /// holds nothing visible, in flight or delayed (drain mode for batch jobs and tests):
+    /// messages hidden by a crashed worker, waiting out a retry backoff or sent with a delay
+    /// are waited for, at most the visibility timeout plus this period, then the worker exits
+    /// and logs what it left. Long polls shorten as the idle period runs out, so the exit
+    /// comes within about a second of it.
     #[arg(long, value_name = "SECS", env = "SQS_WORKER_EXIT_WHEN_IDLE", value_parser = parse_seconds)]
     pub exit_when_idle: Option<Duration>,
 
@@ -207,8 +210,22 @@ pub struct ProcessingArgs {
     #[arg(long, env = "SQS_WORKER_ENVELOPE", value_enum, default_value_t = Envelope::Raw)]
     pub envelope: Envelope,
 
+    /// Fingerprint only this field of the event (a JSON pointer, e.g. /order/amount) to tell
+    /// a true duplicate from a reused key; repeat it for more fields (the env variable takes
+    /// a comma-separated list). By default the whole event is fingerprinted, so a re-sent
+    /// event that differs only in a volatile field (`sent_at`, a delivery counter) counts as
+    /// a payload mismatch. Changing it makes events seen before look mismatched.
+    #[arg(
+        long = "fingerprint",
+        value_name = "POINTER",
+        env = "SQS_WORKER_FINGERPRINT",
+        value_delimiter = ','
+    )]
+    pub fingerprint: Vec<String>,
+
     /// When a key arrives again with a different payload: `dead-letter` sends that message
-    /// to the DLQ with reason payload_mismatch; `accept` treats it as the same event.
+    /// to the DLQ with reason payload_mismatch (the detail names the fields that differ);
+    /// `accept` treats it as the same event.
     #[arg(long, env = "SQS_WORKER_ON_PAYLOAD_MISMATCH", value_enum, default_value_t = PayloadMismatch::DeadLetter)]
     pub on_payload_mismatch: PayloadMismatch,
 
@@ -243,6 +260,13 @@ pub struct ProcessingArgs {
     #[arg(long, env = "SQS_WORKER_WORKER_ID")]
     pub worker_id: Option<String>,
 
+    /// How long to keep trying at start while SQS or the database cannot be reached
+    /// (connection refused, DNS, timeouts, 5xx), in seconds; one log line per attempt and
+    /// /readyz 503 meanwhile, then exit 1. What retrying cannot mend (a malformed URL, a
+    /// queue that does not exist, refused credentials) exits 2 at once.
+    #[arg(long, value_name = "SECS", env = "SQS_WORKER_STARTUP_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
+    pub startup_timeout: Duration,
+
     /// Do not apply database migrations at start (on Lambda, recommended: run `sqs-worker
     /// migrate` once per deploy instead of on every cold start).
     #[arg(long, env = "SQS_WORKER_NO_MIGRATE")]
@@ -254,13 +278,14 @@ impl ProcessingArgs {
     pub fn worker_config(&self, queue_url: &str) -> Result<WorkerConfig, String> {
         let mut config = WorkerConfig::new(queue_url);
         config.scope = self.scope.clone();
-        config.key = KeySpec::new(self.keys.clone())?;
+        config.key = KeySpec::new(self.keys.clone())?.with_fingerprint(self.fingerprint.clone())?;
         config.envelope = self.envelope;
         config.on_payload_mismatch = self.on_payload_mismatch;
         config.max_handler_time = self.max_handler_time;
         config.backoff_base = self.backoff_base;
         config.backoff_max = self.backoff_max;
         config.worker_id = self.worker_id.clone();
+        config.startup_timeout = self.startup_timeout;
         Ok(config)
     }
 }

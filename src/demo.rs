@@ -49,6 +49,30 @@ impl Handler for SampleHandler {
     }
 }
 
+/// The command that shows one of the demo's checkpoints: this very binary (a path relative
+/// to the current directory when it is below it, as `target/release/sqs-worker` is), with
+/// the database URL in front unless it holds a password.
+fn lookup_hint(database_url: &str, key: &str) -> String {
+    let binary = std::env::current_exe()
+        .ok()
+        .map(|exe| {
+            let relative = std::env::current_dir()
+                .ok()
+                .and_then(|dir| exe.strip_prefix(dir).ok().map(|p| p.to_path_buf()));
+            match relative {
+                Some(path) => format!("./{}", path.display()),
+                None => exe.display().to_string(),
+            }
+        })
+        .unwrap_or_else(|| "sqs-worker".into());
+    let environment = if crate::cli::redact_url(database_url) == database_url {
+        format!("DATABASE_URL={database_url} ")
+    } else {
+        String::new()
+    };
+    format!("{environment}{binary} checkpoints show --scope demo --key {key}")
+}
+
 /// Run the demo and print its summary on stdout.
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let client = crate::sqs::local_client(&args.endpoint_url).await;
@@ -141,9 +165,37 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         handler.charges.load(Ordering::Relaxed)
     );
     println!();
+    println!("look one up with the binary just built (no second build):");
     println!(
-        "look one up: cargo run -- checkpoints show --scope demo --key demo-{run_id}-001 \
-         (with DATABASE_URL set)"
+        "  {}",
+        lookup_hint(&args.database_url, &format!("demo-{run_id}-001"))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lookup_hint;
+
+    #[test]
+    fn the_hint_names_the_built_binary_and_keeps_passwords_out() {
+        let hint = lookup_hint("postgres://postgres@127.0.0.1:5432/postgres", "demo-1-001");
+        assert!(!hint.contains("cargo"), "no second build: {hint}");
+        assert!(
+            hint.starts_with("DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres "),
+            "{hint}"
+        );
+        assert!(
+            hint.ends_with(" checkpoints show --scope demo --key demo-1-001"),
+            "{hint}"
+        );
+        let exe = std::env::current_exe().unwrap();
+        let name = exe.file_name().unwrap().to_string_lossy();
+        assert!(hint.contains(name.as_ref()), "{hint}");
+        let secret = lookup_hint("postgres://app:s3cret@db/x", "k");
+        assert!(
+            !secret.contains("s3cret") && !secret.contains("DATABASE_URL="),
+            "{secret}"
+        );
+    }
 }

@@ -56,6 +56,7 @@ pub mod lambda;
 pub mod message;
 pub mod redrive;
 pub mod sqs;
+pub mod startup;
 pub mod telemetry;
 pub mod worker;
 

@@ -1,16 +1,37 @@
 //! The `sqs-worker` binary: parse options, start logging, wire the shutdown signal and
 //! dispatch. Everything a test needs lives in the library.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use sqs_worker::config::{CheckpointsCommand, Cli, Command, DeadLettersCommand, DlqCommand};
 use sqs_worker::{cli, demo, telemetry};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Exit 0 on success; on failure one line on stderr (no backtrace, even with
+/// RUST_BACKTRACE set: these are operators' errors, not bugs) and exit 2 for what an operator
+/// must fix, 1 for anything else.
+fn main() -> ExitCode {
     let args = Cli::parse();
     telemetry::init(args.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", cli::one_line(&error));
+            ExitCode::from(cli::exit_status(&error))
+        }
+    }
+}
+
+async fn dispatch(args: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 

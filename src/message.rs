@@ -17,13 +17,22 @@ pub const ATTR_REDRIVE_COUNT: &str = "redrive_count";
 /// Message attribute: `"true"` on the last redrive an operator allows; a failure then ends
 /// the message (recorded, deleted) instead of sending it to the DLQ again.
 pub const ATTR_DLQ_FINAL_PASS: &str = "dlq_final_pass";
+/// Message attribute set by `dead-letters requeue`: which deliberate requeue of the event
+/// this is (1, 2, …). A requeue is a new pass even though its redrive count starts at 0 again.
+pub const ATTR_REQUEUE_GENERATION: &str = "requeue_generation";
 /// The redrive markers, most important first.
-pub const REDRIVE_MARKERS: [&str; 3] = [ATTR_REDRIVE_COUNT, ATTR_DLQ_FINAL_PASS, ATTR_DLQ_REDRIVEN];
+pub const REDRIVE_MARKERS: [&str; 4] = [
+    ATTR_REDRIVE_COUNT,
+    ATTR_REQUEUE_GENERATION,
+    ATTR_DLQ_FINAL_PASS,
+    ATTR_DLQ_REDRIVEN,
+];
 /// What a message derived from another (a DLQ copy, a redriven message) keeps longest when
 /// it must shrink to fit a size limit, most important first: the redrive markers (a lost
 /// `redrive_count` would let `redrive` loop past `--max-redrives`), then the failure reason.
-pub const KEEP_LONGEST: [&str; 4] = [
+pub const KEEP_LONGEST: [&str; 5] = [
     ATTR_REDRIVE_COUNT,
+    ATTR_REQUEUE_GENERATION,
     ATTR_DLQ_FINAL_PASS,
     ATTR_DLQ_REDRIVEN,
     ATTR_FAILURE_REASON,
@@ -37,22 +46,32 @@ pub const ATTR_FAILURE_DETAIL: &str = "sqs_worker_failure_detail";
 ///
 /// No pointers means "the whole body is the event": the key is the SHA-256 of the body, which
 /// still recognises byte-identical duplicates.
+///
+/// It also says what the payload fingerprint covers: the whole event by default, or only
+/// the fields named with [`KeySpec::with_fingerprint`] (so that a re-sent event whose
+/// envelope differs only in a volatile field such as `sent_at` is still a duplicate).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeySpec {
     pointers: Vec<String>,
+    fingerprint: Vec<String>,
 }
 
 impl KeySpec {
     /// Validate RFC 6901 JSON pointers such as `/order_id` or `/detail/id`.
     pub fn new(pointers: Vec<String>) -> Result<Self, String> {
-        for pointer in &pointers {
-            if !pointer.starts_with('/') {
-                return Err(format!(
-                    "key pointer {pointer:?} is not a JSON pointer: it must start with '/', e.g. /order_id"
-                ));
-            }
-        }
-        Ok(Self { pointers })
+        check_pointers("key", "--key", &pointers)?;
+        Ok(Self {
+            pointers,
+            fingerprint: Vec::new(),
+        })
+    }
+
+    /// Fingerprint only these fields (JSON pointers into the event) instead of the whole
+    /// event. An empty list means the whole event.
+    pub fn with_fingerprint(mut self, pointers: Vec<String>) -> Result<Self, String> {
+        check_pointers("fingerprint", "--fingerprint", &pointers)?;
+        self.fingerprint = pointers;
+        Ok(self)
     }
 
     /// The pointers, in the order they make up a composite key.
@@ -60,10 +79,27 @@ impl KeySpec {
         &self.pointers
     }
 
+    /// The fingerprinted fields; empty when the whole event is fingerprinted.
+    pub fn fingerprint_pointers(&self) -> &[String] {
+        &self.fingerprint
+    }
+
     /// True when the key is read from the JSON body (so the body must be JSON).
     pub fn needs_json(&self) -> bool {
         !self.pointers.is_empty()
     }
+}
+
+fn check_pointers(what: &str, flag: &str, pointers: &[String]) -> Result<(), String> {
+    for pointer in pointers {
+        if !pointer.starts_with('/') {
+            return Err(format!(
+                "{what} pointer {pointer:?} is not a JSON pointer: it must start with '/', e.g. \
+                 {flag} /order_id"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why no key could be taken from a body. Always permanent: the same body fails the same way.
@@ -135,8 +171,13 @@ pub struct EventIdentity {
     pub body: String,
     /// The event parsed as JSON, when it is JSON.
     pub json: Option<Value>,
-    /// SHA-256 of the event text: the payload fingerprint.
+    /// The payload fingerprint: SHA-256 of the event text, or with fingerprint pointers
+    /// `fields:` and the SHA-256 of the chosen fields' values.
     pub fingerprint: String,
+    /// Short digests of the fingerprinted fields (`{"/pointer": "digest"}` as JSON text), so
+    /// that a mismatch can name the fields that differ; `None` when the event is not a JSON
+    /// object (or has too many fields to list).
+    pub field_digests: Option<String>,
 }
 
 /// SHA-256 of a text, hex: the payload fingerprint, and the key when there are no pointers.
@@ -191,13 +232,15 @@ pub fn derive_identity(
     raw: &str,
 ) -> Result<EventIdentity, KeyError> {
     let (body, json) = unwrap_envelope(envelope, raw)?;
-    let fingerprint = body_sha256(&body);
+    let body_hash = body_sha256(&body);
+    let (fingerprint, field_digests) = fingerprint(spec, &body_hash, json.as_ref());
     if !spec.needs_json() {
         return Ok(EventIdentity {
-            key: format!("sha256:{fingerprint}"),
+            key: format!("sha256:{body_hash}"),
             body,
             json,
             fingerprint,
+            field_digests,
         });
     }
     let Some(json) = json else {
@@ -240,7 +283,127 @@ pub fn derive_identity(
         body,
         json: Some(json),
         fingerprint,
+        field_digests,
     })
+}
+
+/// Most top-level fields listed in [`EventIdentity::field_digests`] for a whole-event
+/// fingerprint; larger events are fingerprinted whole but not listed.
+const MAX_LISTED_FIELDS: usize = 64;
+
+/// The payload fingerprint and the digests of its fields. With fingerprint pointers, only
+/// those fields count (a missing one counts as null); an event that is not JSON then falls
+/// back to the whole text, as there are no fields to choose from.
+fn fingerprint(spec: &KeySpec, body_hash: &str, json: Option<&Value>) -> (String, Option<String>) {
+    let Some(json) = json else {
+        return (body_hash.to_owned(), None);
+    };
+    if spec.fingerprint.is_empty() {
+        let digests = json
+            .as_object()
+            .filter(|o| o.len() <= MAX_LISTED_FIELDS)
+            .map(|object| {
+                let fields = object
+                    .iter()
+                    .map(|(name, value)| (format!("/{}", escape_pointer_token(name)), value));
+                field_digest_text(fields)
+            });
+        return (body_hash.to_owned(), digests);
+    }
+    let chosen: Vec<(String, &Value)> = spec
+        .fingerprint
+        .iter()
+        .map(|pointer| {
+            (
+                pointer.clone(),
+                json.pointer(pointer).unwrap_or(&Value::Null),
+            )
+        })
+        .collect();
+    let mut text = String::from("[");
+    for (i, (_, value)) in chosen.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        write_canonical_json(&mut text, value);
+    }
+    text.push(']');
+    (
+        format!("fields:{}", body_sha256(&text)),
+        Some(field_digest_text(chosen.into_iter())),
+    )
+}
+
+/// `{"/pointer": "<16 hex digits of SHA-256>"}`: enough to tell which fields changed.
+fn field_digest_text<'a>(fields: impl Iterator<Item = (String, &'a Value)>) -> String {
+    let map: serde_json::Map<String, Value> = fields
+        .map(|(pointer, value)| {
+            let mut text = String::new();
+            write_canonical_json(&mut text, value);
+            (pointer, Value::String(body_sha256(&text)[..16].to_owned()))
+        })
+        .collect();
+    Value::Object(map).to_string()
+}
+
+/// The fields whose digests differ between two [`EventIdentity::field_digests`] texts (a
+/// field present in only one of them differs too), in pointer order. `None` when either
+/// side has no digests to compare.
+pub fn differing_fields(stored: Option<&str>, arrived: Option<&str>) -> Option<Vec<String>> {
+    let parse = |text: Option<&str>| -> Option<serde_json::Map<String, Value>> {
+        serde_json::from_str::<Value>(text?)
+            .ok()?
+            .as_object()
+            .cloned()
+    };
+    let (stored, arrived) = (parse(stored)?, parse(arrived)?);
+    let mut names: Vec<&String> = stored.keys().chain(arrived.keys()).collect();
+    names.sort();
+    names.dedup();
+    Some(
+        names
+            .into_iter()
+            .filter(|name| stored.get(*name) != arrived.get(*name))
+            .cloned()
+            .collect(),
+    )
+}
+
+/// RFC 6901: `~` becomes `~0` and `/` becomes `~1` inside a pointer token.
+fn escape_pointer_token(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
+/// JSON text with object keys sorted at every level, whatever map type serde_json was built
+/// with: equal values always give equal text, so fingerprints never depend on key order.
+fn write_canonical_json(out: &mut String, value: &Value) {
+    match value {
+        Value::Object(object) => {
+            let mut entries: Vec<(&String, &Value)> = object.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (name, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(name.clone()).to_string());
+                out.push(':');
+                write_canonical_json(out, value);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical_json(out, item);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 /// The key text of a JSON number that serde_json holds exactly as an `i64` or `u64`: its
@@ -300,8 +463,33 @@ pub struct RedriveMarkers {
     pub redrive_count: u32,
     /// A failure on this delivery ends the message for good.
     pub final_pass: bool,
+    /// Which deliberate requeue (`dead-letters requeue`) this is; 0 if never requeued.
+    pub requeue_generation: u32,
     /// Marker values that could not be read, for the log (the marker then counts as absent).
     pub problems: Vec<String>,
+}
+
+impl RedriveMarkers {
+    /// The pass this delivery belongs to.
+    pub fn pass(&self) -> Pass {
+        Pass {
+            requeue_generation: self.requeue_generation,
+            redrive_count: self.redrive_count,
+        }
+    }
+}
+
+/// Which pass over an event a delivery belongs to: the first delivery and its duplicates
+/// are pass (0, 0); each redrive raises the redrive count, each deliberate requeue the
+/// generation (and starts its redrive count again at 0). Passes order by generation, then
+/// redrive count. A failed event is tried again only by a later pass, so duplicates of one
+/// redrive never run a handler that already failed on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pass {
+    /// Deliberate requeues so far.
+    pub requeue_generation: u32,
+    /// Redrives since the latest requeue.
+    pub redrive_count: u32,
 }
 
 /// Read the redrive markers from `(name, string value)` pairs of message attributes.
@@ -319,21 +507,38 @@ pub fn parse_markers<'a>(
             ATTR_DLQ_FINAL_PASS => {
                 markers.final_pass = parse_flag(name, value, &mut markers.problems)
             }
-            ATTR_REDRIVE_COUNT => match value.map(str::parse::<u32>) {
-                Some(Ok(count)) => markers.redrive_count = count,
-                None => markers.problems.push(format!(
-                    "{ATTR_REDRIVE_COUNT} is not a String or Number attribute"
-                )),
-                Some(Err(_)) => markers.problems.push(format!(
-                    "{ATTR_REDRIVE_COUNT} is not a count from 0 to {}: {:?}",
-                    u32::MAX,
-                    truncate_for_log(value.unwrap_or(""), 40)
-                )),
-            },
+            ATTR_REDRIVE_COUNT => {
+                if let Some(count) = parse_count(name, value, &mut markers.problems) {
+                    markers.redrive_count = count;
+                }
+            }
+            ATTR_REQUEUE_GENERATION => {
+                if let Some(generation) = parse_count(name, value, &mut markers.problems) {
+                    markers.requeue_generation = generation;
+                }
+            }
             _ => {}
         }
     }
     markers
+}
+
+fn parse_count(name: &str, value: Option<&str>, problems: &mut Vec<String>) -> Option<u32> {
+    match value.map(str::parse::<u32>) {
+        Some(Ok(count)) => Some(count),
+        None => {
+            problems.push(format!("{name} is not a String or Number attribute"));
+            None
+        }
+        Some(Err(_)) => {
+            problems.push(format!(
+                "{name} is not a count from 0 to {}: {:?}",
+                u32::MAX,
+                truncate_for_log(value.unwrap_or(""), 40)
+            ));
+            None
+        }
+    }
 }
 
 fn parse_flag(name: &str, value: Option<&str>, problems: &mut Vec<String>) -> bool {
@@ -756,5 +961,102 @@ mod tests {
         let long = "x".repeat(10_000);
         let m = parse_markers([(ATTR_DLQ_REDRIVEN, Some(long.as_str()))]);
         assert!(m.problems[0].len() < 200, "{}", m.problems[0]);
+    }
+
+    #[test]
+    fn whole_event_fingerprints_list_the_top_level_fields() {
+        let s = spec(&["/id"]);
+        let first = derive_identity_raw(&s, r#"{"id":"a","amount":5,"sent_at":"10:00"}"#).unwrap();
+        let again = derive_identity_raw(&s, r#"{"id":"a","amount":5,"sent_at":"10:05"}"#).unwrap();
+        assert_ne!(first.fingerprint, again.fingerprint);
+        assert_eq!(first.fingerprint, body_sha256(&first.body));
+        assert_eq!(
+            differing_fields(
+                first.field_digests.as_deref(),
+                again.field_digests.as_deref()
+            ),
+            Some(vec!["/sent_at".to_owned()])
+        );
+        // A field present on one side only differs too; pointer tokens are escaped.
+        let other = derive_identity_raw(&s, r#"{"id":"a","a/b":1}"#).unwrap();
+        assert_eq!(
+            differing_fields(
+                first.field_digests.as_deref(),
+                other.field_digests.as_deref()
+            ),
+            Some(vec![
+                "/amount".to_owned(),
+                "/a~1b".to_owned(),
+                "/sent_at".to_owned()
+            ])
+        );
+        assert_eq!(differing_fields(None, first.field_digests.as_deref()), None);
+        let text = derive_identity_raw(&KeySpec::default(), "not json").unwrap();
+        assert_eq!(text.field_digests, None);
+    }
+
+    #[test]
+    fn fingerprint_pointers_ignore_other_fields_and_key_order() {
+        let s = spec(&["/id"])
+            .with_fingerprint(vec!["/id".into(), "/order/amount".into()])
+            .unwrap();
+        let first = derive_identity_raw(
+            &s,
+            r#"{"id":"a","order":{"amount":5,"c":[1,{"y":1,"x":2}]},"at":1}"#,
+        )
+        .unwrap();
+        let resent = derive_identity_raw(&s, r#"{"at":2,"order":{"amount":5},"id":"a"}"#).unwrap();
+        assert_eq!(first.fingerprint, resent.fingerprint);
+        assert!(first.fingerprint.starts_with("fields:"));
+        let changed = derive_identity_raw(&s, r#"{"id":"a","order":{"amount":6}}"#).unwrap();
+        assert_ne!(first.fingerprint, changed.fingerprint);
+        assert_eq!(
+            differing_fields(
+                first.field_digests.as_deref(),
+                changed.field_digests.as_deref()
+            ),
+            Some(vec!["/order/amount".to_owned()])
+        );
+        // A missing field counts as null, not as an error.
+        let missing = derive_identity_raw(&s, r#"{"id":"a"}"#).unwrap();
+        let null = derive_identity_raw(&s, r#"{"id":"a","order":{"amount":null}}"#).unwrap();
+        assert_eq!(missing.fingerprint, null.fingerprint);
+        // Nested key order never changes a fingerprint.
+        let mut text = String::new();
+        write_canonical_json(&mut text, &serde_json::json!({"b":[{"z":1,"a":2}],"a":"é"}));
+        assert_eq!(text, r#"{"a":"é","b":[{"a":2,"z":1}]}"#);
+        assert!(
+            spec(&[])
+                .with_fingerprint(vec!["amount".into()])
+                .unwrap_err()
+                .contains("--fingerprint")
+        );
+    }
+
+    #[test]
+    fn passes_order_by_requeue_then_redrive() {
+        let m = parse_markers([
+            (ATTR_REDRIVE_COUNT, Some("2")),
+            (ATTR_REQUEUE_GENERATION, Some("1")),
+        ]);
+        assert_eq!(
+            m.pass(),
+            Pass {
+                requeue_generation: 1,
+                redrive_count: 2
+            }
+        );
+        let first_redrive = Pass {
+            requeue_generation: 0,
+            redrive_count: 1,
+        };
+        let requeued = Pass {
+            requeue_generation: 1,
+            redrive_count: 0,
+        };
+        assert!(Pass::default() < first_redrive && first_redrive < requeued);
+        let m = parse_markers([(ATTR_REQUEUE_GENERATION, Some("soon"))]);
+        assert_eq!(m.requeue_generation, 0);
+        assert_eq!(m.problems.len(), 1);
     }
 }

@@ -344,6 +344,10 @@ pub async fn redrive(
                                     attempts: 0,
                                     redrive_count: markers.redrive_count.min(i32::MAX as u32)
                                         as i32,
+                                    requeue_generation: markers
+                                        .requeue_generation
+                                        .min(i32::MAX as u32)
+                                        as i32,
                                     payload_sha256: &fingerprint,
                                 },
                                 true,

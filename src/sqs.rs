@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
@@ -23,23 +24,141 @@ pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 /// what many queues are set to.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 262_144;
 
-/// An SQS call that failed.
+/// An SQS call that failed, in one line: what failed and why, without the SDK's response
+/// dump (headers, extensions, the error repeated).
 #[derive(Debug, thiserror::Error)]
 #[error("sqs {operation} failed: {message}")]
 pub struct SqsError {
     /// The API operation, e.g. `ReceiveMessage`.
     pub operation: &'static str,
-    /// The SDK's error with its whole cause chain.
+    /// What kind of failure: whether retrying can help, and what to tell an operator.
+    pub kind: SqsErrorKind,
+    /// SQS's error code and message, or the innermost cause of a failure to reach it.
     pub message: String,
 }
 
+/// The kinds of SQS failure a caller branches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqsErrorKind {
+    /// SQS could not be reached or answered with a server error or throttling: retrying
+    /// may help (connection refused, DNS, timeouts, 5xx).
+    Unreachable,
+    /// The queue does not exist (wrong URL, region or endpoint).
+    QueueNotFound,
+    /// The credentials were refused or lack a permission.
+    AccessDenied,
+    /// No credentials were found in the environment, profile, web identity, ECS or EC2.
+    NoCredentials,
+    /// No AWS region is configured.
+    NoRegion,
+    /// SQS refused the request itself (a malformed URL or parameter).
+    Rejected,
+}
+
+impl SqsErrorKind {
+    /// True when trying again later may succeed.
+    pub fn is_transient(self) -> bool {
+        self == SqsErrorKind::Unreachable
+    }
+}
+
+/// Error codes SQS (and STS behind it) uses for refused credentials or permissions.
+const ACCESS_CODES: [&str; 9] = [
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "InvalidSecurity",
+    "ExpiredToken",
+    "MissingAuthenticationToken",
+    "IncompleteSignature",
+];
+
 impl SqsError {
-    fn new(operation: &'static str, error: impl std::error::Error) -> Self {
+    fn new<E>(operation: &'static str, error: SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let (kind, message) = match &error {
+            SdkError::ServiceError(service) => {
+                let code = service.err().code().unwrap_or("unknown error").to_owned();
+                let text = service.err().message().unwrap_or_default();
+                let status = service.raw().status().as_u16();
+                let kind = service_error_kind(&code, status);
+                let message = if text.is_empty() {
+                    format!("{code} (HTTP {status})")
+                } else {
+                    format!("{code}: {text}")
+                };
+                (kind, message)
+            }
+            SdkError::DispatchFailure(failure) if failure.is_other() => {
+                let chain = cause_chain(&error);
+                let kind = if chain.contains("credential provider was not enabled")
+                    || chain.contains("no credentials")
+                {
+                    SqsErrorKind::NoCredentials
+                } else if chain.contains("Missing Region") || chain.contains("signing region") {
+                    SqsErrorKind::NoRegion
+                } else {
+                    SqsErrorKind::Unreachable
+                };
+                (kind, innermost_cause(&error))
+            }
+            SdkError::ConstructionFailure(_) => (SqsErrorKind::Rejected, cause_chain(&error)),
+            _ => (SqsErrorKind::Unreachable, innermost_cause(&error)),
+        };
         Self {
             operation,
-            message: DisplayErrorContext(error).to_string(),
+            kind,
+            message: one_line(&message),
         }
     }
+}
+
+/// What an error answer from SQS means, by its code and HTTP status.
+fn service_error_kind(code: &str, status: u16) -> SqsErrorKind {
+    if code.contains("NonExistentQueue") || code == "QueueDoesNotExist" {
+        SqsErrorKind::QueueNotFound
+    } else if ACCESS_CODES.contains(&code) || status == 403 {
+        SqsErrorKind::AccessDenied
+    } else if status >= 500 || status == 429 || code.contains("Throttl") {
+        SqsErrorKind::Unreachable
+    } else {
+        SqsErrorKind::Rejected
+    }
+}
+
+/// Every cause's text, outermost first.
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut texts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        texts.push(cause.to_string());
+        source = cause.source();
+    }
+    texts.join(": ")
+}
+
+/// The innermost cause's text (e.g. `Connection refused (os error 111)`): the part that says
+/// what actually happened, under the SDK's layers of "dispatch failure: io error: …".
+fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
+    }
+    innermost.to_string()
+}
+
+/// The first line of a text, at most 300 characters: error texts end up in one log line.
+fn one_line(text: &str) -> String {
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches(['.', ' ']);
+    crate::message::truncate_for_log(first, 300)
 }
 
 /// A received message, reduced to what the worker uses.
@@ -101,6 +220,25 @@ pub struct OutgoingMessage {
     pub deduplication_id: Option<String>,
     /// Hide the message for this long after sending (standard queues only, up to 15 min).
     pub delay: Option<Duration>,
+}
+
+/// A queue's approximate message counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageCounts {
+    /// Waiting to be received.
+    pub visible: u64,
+    /// Received by a consumer and neither deleted nor visible again yet (this includes
+    /// messages waiting out a retry backoff).
+    pub in_flight: u64,
+    /// Sent with a delay that has not passed yet.
+    pub delayed: u64,
+}
+
+impl MessageCounts {
+    /// Every message the queue holds.
+    pub fn total(&self) -> u64 {
+        self.visible + self.in_flight + self.delayed
+    }
 }
 
 /// A per-entry failure of a batch call.
@@ -412,6 +550,29 @@ impl SqsQueue {
         Ok(output.queue_url().map(str::to_owned))
     }
 
+    /// The queue's approximate message counts: visible, in flight (received, not deleted) and
+    /// delayed. SQS's figures may lag a little behind; LocalStack's are exact.
+    pub async fn message_counts(&self) -> Result<MessageCounts, SqsError> {
+        let attributes = self
+            .queue_attributes(&[
+                QueueAttributeName::ApproximateNumberOfMessages,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+            ])
+            .await?;
+        let count = |name: QueueAttributeName| {
+            attributes
+                .get(&name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(MessageCounts {
+            visible: count(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            delayed: count(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        })
+    }
+
     async fn queue_attributes(
         &self,
         names: &[QueueAttributeName],
@@ -679,6 +840,38 @@ pub fn queue_name_from_url(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn service_errors_are_classified_by_code_and_status() {
+        use super::{SqsErrorKind::*, service_error_kind};
+        assert_eq!(
+            service_error_kind("AWS.SimpleQueueService.NonExistentQueue", 400),
+            QueueNotFound
+        );
+        assert_eq!(service_error_kind("QueueDoesNotExist", 400), QueueNotFound);
+        assert_eq!(service_error_kind("AccessDenied", 403), AccessDenied);
+        assert_eq!(
+            service_error_kind("InvalidClientTokenId", 400),
+            AccessDenied
+        );
+        assert_eq!(
+            service_error_kind("KMS.AccessDeniedException", 403),
+            AccessDenied
+        );
+        assert_eq!(service_error_kind("InternalError", 500), Unreachable);
+        assert_eq!(service_error_kind("RequestThrottled", 400), Unreachable);
+        assert_eq!(service_error_kind("InvalidAddress", 404), Rejected);
+        assert!(Unreachable.is_transient() && !QueueNotFound.is_transient());
+    }
+
+    #[test]
+    fn error_texts_become_one_short_line() {
+        assert_eq!(
+            super::one_line("no credentials found in chain. Attempted:\n  Environment: x"),
+            "no credentials found in chain. Attempted:"
+        );
+        assert_eq!(super::one_line(&"x".repeat(400)).chars().count(), 301);
+    }
+
     use super::*;
 
     #[test]

@@ -27,7 +27,10 @@ use crate::checkpoint::{
 };
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
-use crate::sqs::{self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue};
+use crate::sqs::{
+    self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError, SqsErrorKind, SqsQueue,
+};
+use crate::startup::{self, StartupError, Verdict};
 use crate::telemetry::{self, Readiness};
 
 /// How a worker runs. Built by the CLI from flags, or directly by library users.
@@ -68,6 +71,9 @@ pub struct WorkerConfig {
     pub exit_when_idle: Option<Duration>,
     /// How long in-flight handlers may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// How long to keep trying to reach the queue at start while SQS is unreachable (a
+    /// queue that cannot work, such as a wrong URL, fails at once).
+    pub startup_timeout: Duration,
     /// This worker's lease-owner name; `None` makes one from host, pid and a random suffix.
     pub worker_id: Option<String>,
 }
@@ -91,6 +97,7 @@ impl WorkerConfig {
             backoff_max: Duration::from_secs(900),
             exit_when_idle: None,
             shutdown_timeout: Duration::from_secs(25),
+            startup_timeout: Duration::from_secs(300),
             worker_id: None,
         }
     }
@@ -111,14 +118,24 @@ pub enum PayloadMismatch {
 /// What stops a worker from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The queue could not be inspected at start (wrong URL, no credentials, no endpoint).
-    #[error(
-        "cannot read the queue's attributes; check --queue-url, credentials and AWS_ENDPOINT_URL: {0}"
-    )]
-    Queue(#[source] SqsError),
+    /// The queue could not be used at start: it cannot work as configured (no such queue,
+    /// access denied, no credentials), or SQS stayed unreachable until the start-up deadline.
+    #[error(transparent)]
+    Startup(StartupError),
     /// The configuration cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
+}
+
+impl WorkerError {
+    /// True for what only an operator can fix (exit 2), false for an outage that outlasted
+    /// the start-up deadline (exit 1).
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            WorkerError::Startup(error) => error.is_fatal(),
+            WorkerError::Config(_) => true,
+        }
+    }
 }
 
 /// Counts of what happened during a run, for the demo, tests and logs.
@@ -525,19 +542,11 @@ impl Core {
                 "--concurrency and --pollers must be at least 1".into(),
             ));
         }
-        // Lambda has no start phase to fail in: a queue that cannot be inspected still gets
-        // its messages claimed and run, with Lambda's default visibility and no DLQ.
         let lambda = matches!(mode, Mode::Lambda { .. });
-        let lease = match config.visibility_timeout {
-            Some(v) => v,
-            None => match sqs.visibility_timeout().await {
-                Ok(v) => v,
-                Err(error) if lambda => {
-                    tracing::warn!(%error, "cannot read the queue's visibility timeout; assuming 30 s");
-                    Duration::from_secs(30)
-                }
-                Err(error) => return Err(WorkerError::Queue(error)),
-            },
+        let (lease, dlq) = if lambda {
+            lambda_queue_setup(&config, &sqs).await
+        } else {
+            service_queue_setup(&config, &sqs, readiness.as_deref()).await?
         };
         if lease.is_zero() {
             return Err(WorkerError::Config(
@@ -545,14 +554,6 @@ impl Core {
                     .into(),
             ));
         }
-        let dlq = match sqs.dead_letter_queue_url().await {
-            Ok(url) => url.map(|url| sqs.sibling(url)),
-            Err(error) if lambda => {
-                tracing::warn!(%error, "cannot read the queue's RedrivePolicy; permanent failures will be reported as batch item failures");
-                None
-            }
-            Err(error) => return Err(WorkerError::Queue(error)),
-        };
         if dlq.is_none() {
             tracing::warn!(
                 queue = sqs.name(),
@@ -622,6 +623,84 @@ impl Core {
             summary.active_millis = last.saturating_duration_since(*first).as_millis() as u64;
         }
         summary
+    }
+}
+
+/// The lease (the visibility timeout) and the DLQ of a service's queue, read at start. A
+/// queue that cannot be reached is tried again until `--startup-timeout`; one that cannot
+/// work (no such queue, access denied, no credentials) ends the start at once.
+async fn service_queue_setup(
+    config: &WorkerConfig,
+    sqs: &SqsQueue,
+    readiness: Option<&Readiness>,
+) -> Result<(Duration, Option<SqsQueue>), WorkerError> {
+    let deadline = Instant::now() + config.startup_timeout;
+    let judge = |error: &SqsError| judge_queue_error(error, sqs.url());
+    let (visibility, dlq_url) = startup::retry_until(
+        "reading the queue's attributes",
+        deadline,
+        || async {
+            let visibility = match config.visibility_timeout {
+                Some(v) => v,
+                None => sqs.visibility_timeout().await?,
+            };
+            Ok((visibility, sqs.dead_letter_queue_url().await?))
+        },
+        judge,
+    )
+    .await
+    .map_err(WorkerError::Startup)?;
+    if let Some(readiness) = readiness {
+        readiness.sqs(true);
+    }
+    Ok((visibility, dlq_url.map(|url| sqs.sibling(url))))
+}
+
+/// The same for Lambda, which has no start phase to fail in: a queue that cannot be inspected
+/// still gets its messages claimed and run, with Lambda's default visibility and no DLQ.
+async fn lambda_queue_setup(config: &WorkerConfig, sqs: &SqsQueue) -> (Duration, Option<SqsQueue>) {
+    let lease = match config.visibility_timeout {
+        Some(v) => v,
+        None => sqs.visibility_timeout().await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the queue's visibility timeout; assuming 30 s");
+            Duration::from_secs(30)
+        }),
+    };
+    let dlq = match sqs.dead_letter_queue_url().await {
+        Ok(url) => url.map(|url| sqs.sibling(url)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the queue's RedrivePolicy; permanent failures will be reported as batch item failures");
+            None
+        }
+    };
+    (lease, dlq)
+}
+
+/// What a failed SQS call at start means, in a line that says what to fix.
+fn judge_queue_error(error: &SqsError, queue_url: &str) -> Verdict {
+    let why = &error.message;
+    match error.kind {
+        SqsErrorKind::Unreachable => {
+            Verdict::Transient(format!("cannot reach SQS for queue {queue_url}: {why}"))
+        }
+        SqsErrorKind::QueueNotFound => Verdict::Fatal(format!(
+            "queue {queue_url} does not exist: check --queue-url, AWS_REGION and AWS_ENDPOINT_URL"
+        )),
+        SqsErrorKind::AccessDenied => Verdict::Fatal(format!(
+            "access to queue {queue_url} was denied ({why}): check the AWS credentials and that \
+             their policy allows the worker's SQS actions on it (deploy/iam-service-policy.json)"
+        )),
+        SqsErrorKind::NoCredentials => Verdict::Fatal(
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or \
+             AWS_PROFILE, or run with a task or instance role"
+                .into(),
+        ),
+        SqsErrorKind::NoRegion => Verdict::Fatal(
+            "no AWS region configured: set AWS_REGION (or a profile's region)".into(),
+        ),
+        SqsErrorKind::Rejected => Verdict::Fatal(format!(
+            "SQS refused the request for queue {queue_url} ({why}): check --queue-url"
+        )),
     }
 }
 
@@ -905,23 +984,87 @@ async fn wait_for_database(shared: &Shared, stop: &CancellationToken) -> bool {
     true
 }
 
+/// `--exit-when-idle`: stop once nothing was received or in flight here for `idle` *and* the
+/// queue holds nothing visible, in flight or delayed, so that a batch job does not leave
+/// behind work it could have done (a crashed worker's message still hidden, a retry waiting
+/// out its backoff, a delayed send). Messages hidden elsewhere are waited for at most the
+/// lease plus `idle` from the moment this worker went idle; then it exits and says what it
+/// left.
 async fn exit_when_idle(shared: Arc<Shared>, idle: Duration, stop: CancellationToken) {
     let tick = (idle / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let bound = shared.lease + idle;
+    // Since when this worker has been idle while the queue still held messages.
+    let mut waiting_since: Option<Instant> = None;
+    let mut next_look = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
         }
         let quiet_for = shared.last_activity.lock().expect("not poisoned").elapsed();
-        if shared.in_flight.load(Ordering::Relaxed) == 0 && quiet_for >= idle {
+        if shared.in_flight.load(Ordering::Relaxed) > 0 || quiet_for < idle {
+            waiting_since = None;
+            continue;
+        }
+        if Instant::now() < next_look {
+            continue;
+        }
+        next_look = Instant::now() + QUEUE_LOOK_EVERY;
+        let counts = match shared.sqs.message_counts().await {
+            Ok(counts) => counts,
+            Err(error) => {
+                tracing::warn!(%error, "nothing received or in flight for the idle period, and the queue's counts cannot be read; exiting (--exit-when-idle)");
+                stop.cancel();
+                return;
+            }
+        };
+        if counts.total() == 0 {
             tracing::info!(
                 idle_secs = idle.as_secs_f64(),
-                "nothing received or in flight for the idle period; exiting (--exit-when-idle)"
+                "the queue is drained and nothing ran for the idle period; exiting (--exit-when-idle)"
+            );
+            stop.cancel();
+            return;
+        }
+        let since = *waiting_since.get_or_insert_with(|| {
+            tracing::info!(
+                in_flight = counts.in_flight,
+                delayed = counts.delayed,
+                visible = counts.visible,
+                wait_at_most_secs = bound.as_secs(),
+                "idle, but the queue still holds messages that are in flight elsewhere or \
+                 delayed; waiting for them (--exit-when-idle)"
+            );
+            Instant::now()
+        });
+        if since.elapsed() >= bound {
+            tracing::warn!(
+                in_flight = counts.in_flight,
+                delayed = counts.delayed,
+                visible = counts.visible,
+                waited_secs = since.elapsed().as_secs(),
+                "exiting with messages left in the queue: they did not become visible within \
+                 the visibility timeout plus the idle period (--exit-when-idle)"
             );
             stop.cancel();
             return;
         }
     }
+}
+
+/// How often an idle worker with `--exit-when-idle` asks the queue what it still holds.
+const QUEUE_LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// The long-poll wait: the configured one, or with `--exit-when-idle` no longer than the idle
+/// period has left (at least 1 s), so the polls in flight when the worker goes idle end
+/// within about a second of it instead of holding up the exit for a whole long poll.
+fn poll_wait(shared: &Shared) -> Duration {
+    let Some(idle) = shared.config.exit_when_idle else {
+        return shared.config.wait_time;
+    };
+    let quiet_for = shared.last_activity.lock().expect("not poisoned").elapsed();
+    let left = idle.saturating_sub(quiet_for).max(Duration::from_secs(1));
+    shared.config.wait_time.min(left)
 }
 
 /// One poller: take permits, long-poll, hand the batch on. Ends when `stop` is cancelled.
@@ -955,7 +1098,7 @@ async fn poll(
         }
         let receive = shared.sqs.receive(
             permits.len(),
-            shared.config.wait_time,
+            poll_wait(&shared),
             shared.config.visibility_timeout,
         );
         tokio::pin!(receive);
@@ -1127,6 +1270,8 @@ pub(crate) async fn handle_batch(
                 payload_sha256: identity.fingerprint.clone(),
                 message_id: p.message.message_id.clone(),
                 reclaim_failed: p.markers.redriven,
+                pass: p.markers.pass(),
+                field_digests: identity.field_digests.clone(),
             })
         })
         .collect();
@@ -1185,13 +1330,21 @@ pub(crate) async fn handle_batch(
             if shared.config.on_payload_mismatch == PayloadMismatch::DeadLetter
                 && first.fingerprint != identity.fingerprint
             {
-                let stored = first.fingerprint.clone();
+                let first = FirstPayload::InBatch {
+                    fingerprint: first.fingerprint.clone(),
+                    fields: first.field_digests.clone(),
+                };
                 let permit = permits.pop();
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    dead_letter_mismatch(&shared, p, None, stored).await;
+                    dead_letter_mismatch(&shared, p, None, first).await;
                 });
+            } else if p.markers.pass() > claimed[i].parsed.markers.pass() {
+                // The claim was made for the latest pass in the batch (a redrive beside a
+                // plain duplicate): that delivery runs, with its markers.
+                let earlier = std::mem::replace(&mut claimed[i].parsed, p);
+                claimed[i].siblings.push(earlier.message);
             } else {
                 claimed[i].siblings.push(p.message);
             }
@@ -1204,7 +1357,7 @@ pub(crate) async fn handle_batch(
         };
         match outcomes.get(&key) {
             Some(ClaimOutcome::Claimed(claim)) if mismatch(&claim.stored_payload_sha256) => {
-                let stored = claim.stored_payload_sha256.clone();
+                let stored = FirstPayload::Stored(claim.stored_payload_sha256.clone());
                 let lease_token = lease_token.clone();
                 let permit = permits.pop();
                 let shared = shared.clone();
@@ -1216,7 +1369,7 @@ pub(crate) async fn handle_batch(
             Some(ClaimOutcome::Complete {
                 stored_payload_sha256,
             }) if mismatch(stored_payload_sha256) => {
-                let stored = stored_payload_sha256.clone();
+                let stored = FirstPayload::Stored(stored_payload_sha256.clone());
                 let permit = permits.pop();
                 let shared = shared.clone();
                 tracker.spawn(async move {
@@ -1565,7 +1718,7 @@ async fn run_claimed(
             reason,
             error: &error.to_string(),
             attempts: claim.attempts,
-            redrive_count: markers.redrive_count,
+            pass: markers.pass(),
         };
         return (!end_final_pass(shared, &message, receipts, failure).await)
             .then_some(shared.lease);
@@ -1701,13 +1854,11 @@ async fn supervise(
                 });
             }
             _ = tokens.abandon.cancelled() => {
-                cancel.cancel();
-                task.abort();
+                stop_handler(cancel, &mut task).await;
                 return Ended::Abandoned;
             }
             _ = tokio::time::sleep_until(hard_deadline) => {
-                cancel.cancel();
-                task.abort();
+                stop_handler(cancel, &mut task).await;
                 let expired = hard_deadline >= lease_until;
                 return Ended::Finished(Err(HandlerError::retryable(if expired && next_beat.is_none() && shared.config.heartbeat {
                     "the handler was stopped when its lease ended (the heartbeat could not renew it)".to_owned()
@@ -1741,6 +1892,24 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+/// How long a handler told to stop may take to wind down before its task is aborted: the
+/// exec handler uses it to stop its command's process tree (SIGTERM, then SIGKILL).
+const HANDLER_STOP_GRACE: Duration = Duration::from_millis(1500);
+
+/// Tell the handler to stop, give it [`HANDLER_STOP_GRACE`] to do so, then abort its task.
+async fn stop_handler(
+    cancel: &CancellationToken,
+    task: &mut tokio::task::JoinHandle<Result<(), HandlerError>>,
+) {
+    cancel.cancel();
+    if tokio::time::timeout(HANDLER_STOP_GRACE, &mut *task)
+        .await
+        .is_err()
+    {
+        task.abort();
     }
 }
 
@@ -1787,7 +1956,7 @@ struct FinalFailure<'a> {
     reason: &'a str,
     error: &'a str,
     attempts: u32,
-    redrive_count: u32,
+    pass: message::Pass,
 }
 
 /// A failure on a DLQ redrive's final pass: record the message in `dead_letters` (and the
@@ -1809,7 +1978,8 @@ async fn end_final_pass(
         reason: failure.reason,
         error: failure.error,
         attempts: failure.attempts.min(i32::MAX as u32) as i32,
-        redrive_count: failure.redrive_count.min(i32::MAX as u32) as i32,
+        redrive_count: failure.pass.redrive_count.min(i32::MAX as u32) as i32,
+        requeue_generation: failure.pass.requeue_generation.min(i32::MAX as u32) as i32,
         payload_sha256: failure.fingerprint,
     };
     match shared
@@ -1824,7 +1994,7 @@ async fn end_final_pass(
                 dead_letter_id = id,
                 reason = failure.reason,
                 error = ?failure.error,
-                redrive_count = failure.redrive_count,
+                redrive_count = failure.pass.redrive_count,
                 "final redrive pass failed; recorded in dead_letters and deleted (no retry, no DLQ)"
             );
             true
@@ -1882,7 +2052,7 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
                 reason: error.reason_code(),
                 error: &error.to_string(),
                 attempts: 1,
-                redrive_count: parsed.markers.redrive_count,
+                pass: parsed.markers.pass(),
             };
             let receipts = vec![parsed.message.receipt_handle.clone()];
             end_final_pass(shared, &parsed.message, receipts, failure).await;
@@ -1927,6 +2097,17 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
     .await
 }
 
+/// What a delivery with a mismatched payload is compared with.
+enum FirstPayload {
+    /// An earlier delivery of the same key in this receive batch.
+    InBatch {
+        fingerprint: String,
+        fields: Option<String>,
+    },
+    /// The checkpoint's fingerprint (its field digests are read when needed).
+    Stored(String),
+}
+
 /// The same key with another payload: to the DLQ with reason `payload_mismatch`. The event's
 /// checkpoint belongs to the first payload and is left alone (a claim taken just now is
 /// released for that payload's own deliveries).
@@ -1934,15 +2115,30 @@ async fn dead_letter_mismatch(
     shared: &Arc<Shared>,
     parsed: Parsed,
     lease_token: Option<String>,
-    stored: String,
+    first: FirstPayload,
 ) {
     let identity = parsed.identity.as_ref().expect("keyed messages only");
     let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %identity.key);
     async {
-        let detail = format!(
-            "key {:?} was first seen with payload sha256 {} and now arrives with {}; an \
-             idempotency key must not be reused for different content",
-            identity.key, stored, identity.fingerprint
+        let (fingerprint, fields) = match first {
+            FirstPayload::InBatch {
+                fingerprint,
+                fields,
+            } => (fingerprint, fields),
+            FirstPayload::Stored(fingerprint) => {
+                // Rare path: one more read, for a detail that names the fields.
+                let fields = match shared.store.find(&shared.scope, &identity.key).await {
+                    Ok(found) => found.and_then(|c| c.payload_fields),
+                    Err(_) => None,
+                };
+                (fingerprint, fields)
+            }
+        };
+        let (detail, differing) =
+            mismatch_detail(&identity.key, &fingerprint, fields.as_deref(), identity);
+        tracing::warn!(
+            differing = differing.as_deref().map(|d| d.join(", ")),
+            "the key was first seen with another payload (payload_mismatch)"
         );
         // The claim (if any) was taken for the first payload's event: give it straight back.
         if let Some(lease_token) = &lease_token {
@@ -1960,7 +2156,7 @@ async fn dead_letter_mismatch(
                 reason: "payload_mismatch",
                 error: &detail,
                 attempts: 1,
-                redrive_count: parsed.markers.redrive_count,
+                pass: parsed.markers.pass(),
             };
             let receipts = vec![parsed.message.receipt_handle.clone()];
             end_final_pass(shared, &parsed.message, receipts, failure).await;
@@ -1981,6 +2177,46 @@ async fn dead_letter_mismatch(
     }
     .instrument(span)
     .await
+}
+
+/// The DLQ detail of a payload mismatch, and the fields that differ when they are known.
+fn mismatch_detail(
+    key: &str,
+    first_fingerprint: &str,
+    first_fields: Option<&str>,
+    arrived: &EventIdentity,
+) -> (String, Option<Vec<String>>) {
+    const ADVICE: &str = "an idempotency key reused with other content is not a duplicate; if \
+                          only volatile fields differ (timestamps, delivery counters), \
+                          fingerprint the stable ones with --fingerprint POINTER";
+    let subset = |fingerprint: &str| fingerprint.starts_with("fields:");
+    if subset(first_fingerprint) != subset(&arrived.fingerprint) {
+        return (
+            format!(
+                "key {key:?} was first seen under another --fingerprint setting, so its \
+                 payloads cannot be compared ({first_fingerprint} then, {} now); {ADVICE}",
+                arrived.fingerprint
+            ),
+            None,
+        );
+    }
+    let differing = message::differing_fields(first_fields, arrived.field_digests.as_deref());
+    let detail = match &differing {
+        Some(fields) if !fields.is_empty() => format!(
+            "key {key:?} arrived with a payload that differs from the first one in {}; {ADVICE}",
+            fields.join(", ")
+        ),
+        Some(_) => format!(
+            "key {key:?} arrived with a payload whose fields equal the first one's but whose \
+             text differs (whitespace, field order or duplicate fields); {ADVICE}"
+        ),
+        None => format!(
+            "key {key:?} was first seen with payload fingerprint {first_fingerprint} and now \
+             arrives with {}; {ADVICE}",
+            arrived.fingerprint
+        ),
+    };
+    (detail, differing)
 }
 
 /// Send a copy of `message` to the DLQ with the failure reason in its attributes. False when

@@ -656,3 +656,132 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     .await;
     assert!(shown["requeued_at"].is_string());
 }
+
+/// Duplicates of one redrive (here of a final pass) do not run a handler that already
+/// failed on it, nor write a second dead letter; a deliberate requeue runs it once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let dlq_url = queue.dlq_url.clone().unwrap();
+    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |_| {
+        Err(HandlerError::permanent("still broken"))
+    });
+    let drain = || {
+        let mut config = worker_config(&queue.url);
+        config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+        config.scope = Some("dup".into());
+        let worker = Worker::new(config, client.clone(), pool.clone(), handler.clone());
+        run_until_drained(&client, &queue.url, vec![worker], Duration::from_secs(30))
+    };
+    let store = CheckpointStore::new(pool.clone());
+
+    // The final pass fails once: one dead letter.
+    send_with_markers(&client, &queue.url, r#"{"id":"dup1"}"#, "3").await;
+    drain().await;
+    assert_eq!(calls_per_key(&calls)["dup1"], 1);
+    // The same delivery again, in another receive batch: skipped as a duplicate.
+    send_with_markers(&client, &queue.url, r#"{"id":"dup1"}"#, "3").await;
+    let summaries = drain().await;
+    assert_eq!(
+        calls_per_key(&calls)["dup1"],
+        1,
+        "the failed handler did not run again"
+    );
+    assert_eq!(summaries[0].duplicates_skipped, 1);
+    assert_eq!(summaries[0].final_pass_failures, 0);
+    let letters = store.list_dead_letters(Some("dup"), 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
+    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+
+    // An operator's requeue is a new pass: the handler runs once more (and, failing
+    // permanently outside a final pass, sends the message to the DLQ).
+    let requeue = sqs_worker_command(&database_url)
+        .args([
+            "dead-letters",
+            "requeue",
+            "--id",
+            &letters[0].id.to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        requeue.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeue.stderr)
+    );
+    let back = peek_all(&client, &queue.url, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        string_attribute(&back[0], message::ATTR_REQUEUE_GENERATION).as_deref(),
+        Some("1")
+    );
+    drain().await;
+    assert_eq!(
+        calls_per_key(&calls)["dup1"],
+        2,
+        "the requeue ran the handler once more"
+    );
+    let checkpoint = store.find("dup", "dup1").await.unwrap().unwrap();
+    assert_eq!(
+        (checkpoint.status.as_str(), checkpoint.requeue_generation),
+        ("failed", 1)
+    );
+    assert_eq!(
+        peek_all(&client, &dlq_url, 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+}
+
+/// Operator tables measure display width: keys with CJK characters or emoji keep the
+/// columns after them straight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_keep_their_columns_with_wide_characters() {
+    use unicode_width::UnicodeWidthStr;
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    for id in ["注文-一番", "🦀-order", "plain"] {
+        send_with_markers(&client, &queue.url, &format!(r#"{{"id":"{id}"}}"#), "3").await;
+    }
+    let (handler, _) = RecordingHandler::new(Duration::ZERO, |_| {
+        Err(HandlerError::permanent("still broken"))
+    });
+    let mut config = worker_config(&queue.url);
+    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    config.scope = Some("wide".into());
+    run_until_drained(
+        &client,
+        &queue.url,
+        vec![Worker::new(config, client.clone(), pool, handler)],
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let output = sqs_worker_command(&database_url)
+        .args(["dead-letters", "list", "--scope", "wide"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 4, "a header and three rows:\n{text}");
+    let column_of = |line: &str, needle: &str| {
+        let at = line
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {line}"));
+        line[..at].width()
+    };
+    let reason_column = column_of(lines[0], "REASON");
+    for row in &lines[1..] {
+        assert_eq!(
+            column_of(row, "handler_permanent"),
+            reason_column,
+            "the reason column starts at the same display column:\n{text}"
+        );
+    }
+}

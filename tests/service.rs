@@ -11,7 +11,6 @@ use common::*;
 use sqs_worker::checkpoint::CheckpointStore;
 use sqs_worker::message::KeySpec;
 use sqs_worker::{HandlerError, Worker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// A handler that runs three times the visibility timeout runs once: the heartbeat keeps
@@ -300,28 +299,6 @@ async fn shutdown_hands_back_unstarted_fifo_messages_for_another_worker() {
     assert_eq!(keys, ["g-0", "g-1", "g-2"]);
 }
 
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -435,6 +412,7 @@ fn lambda_command(database_url: &str, log: &std::path::Path) -> tokio::process::
 }
 
 const LAMBDA_HANDLER: &str = r#"body=$(cat)
+echo "$SQS_WORKER_KEY" >> "$LOG.runs"
 case "$body" in
   *slow*) sleep 30 ;;
   *retry*) exit 1 ;;
@@ -641,4 +619,47 @@ async fn a_delivery_of_an_event_running_here_rides_along() {
     assert_eq!(summary.processed, 1, "{summary:?}");
     assert_eq!(summary.duplicates_skipped, 1, "{summary:?}");
     assert_eq!(summary.busy_deferred, 0, "{summary:?}");
+}
+
+/// The same final-pass record delivered to two invocations (a Lambda retry of the batch, or
+/// SQS's own duplicate delivery): the failing handler runs once, one dead letter is written,
+/// and both invocations settle the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_pass_delivered_twice_runs_its_handler_once() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, true, 5).await;
+    let arn = queue_arn(&client, &queue.url).await;
+    let dir = tempdir("lambda-final-twice");
+    let log = dir.join("done.log");
+    let final_pass = serde_json::json!({
+        "dlq_redriven": string_attr("true"),
+        "redrive_count": {"stringValue": "3", "dataType": "Number",
+                          "stringListValues": [], "binaryListValues": []},
+        "dlq_final_pass": string_attr("true"),
+    });
+    let event = serde_json::json!({"Records": [
+        record(&arn, "m-f", r#"{"id":"f","fail":1}"#, final_pass),
+    ]});
+    for invocation in 1..=2 {
+        let response = invoke(&database_url, &log, &event, "30").await;
+        assert_eq!(
+            response,
+            serde_json::json!({"batchItemFailures": []}),
+            "invocation {invocation} settles the record"
+        );
+    }
+    let runs = std::fs::read_to_string(dir.join("done.log.runs")).unwrap();
+    assert_eq!(
+        runs.lines().collect::<Vec<_>>(),
+        ["f"],
+        "the handler ran once"
+    );
+    let store = CheckpointStore::new(pool);
+    let letters = store.list_dead_letters(Some("lam"), 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
+    assert_eq!(
+        store.find("lam", "f").await.unwrap().unwrap().status,
+        "failed"
+    );
 }

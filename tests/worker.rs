@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use sqs_worker::checkpoint::{ClaimOutcome, ClaimRequest};
-use sqs_worker::message::{self, KeySpec};
+use sqs_worker::message::{self, KeySpec, Pass};
 use sqs_worker::{CheckpointStore, HandlerError, Worker};
 
 fn key_spec(pointer: &str) -> KeySpec {
@@ -139,6 +139,8 @@ async fn concurrent_claims_of_one_key_have_one_winner() {
             payload_sha256: "h".into(),
             message_id: message_id.into(),
             reclaim_failed: false,
+            pass: Pass::default(),
+            field_digests: None,
         };
         let lease = Duration::from_secs(30);
         let (first, second) = ([request("m1")], [request("m2")]);
@@ -443,37 +445,56 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
     assert_eq!(done.attempts, 2);
 }
 
+/// A failed event is claimed again only by a later pass: a redrive, then a deliberate
+/// requeue. Plain duplicates, and duplicates of a redrive that already failed, are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redriven_messages_may_reclaim_a_failed_event_but_plain_duplicates_may_not() {
+async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
     let (pool, _) = fresh_database().await;
     let store = CheckpointStore::new(pool);
     let lease = Duration::from_secs(30);
-    let request = |reclaim_failed| ClaimRequest {
+    let request = |reclaim_failed, requeue_generation, redrive_count| ClaimRequest {
         key: "f1".into(),
         payload_sha256: "h".into(),
         message_id: "m".into(),
         reclaim_failed,
+        pass: Pass {
+            requeue_generation,
+            redrive_count,
+        },
+        field_digests: None,
     };
-    let first = store
-        .claim_batch("s", "w", lease, &[request(false)])
-        .await
-        .unwrap();
-    assert!(matches!(first["f1"], ClaimOutcome::Claimed(_)));
+    let claim = |r: ClaimRequest| {
+        let store = store.clone();
+        async move { store.claim_batch("s", "w", lease, &[r]).await.unwrap()["f1"].clone() }
+    };
+    assert!(matches!(
+        claim(request(false, 0, 0)).await,
+        ClaimOutcome::Claimed(_)
+    ));
     assert!(store.mark_failed("s", "w", "f1", "boom").await.unwrap());
-    let duplicate = store
-        .claim_batch("s", "w", lease, &[request(false)])
-        .await
-        .unwrap();
-    assert_eq!(duplicate["f1"], ClaimOutcome::Failed);
-    let redriven = store
-        .claim_batch("s", "w", lease, &[request(true)])
-        .await
-        .unwrap();
-    let ClaimOutcome::Claimed(claim) = &redriven["f1"] else {
-        panic!("a redrive gets another chance: {redriven:?}")
+    assert_eq!(claim(request(false, 0, 0)).await, ClaimOutcome::Failed);
+    // The first redrive gets another chance...
+    let ClaimOutcome::Claimed(again) = claim(request(true, 0, 1)).await else {
+        panic!("a redrive gets another chance")
     };
-    assert_eq!(claim.attempts, 2);
-    assert!(claim.resumed);
+    assert_eq!(again.attempts, 2);
+    assert!(again.resumed);
+    assert!(
+        store
+            .mark_failed("s", "w", "f1", "boom again")
+            .await
+            .unwrap()
+    );
+    // ...but a duplicate of that redrive (or an older one) does not run it a third time.
+    assert_eq!(claim(request(true, 0, 1)).await, ClaimOutcome::Failed);
+    assert_eq!(claim(request(true, 0, 0)).await, ClaimOutcome::Failed);
+    // A deliberate requeue starts its redrive count again, and is still a later pass.
+    let ClaimOutcome::Claimed(requeued) = claim(request(true, 1, 0)).await else {
+        panic!("a requeue gets another chance")
+    };
+    assert_eq!(requeued.attempts, 3);
+    let row = store.find("s", "f1").await.unwrap().unwrap();
+    assert_eq!((row.requeue_generation, row.redrive_count), (1, 0));
     // Fencing: another owner cannot complete or fail a lease it does not hold.
     assert!(
         store

@@ -1,0 +1,264 @@
+//! Starting up: mistakes fail at once with one line saying what to fix (exit 2), outages are
+//! waited out with one line per attempt and /readyz 503 (exit 1 at --startup-timeout), and
+//! a worker started during an outage runs once it ends. Through the binary, with
+//! RUST_BACKTRACE=1 set as on many developer machines: an operator's error prints no
+//! backtrace.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use sqs_worker::CheckpointStore;
+
+struct Ended {
+    code: Option<i32>,
+    stderr: String,
+}
+
+async fn run_briefly(mut command: tokio::process::Command) -> Ended {
+    command.env("RUST_BACKTRACE", "1").stdout(Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the worker ends on its own")
+        .unwrap();
+    Ended {
+        code: output.status.code(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The last stderr line, checked to be a short `error:` line with no backtrace anywhere.
+fn error_line(ended: &Ended) -> String {
+    assert!(
+        !ended.stderr.to_lowercase().contains("backtrace"),
+        "no backtrace for an operator's error:\n{}",
+        ended.stderr
+    );
+    let last = ended.stderr.lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("error: "), "{}", ended.stderr);
+    assert!(last.chars().count() <= 300, "one short line: {last}");
+    last
+}
+
+fn run_args(queue_url: &str) -> Vec<String> {
+    ["run", "--queue-url", queue_url, "--handler", "noop"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// What retrying cannot mend ends the start at once, in one line, with exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_mistakes_fail_at_once_in_one_line() {
+    let client = sqs_client().await;
+    let (_pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, false, 5).await;
+    let missing_queue = format!("{}-missing", queue.url);
+    let home = tempdir("no-credentials");
+    let missing_database = format!(
+        "{}/{}",
+        database_url.rsplit_once('/').unwrap().0,
+        unique("sqsw_missing")
+    );
+
+    let mut cases: Vec<(&str, tokio::process::Command, &str)> = Vec::new();
+    let mut command = sqs_worker_command(&database_url);
+    command.args(run_args(&missing_queue));
+    cases.push((
+        "no such queue",
+        command,
+        "does not exist: check --queue-url, AWS_REGION and AWS_ENDPOINT_URL",
+    ));
+
+    let mut command = sqs_worker_command(&database_url);
+    command
+        .args(run_args(&queue.url))
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", &home)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    cases.push(("no credentials", command, "no AWS credentials found"));
+
+    let mut command = sqs_worker_command("postgres//no-scheme");
+    command.args(run_args(&queue.url));
+    cases.push(("malformed database URL", command, "is not valid"));
+
+    let mut command = sqs_worker_command(&missing_database);
+    command.args(run_args(&queue.url));
+    cases.push(("no such database", command, "does not exist"));
+
+    let mut command = sqs_worker_command(&database_url);
+    command
+        .args(run_args(&queue.url))
+        .args(["--key", "order_id"]);
+    cases.push(("key pointer without /", command, "must start with '/'"));
+
+    for (case, command, expected) in cases {
+        let ended = run_briefly(command).await;
+        assert_eq!(ended.code, Some(2), "{case}: {}", ended.stderr);
+        let line = error_line(&ended);
+        assert!(line.contains(expected), "{case}: {line}");
+        assert!(
+            ended.stderr.lines().count() <= 2,
+            "{case}: one or two lines, got:\n{}",
+            ended.stderr
+        );
+    }
+}
+
+/// An endpoint or a database that refuses connections is retried, one line per attempt,
+/// until --startup-timeout; then one line and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_at_start_are_retried_until_the_deadline() {
+    let client = sqs_client().await;
+    let (_pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, false, 5).await;
+    let closed = closed_port().await;
+
+    let mut sqs_down = sqs_worker_command(&database_url);
+    sqs_down
+        .args(run_args(&queue.url))
+        .args(["--startup-timeout", "5"])
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"));
+    let mut database_down =
+        sqs_worker_command(&format!("postgres://postgres@127.0.0.1:{closed}/x"));
+    database_down
+        .args(run_args(&queue.url))
+        .args(["--startup-timeout", "5"]);
+
+    for (case, command, expected) in [
+        (
+            "SQS endpoint refused",
+            sqs_down,
+            "cannot reach SQS for queue",
+        ),
+        (
+            "database refused",
+            database_down,
+            "cannot reach the database at postgres://postgres@127.0.0.1",
+        ),
+    ] {
+        let ended = run_briefly(command).await;
+        assert_eq!(ended.code, Some(1), "{case}: {}", ended.stderr);
+        let line = error_line(&ended);
+        assert!(
+            line.contains(expected) && line.contains("gave up after"),
+            "{case}: {line}"
+        );
+        let retries = ended
+            .stderr
+            .lines()
+            .filter(|l| l.contains("trying again"))
+            .count();
+        assert!(
+            retries >= 2,
+            "{case}: one line per attempt:\n{}",
+            ended.stderr
+        );
+    }
+}
+
+/// A worker started while PostgreSQL and SQS are unreachable says so, answers /readyz with
+/// 503, and once both are back it runs the queue as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_during_an_outage_runs_once_it_ends() {
+    let client = sqs_client().await;
+    let (pool, database_url) = fresh_database().await;
+    let queue = fresh_queue(&client, false, 5).await;
+    send(&client, &queue.url, r#"{"id":"late"}"#).await;
+    let database_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let sqs_upstream = endpoint().trim_start_matches("http://").parse().unwrap();
+    let sqs_proxy = Proxy::start(sqs_upstream).await;
+    database_proxy.down();
+    sqs_proxy.down();
+    let (_, database_name) = database_url.rsplit_once('/').unwrap();
+    let proxied_database = format!(
+        "postgres://postgres@{}/{database_name}",
+        database_proxy.addr
+    );
+    let metrics_port = closed_port().await;
+    let dir = tempdir("startup-outage");
+    let log = dir.join("stderr.log");
+
+    let mut worker = sqs_worker_command(&proxied_database)
+        .args(run_args(&queue.url))
+        .args(["--key", "/id", "--exit-when-idle", "2"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .env("AWS_ENDPOINT_URL", format!("http://{}", sqs_proxy.addr))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+
+    wait_until(
+        "/readyz to answer 503",
+        Duration::from_secs(20),
+        || async move {
+            http_get_opt(metrics_port, "/readyz")
+                .await
+                .is_some_and(|(status, _)| status == 503)
+        },
+    )
+    .await;
+    wait_until(
+        "a retry line for the database",
+        Duration::from_secs(20),
+        || {
+            let seen = count_lines(&log, "connecting to the database");
+            async move { seen >= 2 }
+        },
+    )
+    .await;
+    database_proxy.up();
+    wait_until("a retry line for SQS", Duration::from_secs(30), || {
+        let seen = count_lines(&log, "reading the queue's attributes");
+        async move { seen >= 1 }
+    })
+    .await;
+    assert_eq!(
+        http_get(metrics_port, "/readyz").await.0,
+        503,
+        "not ready while SQS is down"
+    );
+    sqs_proxy.up();
+
+    let status = tokio::time::timeout(Duration::from_secs(60), worker.wait())
+        .await
+        .expect("the worker drains the queue and exits")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let checkpoint = CheckpointStore::new(pool)
+        .find(queue_name(&queue.url), "late")
+        .await
+        .unwrap();
+    assert_eq!(checkpoint.map(|c| c.status).as_deref(), Some("complete"));
+}
+
+fn count_lines(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle) && l.contains("trying again"))
+        .count()
+}
+
+/// A local port nothing listens on (bound, then released).
+async fn closed_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `http_get`, or None while nothing listens yet.
+async fn http_get_opt(port: u16, path: &str) -> Option<(u16, String)> {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    Some(http_get(port, path).await)
+}

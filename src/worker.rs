@@ -1484,6 +1484,7 @@ pub(crate) async fn handle_batch(
             // is visible again: SQS itself blocks a group while a message is in flight, and
             // the extra second keeps the order even where a broker does not.
             let mut hold: Option<(Duration, &str)> = None;
+            let mut turn = 0;
             for event in events {
                 if tokens.stop.is_cancelled() {
                     hold = Some((
@@ -1504,6 +1505,10 @@ pub(crate) async fn handle_batch(
                     hand_back(&shared, &event, &lease_token, reason, back_in).await;
                     continue;
                 }
+                if turn > 0 {
+                    pause_at("sqs_worker::fifo_next").await;
+                }
+                turn += 1;
                 if let Some(back_in) = run_event(&shared, event, &lease_token, lease, &tokens).await
                 {
                     hold = Some((back_in, "an earlier message of its group did not complete"));
@@ -1920,6 +1925,7 @@ async fn renew(
     key: &str,
     receipts: &[String],
 ) -> Result<(), String> {
+    pause_at("sqs_worker::renew").await;
     let changes: Vec<(String, Duration)> =
         receipts.iter().map(|r| (r.clone(), shared.lease)).collect();
     let (visibility, lease) = tokio::join!(
@@ -2787,3 +2793,17 @@ mod tests {
         assert!(out.attributes.is_empty());
     }
 }
+
+#[cfg(feature = "failpoints")]
+async fn pause_at(name: &'static str) {
+    let millis = (|| {
+        fail::fail_point!(name, |arg| arg.and_then(|a| a.parse::<u64>().ok()));
+        None
+    })();
+    if let Some(millis) = millis {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+async fn pause_at(_name: &'static str) {}

@@ -401,16 +401,7 @@ async fn metrics_count_a_known_run() {
     assert!(status.success());
 }
 
-/// Shared by the Lambda tests: an exec handler that logs each key it completes.
-fn lambda_command(database_url: &str, log: &std::path::Path) -> tokio::process::Command {
-    let mut command = sqs_worker_command(database_url);
-    command
-        .args(["lambda", "--key", "/id", "--scope", "lam"])
-        .env("LOG", log)
-        .stdout(std::process::Stdio::piped());
-    command
-}
-
+/// An exec handler that logs each key it runs (`$LOG.runs`) and each it completes (`$LOG`).
 const LAMBDA_HANDLER: &str = r#"body=$(cat)
 echo "$SQS_WORKER_KEY" >> "$LOG.runs"
 case "$body" in
@@ -420,66 +411,13 @@ case "$body" in
 esac
 echo "$SQS_WORKER_KEY" >> "$LOG""#;
 
-fn record(
-    arn: &str,
-    message_id: &str,
-    body: &str,
-    attributes: serde_json::Value,
-) -> serde_json::Value {
-    serde_json::json!({
-        "messageId": message_id,
-        "receiptHandle": format!("receipt-{message_id}"),
-        "body": body,
-        "attributes": {"ApproximateReceiveCount": "1"},
-        "messageAttributes": attributes,
-        "eventSourceARN": arn,
-        "eventSource": "aws:sqs",
-        "awsRegion": "us-east-1"
-    })
-}
-
-fn string_attr(value: &str) -> serde_json::Value {
-    serde_json::json!({"stringValue": value, "dataType": "String",
-                       "stringListValues": [], "binaryListValues": []})
-}
-
 async fn invoke(
     database_url: &str,
     log: &std::path::Path,
     event: &serde_json::Value,
     timeout_secs: &str,
 ) -> serde_json::Value {
-    let path = std::env::temp_dir().join(format!("{}.json", unique("event")));
-    std::fs::write(&path, serde_json::to_vec(event).unwrap()).unwrap();
-    let output = tokio::time::timeout(
-        Duration::from_secs(40),
-        lambda_command(database_url, log)
-            .arg("--event")
-            .arg(&path)
-            .args([
-                "--event-timeout",
-                timeout_secs,
-                "--",
-                "sh",
-                "-c",
-                LAMBDA_HANDLER,
-            ])
-            .output(),
-    )
-    .await
-    .expect("a local invocation ends within its timeout")
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is only the batch response ({e}): {:?}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    invoke_lambda(database_url, log, event, timeout_secs, LAMBDA_HANDLER).await
 }
 
 /// `lambda --event`: duplicates are skipped, only retryable failures are reported, a
@@ -506,7 +444,7 @@ async fn lambda_event_reports_only_retryable_failures() {
     let none = serde_json::json!({});
 
     let first =
-        serde_json::json!({"Records": [record(&arn, "m-a1", r#"{"id":"a"}"#, none.clone())]});
+        serde_json::json!({"Records": [lambda_record(&arn, "m-a1", r#"{"id":"a"}"#, none.clone())]});
     let response = invoke(&database_url, &log, &first, "30").await;
     assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
 
@@ -517,12 +455,12 @@ async fn lambda_event_reports_only_retryable_failures() {
         "dlq_final_pass": string_attr("true"),
     });
     let second = serde_json::json!({"Records": [
-        record(&arn, "m-a2", r#"{"id":"a"}"#, none.clone()),
-        record(&arn, "m-b", r#"{"id":"b","retry":1}"#, none.clone()),
-        record(&arn, "m-c", r#"{"id":"c","fail":1}"#, final_pass),
-        record(&arn, "m-d", r#"{"id":"d"}"#, none.clone()),
-        record(&arn, "m-e", r#"{"id":"e","fail":1}"#, none.clone()),
-        record(&arn, "m-s", r#"{"id":"s","slow":1}"#, none.clone()),
+        lambda_record(&arn, "m-a2", r#"{"id":"a"}"#, none.clone()),
+        lambda_record(&arn, "m-b", r#"{"id":"b","retry":1}"#, none.clone()),
+        lambda_record(&arn, "m-c", r#"{"id":"c","fail":1}"#, final_pass),
+        lambda_record(&arn, "m-d", r#"{"id":"d"}"#, none.clone()),
+        lambda_record(&arn, "m-e", r#"{"id":"e","fail":1}"#, none.clone()),
+        lambda_record(&arn, "m-s", r#"{"id":"s","slow":1}"#, none.clone()),
     ]});
     let started = std::time::Instant::now();
     let response = invoke(&database_url, &log, &second, "4").await;
@@ -639,7 +577,7 @@ async fn a_final_pass_delivered_twice_runs_its_handler_once() {
         "dlq_final_pass": string_attr("true"),
     });
     let event = serde_json::json!({"Records": [
-        record(&arn, "m-f", r#"{"id":"f","fail":1}"#, final_pass),
+        lambda_record(&arn, "m-f", r#"{"id":"f","fail":1}"#, final_pass),
     ]});
     for invocation in 1..=2 {
         let response = invoke(&database_url, &log, &event, "30").await;

@@ -460,3 +460,68 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+// ---- Lambda: local invocations of `sqs-worker lambda --event` ---------------------------
+
+/// One SQS record of a Lambda event, from the queue with ARN `arn`.
+pub fn lambda_record(
+    arn: &str,
+    message_id: &str,
+    body: &str,
+    attributes: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "messageId": message_id,
+        "receiptHandle": format!("receipt-{message_id}"),
+        "body": body,
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": attributes,
+        "eventSourceARN": arn,
+        "eventSource": "aws:sqs",
+        "awsRegion": "us-east-1"
+    })
+}
+
+/// A String message attribute as a Lambda record carries it.
+pub fn string_attr(value: &str) -> serde_json::Value {
+    serde_json::json!({"stringValue": value, "dataType": "String",
+                       "stringListValues": [], "binaryListValues": []})
+}
+
+/// Run one local invocation (`lambda --event`, key `/id`, scope `lam`) with `handler` as
+/// an `sh -c` script (env `LOG` = `log`); returns the batch response.
+pub async fn invoke_lambda(
+    database_url: &str,
+    log: &std::path::Path,
+    event: &serde_json::Value,
+    timeout_secs: &str,
+    handler: &str,
+) -> serde_json::Value {
+    let path = std::env::temp_dir().join(format!("{}.json", unique("event")));
+    std::fs::write(&path, serde_json::to_vec(event).unwrap()).unwrap();
+    let output = tokio::time::timeout(
+        Duration::from_secs(40),
+        sqs_worker_command(database_url)
+            .args(["lambda", "--key", "/id", "--scope", "lam"])
+            .env("LOG", log)
+            .stdout(std::process::Stdio::piped())
+            .arg("--event")
+            .arg(&path)
+            .args(["--event-timeout", timeout_secs, "--", "sh", "-c", handler])
+            .output(),
+    )
+    .await
+    .expect("a local invocation ends within its timeout")
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is only the batch response ({e}): {:?}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}

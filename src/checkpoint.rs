@@ -17,6 +17,11 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::message::Pass;
 
+/// A remaining time as the database computed it: never negative, below SQS's 12-hour limit.
+fn seconds(remaining: Option<f64>) -> Duration {
+    Duration::from_secs_f64(remaining.unwrap_or(0.0).clamp(0.0, 43_199.0))
+}
+
 fn clamp_i32(n: u32) -> i32 {
     n.min(i32::MAX as u32) as i32
 }
@@ -60,7 +65,8 @@ pub struct ClaimRequest {
     pub field_digests: Option<String>,
 }
 
-/// What a claim found.
+/// What a claim found. Every outcome but a concurrent insert carries the payload fingerprint
+/// the checkpoint holds, so each delivery can be checked against it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimOutcome {
     /// This worker now holds the lease and should run the handler.
@@ -70,13 +76,54 @@ pub enum ClaimOutcome {
         /// The payload fingerprint recorded when the event was first seen.
         stored_payload_sha256: String,
     },
-    /// The event was already dead-lettered.
-    Failed,
-    /// Another worker holds a live lease; look again after `retry_after`.
-    Busy {
-        /// Time left on the other worker's lease.
-        retry_after: Duration,
+    /// The event was already dead-lettered (and this is not a later pass).
+    Failed {
+        /// The payload fingerprint recorded when the event was first seen.
+        stored_payload_sha256: String,
     },
+    /// Another claim holds a live lease (or the stored payload differs from every
+    /// delivery's, so none could take it); look again after `retry_after`.
+    Busy {
+        /// Time left on the holder's lease (renewed while its handler runs).
+        retry_after: Duration,
+        /// Time left until the holder's run must have ended (its run deadline), at least
+        /// `retry_after`.
+        run_remaining: Duration,
+        /// The fingerprint stored, unless the row was inserted by a concurrent claim.
+        stored_payload_sha256: Option<String>,
+    },
+}
+
+impl ClaimOutcome {
+    /// The fingerprint the checkpoint holds, when known.
+    pub fn stored_payload_sha256(&self) -> Option<&str> {
+        match self {
+            ClaimOutcome::Claimed(claim) => Some(&claim.stored_payload_sha256),
+            ClaimOutcome::Complete {
+                stored_payload_sha256,
+            }
+            | ClaimOutcome::Failed {
+                stored_payload_sha256,
+            } => Some(stored_payload_sha256),
+            ClaimOutcome::Busy {
+                stored_payload_sha256,
+                ..
+            } => stored_payload_sha256.as_deref(),
+        }
+    }
+}
+
+/// The terms of one claim statement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClaimTerms {
+    /// How long the lease lasts (as long as the messages stay hidden).
+    pub lease: Duration,
+    /// The longest the run may take (`--max-handler-time`, or up to a Lambda deadline):
+    /// deliveries of the event arriving meanwhile are put back until then.
+    pub run_limit: Duration,
+    /// Take a row whatever payload it stored (`--on-payload-mismatch accept`). Otherwise a
+    /// row is only taken for a delivery carrying the stored payload.
+    pub accept_mismatch: bool,
 }
 
 /// A lease this worker holds on an event.
@@ -252,13 +299,17 @@ impl CheckpointStore {
     ///
     /// New keys are inserted `in_progress` with a lease for `owner`; `in_progress` rows whose
     /// lease has expired (or was released after a retryable failure) are taken over with
-    /// `attempts + 1`. Requests repeating a key of the same batch share its outcome: the
-    /// caller decides what to do with the extra deliveries. The map holds every requested key.
+    /// `attempts + 1`; a `failed` row is taken by a redrive of a later pass. A row is only
+    /// taken for a delivery carrying its stored payload (unless `terms.accept_mismatch`): of
+    /// several deliveries of one key, the first with the stored payload is the one claimed,
+    /// so a mismatched delivery never takes (and never has to give back) a lease its
+    /// sibling runs on. A retry of the same statement (same `owner`) recognises its own
+    /// lease. Rows are locked in key order, as completions lock them.
     pub async fn claim_batch(
         &self,
         scope: &str,
         owner: &str,
-        lease: Duration,
+        terms: &ClaimTerms,
         requests: &[ClaimRequest],
     ) -> Result<HashMap<String, ClaimOutcome>, CheckpointError> {
         if requests.is_empty() {
@@ -296,37 +347,49 @@ impl CheckpointStore {
         // `distinct on` because one statement may not update the same row twice. Every
         // sub-statement of a `with` sees the same snapshot, so `existing` shows rows as they
         // were before this claim: a key that is neither claimed nor visible there was inserted
-        // by a concurrent claim a moment ago, i.e. it is busy. A failed row is reclaimed only
-        // by a redrive of a later pass; the pass stored never goes back.
+        // by a concurrent claim a moment ago, i.e. it is busy. The pass stored never goes
+        // back.
         let rows = sqlx::query!(
             r#"
-            with input as (
-                select distinct on (idempotency_key)
-                       idempotency_key, payload_sha256, message_id,
-                       nullif(payload_fields, '') as payload_fields,
-                       requeue_generation, redrive_count
+            with requested as (
+                select i.idempotency_key, i.payload_sha256, i.message_id,
+                       nullif(i.payload_fields, '') as payload_fields,
+                       i.requeue_generation, i.redrive_count, i.position,
+                       e.payload_sha256 as stored_sha256
                 from unnest($2::text[], $3::text[], $4::text[], $8::text[], $9::int4[],
                             $10::int4[])
                      with ordinality as i(idempotency_key, payload_sha256, message_id,
                                           payload_fields, requeue_generation, redrive_count,
                                           position)
-                order by idempotency_key, position
+                left join checkpoints e
+                       on e.scope = $1 and e.idempotency_key = i.idempotency_key
+            ),
+            input as (
+                select distinct on (idempotency_key)
+                       idempotency_key, payload_sha256, message_id, payload_fields,
+                       requeue_generation, redrive_count
+                from requested
+                order by idempotency_key, (payload_sha256 is distinct from stored_sha256),
+                         position
             ),
             claimed as (
                 insert into checkpoints as c
-                    (scope, idempotency_key, status, lease_owner, lease_expires_at, attempts,
-                     payload_sha256, first_message_id, last_message_id, payload_fields,
-                     requeue_generation, redrive_count)
+                    (scope, idempotency_key, status, lease_owner, lease_expires_at,
+                     run_deadline_at, attempts, payload_sha256, first_message_id,
+                     last_message_id, payload_fields, requeue_generation, redrive_count)
                 select $1, idempotency_key, 'in_progress', $5,
-                       now() + make_interval(secs => $6), 1,
+                       now() + make_interval(secs => $6), now() + make_interval(secs => $12), 1,
                        payload_sha256, message_id, message_id, payload_fields,
                        requeue_generation, redrive_count
                 from input
+                order by idempotency_key
                 on conflict (scope, idempotency_key) do update
                 set status = 'in_progress',
                     lease_owner = excluded.lease_owner,
                     lease_expires_at = excluded.lease_expires_at,
-                    attempts = c.attempts + 1,
+                    run_deadline_at = excluded.run_deadline_at,
+                    attempts = case when c.lease_owner = excluded.lease_owner
+                                    then c.attempts else c.attempts + 1 end,
                     last_message_id = excluded.last_message_id,
                     requeue_generation = case
                         when (excluded.requeue_generation, excluded.redrive_count)
@@ -337,11 +400,13 @@ impl CheckpointStore {
                              > (c.requeue_generation, c.redrive_count)
                         then excluded.redrive_count else c.redrive_count end,
                     updated_at = now()
-                where (c.status = 'in_progress'
-                       and (c.lease_expires_at is null or c.lease_expires_at <= now()))
-                   or (c.status = 'failed' and c.idempotency_key = any($7::text[])
-                       and (c.requeue_generation, c.redrive_count)
-                           < (excluded.requeue_generation, excluded.redrive_count))
+                where ($11 or c.payload_sha256 = excluded.payload_sha256)
+                  and ((c.status = 'in_progress'
+                        and (c.lease_expires_at is null or c.lease_expires_at <= now()
+                             or c.lease_owner = excluded.lease_owner))
+                       or (c.status = 'failed' and c.idempotency_key = any($7::text[])
+                           and (c.requeue_generation, c.redrive_count)
+                               < (excluded.requeue_generation, excluded.redrive_count)))
                 returning c.idempotency_key, c.attempts, c.steps, c.payload_sha256,
                           (c.xmax = 0) as inserted
             )
@@ -353,7 +418,10 @@ impl CheckpointStore {
                    existing.status as "existing_status?",
                    existing.payload_sha256 as "existing_payload_sha256?",
                    extract(epoch from existing.lease_expires_at - now())::float8
-                       as "lease_remaining_secs?"
+                       as "lease_remaining_secs?",
+                   extract(epoch from greatest(existing.lease_expires_at,
+                                               existing.run_deadline_at) - now())::float8
+                       as "run_remaining_secs?"
             from input
             left join claimed on claimed.idempotency_key = input.idempotency_key
             left join checkpoints existing
@@ -364,17 +432,20 @@ impl CheckpointStore {
             &fingerprints,
             &message_ids,
             owner,
-            lease.as_secs_f64(),
+            terms.lease.as_secs_f64(),
             &reclaimable,
             &field_digests,
             &generations,
             &redrive_counts,
+            terms.accept_mismatch,
+            terms.run_limit.max(terms.lease).as_secs_f64(),
         )
         .fetch_all(&self.pool)
         .await?;
 
         let mut outcomes = HashMap::with_capacity(rows.len());
         for row in rows {
+            let stored = row.existing_payload_sha256.unwrap_or_default();
             let outcome = match (row.claimed_attempts, row.existing_status.as_deref()) {
                 (Some(attempts), _) => ClaimOutcome::Claimed(Claim {
                     attempts: attempts.max(1) as u32,
@@ -383,16 +454,22 @@ impl CheckpointStore {
                     stored_payload_sha256: row.claimed_payload_sha256.unwrap_or_default(),
                 }),
                 (None, Some("complete")) => ClaimOutcome::Complete {
-                    stored_payload_sha256: row.existing_payload_sha256.unwrap_or_default(),
+                    stored_payload_sha256: stored,
                 },
-                (None, Some("failed")) => ClaimOutcome::Failed,
+                (None, Some("failed")) => ClaimOutcome::Failed {
+                    stored_payload_sha256: stored,
+                },
                 (None, Some(_)) => ClaimOutcome::Busy {
-                    retry_after: Duration::from_secs_f64(
-                        row.lease_remaining_secs.unwrap_or(0.0).max(0.0),
-                    ),
+                    retry_after: seconds(row.lease_remaining_secs),
+                    run_remaining: seconds(row.run_remaining_secs),
+                    stored_payload_sha256: Some(stored),
                 },
                 // Inserted by a concurrent claim after our snapshot: its lease is fresh.
-                (None, None) => ClaimOutcome::Busy { retry_after: lease },
+                (None, None) => ClaimOutcome::Busy {
+                    retry_after: terms.lease,
+                    run_remaining: terms.run_limit.max(terms.lease),
+                    stored_payload_sha256: None,
+                },
             };
             outcomes.insert(row.key, outcome);
         }
@@ -401,7 +478,9 @@ impl CheckpointStore {
 
     /// Mark events complete and clear their leases. Each entry is `(key, lease owner)` and is
     /// fenced by that owner. Returns the entries that were completed; one missing from the
-    /// result had its lease taken by another claim.
+    /// result had its lease taken by another claim. The completing owner stays recorded, so
+    /// a retry of this statement after a lost reply recognises its own commit; rows are
+    /// locked in key order, as claims lock them, so the two cannot deadlock.
     pub async fn complete_batch(
         &self,
         scope: &str,
@@ -414,13 +493,27 @@ impl CheckpointStore {
         let owners: Vec<String> = entries.iter().map(|(_, o)| o.clone()).collect();
         let rows = sqlx::query!(
             r#"
-            update checkpoints as c
-            set status = 'complete', lease_owner = null, lease_expires_at = null,
-                completed_at = now(), updated_at = now()
-            from unnest($2::text[], $3::text[]) as done(idempotency_key, lease_owner)
-            where c.scope = $1 and c.idempotency_key = done.idempotency_key
-              and c.lease_owner = done.lease_owner and c.status = 'in_progress'
-            returning c.idempotency_key, done.lease_owner as "lease_owner!"
+            with locked as (
+                select c.idempotency_key, c.status, done.lease_owner
+                from checkpoints c
+                join unnest($2::text[], $3::text[]) as done(idempotency_key, lease_owner)
+                  on c.idempotency_key = done.idempotency_key
+                 and c.lease_owner = done.lease_owner
+                where c.scope = $1 and c.status in ('in_progress', 'complete')
+                order by c.idempotency_key
+                for update of c
+            ),
+            completed as (
+                update checkpoints as c
+                set status = 'complete', lease_expires_at = null, run_deadline_at = null,
+                    completed_at = now(), updated_at = now()
+                from locked
+                where c.scope = $1 and c.idempotency_key = locked.idempotency_key
+                  and locked.status = 'in_progress'
+                returning c.idempotency_key
+            )
+            select idempotency_key as "idempotency_key!", lease_owner as "lease_owner!"
+            from locked
             "#,
             scope,
             &keys,
@@ -447,7 +540,8 @@ impl CheckpointStore {
         let result = sqlx::query!(
             r#"
             update checkpoints
-            set lease_owner = null, lease_expires_at = null, last_error = $4, updated_at = now()
+            set lease_owner = null, lease_expires_at = null, run_deadline_at = null, last_error = $4,
+                updated_at = now()
             where scope = $1 and idempotency_key = $2 and lease_owner = $3
               and status = 'in_progress'
             "#,
@@ -473,7 +567,7 @@ impl CheckpointStore {
         let result = sqlx::query!(
             r#"
             update checkpoints
-            set lease_owner = null, lease_expires_at = null,
+            set lease_owner = null, lease_expires_at = null, run_deadline_at = null,
                 attempts = greatest(attempts - 1, 0), updated_at = now()
             where scope = $1 and idempotency_key = $2 and lease_owner = $3
               and status = 'in_progress'
@@ -507,6 +601,74 @@ impl CheckpointStore {
             key,
             owner,
             lease.as_secs_f64(),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Renew the leases of several events claimed together (a FIFO group's events waiting
+    /// behind the one that runs). Returns the keys still held; the others were taken.
+    pub async fn renew_leases(
+        &self,
+        scope: &str,
+        owner: &str,
+        keys: &[String],
+        lease: Duration,
+    ) -> Result<Vec<String>, CheckpointError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query_scalar!(
+            r#"
+            with locked as (
+                select idempotency_key
+                from checkpoints
+                where scope = $1 and lease_owner = $2 and status = 'in_progress'
+                  and idempotency_key = any($3::text[])
+                order by idempotency_key
+                for update
+            )
+            update checkpoints as c
+            set lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+            from locked
+            where c.scope = $1 and c.idempotency_key = locked.idempotency_key
+            returning c.idempotency_key
+            "#,
+            scope,
+            owner,
+            keys,
+            lease.as_secs_f64(),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Start the run of an event claimed a while ago (a FIFO group's event whose turn came):
+    /// a fresh lease and run deadline, if the lease is still `owner`'s. False when another
+    /// claim took the event meanwhile: it must not run here.
+    pub async fn start_run(
+        &self,
+        scope: &str,
+        owner: &str,
+        key: &str,
+        lease: Duration,
+        run_limit: Duration,
+    ) -> Result<bool, CheckpointError> {
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set lease_expires_at = now() + make_interval(secs => $4),
+                run_deadline_at = now() + make_interval(secs => $5), updated_at = now()
+            where scope = $1 and idempotency_key = $2 and lease_owner = $3
+              and status = 'in_progress'
+            "#,
+            scope,
+            key,
+            owner,
+            lease.as_secs_f64(),
+            run_limit.max(lease).as_secs_f64(),
         )
         .execute(&self.pool)
         .await?;
@@ -568,7 +730,7 @@ impl CheckpointStore {
         let result = sqlx::query!(
             r#"
             update checkpoints
-            set status = 'failed', lease_owner = null, lease_expires_at = null,
+            set status = 'failed', lease_owner = null, lease_expires_at = null, run_deadline_at = null,
                 last_error = $4, updated_at = now()
             where scope = $1 and idempotency_key = $2 and lease_owner = $3
               and status = 'in_progress'
@@ -602,7 +764,7 @@ impl CheckpointStore {
                  last_message_id, last_error)
             values ($1, $2, 'failed', $3, $4, $4, $5)
             on conflict (scope, idempotency_key) do update
-            set status = 'failed', lease_owner = null, lease_expires_at = null,
+            set status = 'failed', lease_owner = null, lease_expires_at = null, run_deadline_at = null,
                 attempts = c.attempts + 1, last_message_id = excluded.last_message_id,
                 last_error = excluded.last_error, updated_at = now()
             where c.status <> 'complete'
@@ -697,13 +859,15 @@ impl CheckpointStore {
     /// Record a message that ends for good, and (with `mark_checkpoint`) mark its event
     /// failed — both in one transaction, so a crash leaves either both or neither. The
     /// checkpoint is left alone when it is complete or leased by a claim other than
-    /// `lease_owner`.
+    /// `lease_owner`. With a `lease_owner` (a claimed event's final pass), a checkpoint that
+    /// could not be marked means the lease was taken over: nothing is recorded and `None`
+    /// is returned, so the caller leaves the message to the new holder.
     pub async fn record_dead_letter(
         &self,
         letter: &NewDeadLetter<'_>,
         mark_checkpoint: bool,
         lease_owner: Option<&str>,
-    ) -> Result<i64, CheckpointError> {
+    ) -> Result<Option<i64>, CheckpointError> {
         let reason = storable_text(letter.reason);
         let error = storable_text(letter.error);
         let mut transaction = self.pool.begin().await?;
@@ -729,14 +893,14 @@ impl CheckpointStore {
         .fetch_one(&mut *transaction)
         .await?;
         if mark_checkpoint {
-            sqlx::query!(
+            let marked = sqlx::query!(
                 r#"
                 insert into checkpoints as c
                     (scope, idempotency_key, status, payload_sha256, first_message_id,
                      last_message_id, last_error, requeue_generation, redrive_count)
                 values ($1, $2, 'failed', $3, $4, $4, $5, $7, $8)
                 on conflict (scope, idempotency_key) do update
-                set status = 'failed', lease_owner = null, lease_expires_at = null,
+                set status = 'failed', lease_owner = null, lease_expires_at = null, run_deadline_at = null,
                     last_message_id = excluded.last_message_id,
                     last_error = excluded.last_error,
                     requeue_generation = case
@@ -763,9 +927,13 @@ impl CheckpointStore {
             )
             .execute(&mut *transaction)
             .await?;
+            if lease_owner.is_some() && marked.rows_affected() == 0 {
+                transaction.rollback().await?;
+                return Ok(None);
+            }
         }
         transaction.commit().await?;
-        Ok(id)
+        Ok(Some(id))
     }
 
     /// Open the audit row of a redrive run; returns its id.
@@ -869,6 +1037,69 @@ impl CheckpointStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row)
+    }
+
+    /// Events left `in_progress` with no live lease for longer than `idle_for`: the holder
+    /// stopped (its message went to the DLQ through the queue's maxReceiveCount, or was never
+    /// redelivered) and nothing took the event over. Oldest first, at most `limit`.
+    pub async fn list_stale(
+        &self,
+        scope: Option<&str>,
+        idle_for: Duration,
+        limit: i64,
+    ) -> Result<Vec<Checkpoint>, CheckpointError> {
+        let rows = sqlx::query_as!(
+            Checkpoint,
+            r#"
+            select scope, idempotency_key, status, steps, lease_owner, lease_expires_at,
+                   attempts, payload_sha256, first_message_id, last_message_id, last_error,
+                   requeue_generation, redrive_count, payload_fields,
+                   created_at, updated_at, completed_at
+            from checkpoints
+            where status = 'in_progress'
+              and (lease_expires_at is null or lease_expires_at <= now())
+              and updated_at < now() - make_interval(secs => $2)
+              and ($1::text is null or scope = $1)
+            order by updated_at
+            limit $3
+            "#,
+            scope,
+            idle_for.as_secs_f64(),
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Mark a stale event (see [`CheckpointStore::list_stale`]) failed, with `reason` as its
+    /// last error, unless it was claimed again meanwhile. A later redrive of its message
+    /// claims it again as usual. Returns whether it was marked.
+    pub async fn mark_stale_failed(
+        &self,
+        scope: &str,
+        key: &str,
+        idle_for: Duration,
+        reason: &str,
+    ) -> Result<bool, CheckpointError> {
+        let reason = storable_text(reason);
+        let result = sqlx::query!(
+            r#"
+            update checkpoints
+            set status = 'failed', lease_owner = null, lease_expires_at = null,
+                run_deadline_at = null, last_error = $4, updated_at = now()
+            where scope = $1 and idempotency_key = $2 and status = 'in_progress'
+              and (lease_expires_at is null or lease_expires_at <= now())
+              and updated_at < now() - make_interval(secs => $3)
+            "#,
+            scope,
+            key,
+            idle_for.as_secs_f64(),
+            &*reason,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
     }
 
     /// Look one checkpoint up.

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
-    CheckpointsPruneArgs, CheckpointsShowArgs, DeadLetterIdArgs, DeadLettersListArgs, DlqPeekArgs,
-    KeyArgs, LambdaArgs, OutputFormat, RedriveArgs, RunArgs, SendArgs,
+    CheckpointsPruneArgs, CheckpointsShowArgs, CheckpointsStaleArgs, DeadLetterIdArgs,
+    DeadLettersListArgs, DlqPeekArgs, KeyArgs, LambdaArgs, OutputFormat, RedriveArgs, RunArgs,
+    SendArgs,
 };
 use crate::lambda::LambdaWorker;
 use crate::message::{self, KeySpec};
@@ -275,6 +276,71 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `sqs-worker checkpoints stale`.
+pub async fn stale_checkpoints(args: CheckpointsStaleArgs) -> anyhow::Result<()> {
+    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let stale = store
+        .list_stale(args.scope.as_deref(), args.older_than, args.limit)
+        .await?;
+    let mut marked = Vec::new();
+    if args.mark_failed {
+        let reason = format!(
+            "abandoned: in progress with no live lease for over {} (its message likely went \
+             to the DLQ through maxReceiveCount); marked by `checkpoints stale --mark-failed`",
+            humantime::format_duration(args.older_than)
+        );
+        for c in &stale {
+            if store
+                .mark_stale_failed(&c.scope, &c.idempotency_key, args.older_than, &reason)
+                .await?
+            {
+                marked.push(c.idempotency_key.clone());
+            }
+        }
+    }
+    match args.format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "stale": stale,
+                "marked_failed": marked,
+            }))?
+        ),
+        OutputFormat::Table => {
+            if stale.is_empty() {
+                println!("no stale checkpoints{}", scope_note(args.scope.as_deref()));
+                return Ok(());
+            }
+            let mut table = table(&[
+                "SCOPE",
+                "KEY",
+                "ATTEMPTS",
+                "LAST CHANGE",
+                "LAST ERROR",
+                "NOW",
+            ]);
+            align_right(&mut table, &[2]);
+            for c in &stale {
+                let now = if marked.contains(&c.idempotency_key) {
+                    "failed"
+                } else {
+                    "in_progress"
+                };
+                table.add_row(vec![
+                    c.scope.clone(),
+                    c.idempotency_key.clone(),
+                    c.attempts.to_string(),
+                    c.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    c.last_error.clone().unwrap_or_else(|| "-".into()),
+                    now.to_owned(),
+                ]);
+            }
+            println!("{}", table.trim_fmt());
+        }
+    }
+    Ok(())
+}
+
 /// `sqs-worker checkpoints show`.
 pub async fn show_checkpoint(args: CheckpointsShowArgs) -> anyhow::Result<()> {
     let pool = connect(&args.database.database_url, 1).await?;
@@ -321,7 +387,12 @@ fn print_checkpoint(c: &Checkpoint) {
             },
         ),
         (
-            "lease owner",
+            // A completion keeps its claim's token (so a retried completion recognises it).
+            if c.status == "complete" {
+                "completed by"
+            } else {
+                "lease owner"
+            },
             c.lease_owner.clone().unwrap_or_else(|| "-".into()),
         ),
         ("lease expires", opt_time(c.lease_expires_at)),
@@ -459,12 +530,19 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             );
         }
     })
-    .await
-    .context(
-        "redrive stopped; nothing was lost (a message leaves the DLQ only after it was sent). \
-         Check AWS credentials, region and AWS_ENDPOINT_URL, then run it again",
-    )?;
+    .await;
     bar.finish_and_clear();
+    let report = match report {
+        Ok(report) => report,
+        Err(RedriveError::Config(problem)) => return Err(OperatorError(problem).into()),
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context(
+                "redrive stopped; nothing was lost (a message leaves the DLQ only after it \
+                 was sent). Check AWS credentials, region and AWS_ENDPOINT_URL, then run it \
+                 again",
+            ));
+        }
+    };
 
     match args.format {
         OutputFormat::Json => {

@@ -631,6 +631,43 @@ pub enum CheckpointsCommand {
     /// delivered after its event's row was pruned runs again: keep the retention above the
     /// longest time a message can come back (SQS keeps messages up to 14 days).
     Prune(CheckpointsPruneArgs),
+    /// List events left in progress with no live lease for longer than --older-than: their
+    /// holder stopped and nothing took them over — typically because SQS moved the message to
+    /// the DLQ itself (maxReceiveCount), where no worker sees it. With --mark-failed, mark
+    /// them failed so `checkpoints show` tells the truth; a redrive of the message still runs
+    /// the event again.
+    Stale(CheckpointsStaleArgs),
+}
+
+/// Options of `sqs-worker checkpoints stale`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointsStaleArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// How long an event must have been in progress without a live lease: a number and a
+    /// unit, e.g. 1h, 30m. Keep it above the queue's visibility timeout times its
+    /// maxReceiveCount, so an event still being retried is not listed.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub older_than: Duration,
+
+    /// Only this scope. [default: every scope]
+    #[arg(long, env = "SQS_WORKER_SCOPE")]
+    pub scope: Option<String>,
+
+    /// Mark the listed events failed (reason `abandoned`), each unless it was claimed again
+    /// meanwhile.
+    #[arg(long)]
+    pub mark_failed: bool,
+
+    /// Most events listed (and marked).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: i64,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
 }
 
 /// Options of `sqs-worker checkpoints prune`.

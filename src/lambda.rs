@@ -28,7 +28,8 @@ use crate::checkpoint::CheckpointStore;
 use crate::handler::Handler;
 use crate::sqs::{ReceivedMessage, SqsQueue};
 use crate::worker::{
-    BatchContext, BatchTokens, Core, CoreParts, Mode, Shared, WorkerConfig, handle_batch,
+    BatchContext, BatchTokens, Core, CoreParts, HANDLER_STOP_GRACE, Mode, Shared, WorkerConfig,
+    handle_batch,
 };
 
 /// Runs a handler for SQS events delivered by Lambda.
@@ -89,7 +90,7 @@ impl LambdaWorker {
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         // Stop short of the deadline: the answer must reach Lambda while the invocation lives.
-        let margin = (remaining / 10).clamp(Duration::from_millis(200), Duration::from_secs(2));
+        let margin = margin_for(remaining);
         let finish_by = Instant::now() + remaining.saturating_sub(margin);
 
         let mut by_source: Vec<(String, Vec<SqsMessage>)> = Vec::new();
@@ -103,7 +104,7 @@ impl LambdaWorker {
         let mut response = SqsBatchResponse::default();
         for (source, records) in by_source {
             let messages: Vec<ReceivedMessage> = records.into_iter().map(received).collect();
-            let failed = self.process(&source, &messages, finish_by).await;
+            let failed = self.process(&source, &messages, finish_by, margin).await;
             for message in failed {
                 let mut failure = BatchItemFailure::default();
                 failure.item_identifier = message.message_id.clone();
@@ -123,6 +124,7 @@ impl LambdaWorker {
         source: &str,
         messages: &'m [ReceivedMessage],
         finish_by: Instant,
+        margin: Duration,
     ) -> Vec<&'m ReceivedMessage> {
         let shared = match self.core_for(source).await {
             Ok(shared) => shared,
@@ -132,10 +134,18 @@ impl LambdaWorker {
             }
         };
         shared.count_received(messages.len());
+        // Settled receipts of earlier invocations (a task that settled after its invocation
+        // answered) are of no use any more: one invocation runs at a time.
+        if let Mode::Lambda { settled, .. } = shared.mode() {
+            settled.lock().expect("not poisoned").clear();
+        }
         let tracker = TaskTracker::new();
+        // What is left after `finish_by` must fit in the margin before the deadline: stopped
+        // handlers get a quarter of it, handing back the rest.
         let tokens = BatchTokens {
             stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
+            stop_grace: (margin / 4).min(HANDLER_STOP_GRACE),
         };
         let semaphore = Arc::new(Semaphore::new(self.config.concurrency));
         let deadline = tokio::time::Instant::from_std(finish_by);
@@ -153,7 +163,19 @@ impl LambdaWorker {
                 lease_cap: Some(finish_by),
                 tokens: tokens.clone(),
             };
-            handle_batch(&shared, &tracker, chunk.to_vec(), permits, &context).await;
+            // Claim retries and visibility changes must not outlast the invocation either:
+            // what is not started by then is reported failed and redelivered.
+            let handled = tokio::time::timeout_at(
+                deadline,
+                handle_batch(&shared, &tracker, chunk.to_vec(), permits, &context),
+            )
+            .await;
+            if handled.is_err() {
+                tracing::warn!(
+                    "the invocation deadline is near; not claiming the rest of the records"
+                );
+                break;
+            }
         }
         tracker.close();
         if tokio::time::timeout_at(deadline, tracker.wait())
@@ -165,7 +187,7 @@ impl LambdaWorker {
                  reporting their records as failed"
             );
             tokens.abandon.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+            let _ = tokio::time::timeout(margin / 2, tracker.wait()).await;
         }
         let Mode::Lambda { settled, .. } = shared.mode() else {
             unreachable!("Lambda cores run in Lambda mode");
@@ -229,6 +251,12 @@ impl LambdaWorker {
             }
         }
     }
+}
+
+/// How long before the deadline an invocation stops working: a tenth of its time, between
+/// 0.2 s and 2 s, for stopping handlers, handing back and answering.
+fn margin_for(remaining: Duration) -> Duration {
+    (remaining / 10).clamp(Duration::from_millis(200), Duration::from_secs(2))
 }
 
 /// A Lambda record as the core's received message.

@@ -57,6 +57,9 @@ async fn dispatch(args: Cli) -> anyhow::Result<()> {
         Command::Checkpoints {
             command: CheckpointsCommand::Prune(prune),
         } => cli::prune_checkpoints(prune).await,
+        Command::Checkpoints {
+            command: CheckpointsCommand::Stale(stale),
+        } => cli::stale_checkpoints(stale).await,
     }
 }
 

@@ -196,6 +196,17 @@ pub async fn redrive(
         ));
     }
     let dlq = SqsQueue::new(client, options.dlq_url.clone());
+    if dlq.url().ends_with(".fifo") {
+        // A scan holds what it does not send (filtered, failed, already redriven) until it
+        // ends; in a FIFO DLQ that keeps the message's group in flight, so the scan would end
+        // without the rest of the group and could send a group out of order.
+        return Err(RedriveError::Config(format!(
+            "{} is a FIFO queue: redrive with markers handles standard DLQs only; move its \
+             messages with `sqs-worker redrive --native` (SQS's own redrive, no markers) or \
+             one by one with `sqs-worker send`",
+            dlq.name()
+        )));
+    }
     let target_url = match &options.to {
         Some(url) => url.clone(),
         None => resolve_source_queue(&dlq).await?,
@@ -226,6 +237,10 @@ pub async fn redrive(
     // invisible during the scan so that the scan sees each message once.
     let mut hold: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
+    // Events redriven by this run: a redriven message that fails at once comes back to the
+    // DLQ with a new message id while the scan still runs; it waits for the next run
+    // instead of using up its redrives in this one.
+    let mut redriven_events: HashSet<String> = HashSet::new();
     let mut next_send = Instant::now();
     let mut empty_receives = 0;
     let target_is_fifo = target.url().ends_with(".fifo");
@@ -261,7 +276,6 @@ pub async fn redrive(
                 hold.push(message.receipt_handle.clone());
                 continue;
             }
-            report.examined += 1;
             let markers = message::parse_markers(message.attribute_strings());
             let count_unreadable = markers
                 .problems
@@ -272,6 +286,11 @@ pub async fn redrive(
                 Ok(identity) => (identity.key.clone(), identity.json.clone()),
                 Err(_) => (message::fallback_key(&message.body), None),
             };
+            if redriven_events.contains(&key) {
+                hold.push(message.receipt_handle.clone());
+                continue;
+            }
+            report.examined += 1;
             let checkpoint_status = store.find(&scope, &key).await?.map(|c| c.status);
             let mut outcome = Outcome {
                 message_id: message.message_id.clone(),
@@ -395,6 +414,9 @@ pub async fn redrive(
                     }
                     Action::FilteredOut | Action::Failed { .. } => {}
                 }
+            }
+            if matches!(outcome.action, Action::Redriven { .. }) {
+                redriven_events.insert(key.clone());
             }
             report.counts.add(&outcome.action);
             on_outcome(&outcome);

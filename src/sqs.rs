@@ -222,6 +222,15 @@ pub struct OutgoingMessage {
     pub delay: Option<Duration>,
 }
 
+/// Where a queue's messages go after too many receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedrivePolicy {
+    /// The DLQ.
+    pub dlq_url: String,
+    /// Receives after which SQS moves a message there itself.
+    pub max_receive_count: Option<u32>,
+}
+
 /// A queue's approximate message counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MessageCounts {
@@ -520,19 +529,24 @@ impl SqsQueue {
         Ok(Duration::from_secs(seconds))
     }
 
-    /// The URL of the DLQ named by the queue's RedrivePolicy, if it has one.
-    pub async fn dead_letter_queue_url(&self) -> Result<Option<String>, SqsError> {
+    /// The queue's RedrivePolicy: its DLQ's URL and maxReceiveCount, if it has one.
+    pub async fn redrive_policy(&self) -> Result<Option<RedrivePolicy>, SqsError> {
         let attributes = self
             .queue_attributes(&[QueueAttributeName::RedrivePolicy])
             .await?;
-        let Some(policy) = attributes.get(&QueueAttributeName::RedrivePolicy) else {
+        let Some(policy) = attributes
+            .get(&QueueAttributeName::RedrivePolicy)
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+        else {
             return Ok(None);
         };
-        let arn = serde_json::from_str::<serde_json::Value>(policy)
-            .ok()
-            .and_then(|p| p["deadLetterTargetArn"].as_str().map(str::to_owned));
-        let Some(arn) = arn else {
+        let Some(arn) = policy["deadLetterTargetArn"].as_str() else {
             return Ok(None);
+        };
+        // SQS writes the count as a string; accept a number too.
+        let max_receive_count = match &policy["maxReceiveCount"] {
+            serde_json::Value::String(count) => count.parse().ok(),
+            count => count.as_u64().and_then(|c| u32::try_from(c).ok()),
         };
         // arn:aws:sqs:<region>:<account>:<name>
         let mut parts = arn.rsplitn(3, ':');
@@ -547,7 +561,10 @@ impl SqsQueue {
             .send()
             .await
             .map_err(|e| SqsError::new("GetQueueUrl", e))?;
-        Ok(output.queue_url().map(str::to_owned))
+        Ok(output.queue_url().map(|url| RedrivePolicy {
+            dlq_url: url.to_owned(),
+            max_receive_count,
+        }))
     }
 
     /// The queue's approximate message counts: visible, in flight (received, not deleted) and

@@ -9,6 +9,8 @@
 //! handlers under a deadline; a handler is never cancelled mid-step by a shutdown.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,12 +25,14 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::checkpoint::{
-    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, NewDeadLetter,
+    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms,
+    NewDeadLetter,
 };
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
 use crate::sqs::{
-    self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, SqsError, SqsErrorKind, SqsQueue,
+    self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, RedrivePolicy, SqsError, SqsErrorKind,
+    SqsQueue,
 };
 use crate::startup::{self, StartupError, Verdict};
 use crate::telemetry::{self, Readiness};
@@ -431,6 +435,7 @@ impl Worker {
                 BatchTokens {
                     stop: stop.clone(),
                     abandon: abandon.clone(),
+                    stop_grace: HANDLER_STOP_GRACE,
                 },
             ));
         }
@@ -543,11 +548,13 @@ impl Core {
             ));
         }
         let lambda = matches!(mode, Mode::Lambda { .. });
-        let (lease, dlq) = if lambda {
+        let (lease, policy) = if lambda {
             lambda_queue_setup(&config, &sqs).await
         } else {
             service_queue_setup(&config, &sqs, readiness.as_deref()).await?
         };
+        let max_receive_count = policy.as_ref().and_then(|p| p.max_receive_count);
+        let dlq = policy.map(|p| sqs.sibling(p.dlq_url));
         if lease.is_zero() {
             return Err(WorkerError::Config(
                 "the visibility timeout is 0 s, so no lease could hold; set --visibility-timeout"
@@ -583,6 +590,7 @@ impl Core {
             counters: Counters::new(sqs.name()),
             sqs,
             dlq,
+            max_receive_count,
             store,
             handler,
             scope,
@@ -593,7 +601,7 @@ impl Core {
             in_flight: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
             claiming: Mutex::new(HashMap::new()),
-            settled_recently: Mutex::new(HashMap::new()),
+            settled_recently: Mutex::new(RecentlySettled::default()),
             first_received: std::sync::OnceLock::new(),
             last_activity: Mutex::new(Instant::now()),
             acks: ack_sender,
@@ -633,10 +641,10 @@ async fn service_queue_setup(
     config: &WorkerConfig,
     sqs: &SqsQueue,
     readiness: Option<&Readiness>,
-) -> Result<(Duration, Option<SqsQueue>), WorkerError> {
+) -> Result<(Duration, Option<RedrivePolicy>), WorkerError> {
     let deadline = Instant::now() + config.startup_timeout;
     let judge = |error: &SqsError| judge_queue_error(error, sqs.url());
-    let (visibility, dlq_url) = startup::retry_until(
+    let (visibility, policy) = startup::retry_until(
         "reading the queue's attributes",
         deadline,
         || async {
@@ -644,7 +652,7 @@ async fn service_queue_setup(
                 Some(v) => v,
                 None => sqs.visibility_timeout().await?,
             };
-            Ok((visibility, sqs.dead_letter_queue_url().await?))
+            Ok((visibility, sqs.redrive_policy().await?))
         },
         judge,
     )
@@ -653,12 +661,15 @@ async fn service_queue_setup(
     if let Some(readiness) = readiness {
         readiness.sqs(true);
     }
-    Ok((visibility, dlq_url.map(|url| sqs.sibling(url))))
+    Ok((visibility, policy))
 }
 
 /// The same for Lambda, which has no start phase to fail in: a queue that cannot be inspected
 /// still gets its messages claimed and run, with Lambda's default visibility and no DLQ.
-async fn lambda_queue_setup(config: &WorkerConfig, sqs: &SqsQueue) -> (Duration, Option<SqsQueue>) {
+async fn lambda_queue_setup(
+    config: &WorkerConfig,
+    sqs: &SqsQueue,
+) -> (Duration, Option<RedrivePolicy>) {
     let lease = match config.visibility_timeout {
         Some(v) => v,
         None => sqs.visibility_timeout().await.unwrap_or_else(|error| {
@@ -666,14 +677,14 @@ async fn lambda_queue_setup(config: &WorkerConfig, sqs: &SqsQueue) -> (Duration,
             Duration::from_secs(30)
         }),
     };
-    let dlq = match sqs.dead_letter_queue_url().await {
-        Ok(url) => url.map(|url| sqs.sibling(url)),
+    let policy = match sqs.redrive_policy().await {
+        Ok(policy) => policy,
         Err(error) => {
             tracing::warn!(%error, "cannot read the queue's RedrivePolicy; permanent failures will be reported as batch item failures");
             None
         }
     };
-    (lease, dlq)
+    (lease, policy)
 }
 
 /// What a failed SQS call at start means, in a line that says what to fix.
@@ -723,6 +734,9 @@ pub(crate) struct Shared {
     config: WorkerConfig,
     sqs: SqsQueue,
     dlq: Option<SqsQueue>,
+    /// The queue's maxReceiveCount, when it has a DLQ: a message received that often goes
+    /// to the DLQ at its next receive.
+    max_receive_count: Option<u32>,
     store: CheckpointStore,
     handler: Arc<dyn Handler>,
     scope: String,
@@ -738,11 +752,11 @@ pub(crate) struct Shared {
     in_flight: AtomicUsize,
     /// Events running in this process, with deliveries of them that arrived meanwhile
     /// (claimed Busy by our own lease): they ride along instead of waiting out the lease.
-    running: Mutex<HashMap<String, Riders>>,
+    running: Mutex<HashMap<String, RunningHere>>,
     /// Keys in claim statements of this process right now, with how many statements.
     claiming: Mutex<HashMap<String, usize>>,
     /// Keys settled here in the last few seconds (see `finish_running`).
-    settled_recently: Mutex<HashMap<String, Instant>>,
+    settled_recently: Mutex<RecentlySettled>,
     /// When the first message arrived (for `RunSummary::active_millis`).
     first_received: std::sync::OnceLock<Instant>,
     last_activity: Mutex<Instant>,
@@ -767,6 +781,15 @@ impl Shared {
             self.config.backoff_max,
             fastrand::f64(),
         )
+    }
+
+    /// The longest a run claimed with `lease` may take: `--max-handler-time`, or on Lambda
+    /// the lease itself (it ends before the invocation does, and the handler with it).
+    fn run_limit(&self, lease: Duration) -> Duration {
+        match self.mode {
+            Mode::Lambda { .. } => lease,
+            Mode::Service => self.config.max_handler_time,
+        }
     }
 
     fn sqs_reached(&self, ok: bool) {
@@ -795,12 +818,16 @@ impl Shared {
     }
 
     /// Register an event as running here; returns its riders' slot.
-    fn start_running(&self, key: &str) -> Riders {
+    fn start_running(&self, identity: &EventIdentity) -> Riders {
         let riders: Riders = Arc::new(Mutex::new(Some(Vec::new())));
-        self.running
-            .lock()
-            .expect("not poisoned")
-            .insert(key.to_owned(), riders.clone());
+        self.running.lock().expect("not poisoned").insert(
+            identity.key.clone(),
+            RunningHere {
+                fingerprint: identity.fingerprint.clone(),
+                fields: identity.field_digests.clone(),
+                riders: riders.clone(),
+            },
+        );
         riders
     }
 
@@ -818,16 +845,17 @@ impl Shared {
     /// that started before the completion committed still sees it leased).
     fn finish_running(&self, key: &str, riders: &Riders) {
         let mut running = self.running.lock().expect("not poisoned");
-        if running.get(key).is_some_and(|r| Arc::ptr_eq(r, riders)) {
+        if running
+            .get(key)
+            .is_some_and(|r| Arc::ptr_eq(&r.riders, riders))
+        {
             running.remove(key);
         }
         drop(running);
-        let mut recent = self.settled_recently.lock().expect("not poisoned");
-        let now = Instant::now();
-        if recent.len() >= 4096 {
-            recent.retain(|_, at| now.duration_since(*at) < RECENTLY_SETTLED);
-        }
-        recent.insert(key.to_owned(), now);
+        self.settled_recently
+            .lock()
+            .expect("not poisoned")
+            .insert(key, Instant::now());
     }
 
     /// True when this process settled `key` a moment ago.
@@ -835,20 +863,32 @@ impl Shared {
         self.settled_recently
             .lock()
             .expect("not poisoned")
-            .get(key)
-            .is_some_and(|at| at.elapsed() < RECENTLY_SETTLED)
+            .contains(key, Instant::now())
     }
 
-    /// Give a lease back (fenced by its token), with `reason` as the event's last error. A
-    /// failure is logged, not fatal: the lease then expires on its own, only later.
-    async fn release_lease(&self, lease_token: &str, key: &str, reason: &str) {
-        if let Err(error) = self
+    /// Give a lease back (fenced by its token), with `reason` as the event's last error.
+    /// True only when the lease was ours and is now released: otherwise the message belongs
+    /// to the event's new holder (or its ownership cannot be told, the database failing), and
+    /// the caller must leave it alone. A failure is logged; the lease then expires on its own.
+    async fn release_lease(&self, lease_token: &str, key: &str, reason: &str) -> bool {
+        match self
             .store
             .release(&self.scope, lease_token, key, reason)
             .await
         {
-            self.counters.database_errors.add(1);
-            tracing::error!(%error, "could not release the lease; it expires on its own");
+            Ok(true) => true,
+            Ok(false) => {
+                self.counters.lease_lost.add(1);
+                tracing::warn!(
+                    "the lease was taken over meanwhile; leaving the message to its new holder"
+                );
+                false
+            }
+            Err(error) => {
+                self.counters.database_errors.add(1);
+                tracing::error!(%error, "could not release the lease; it expires on its own, and the message returns after its visibility timeout");
+                false
+            }
         }
     }
 
@@ -861,13 +901,23 @@ impl Shared {
             .is_some_and(|&n| n > 1)
     }
 
-    /// Attach a delivery to the run of its event in this process, if there is one.
-    fn ride_along(&self, key: &str, receipt: &str) -> RideAlong {
+    /// Attach a delivery to the run of its event in this process, if there is one and it
+    /// carries the same payload (a delivery with another payload is a mismatch, never a
+    /// rider: riders are deleted as duplicates when the event completes).
+    fn ride_along(&self, identity: &EventIdentity, receipt: &str) -> RideAlong {
         let running = self.running.lock().expect("not poisoned");
-        let Some(riders) = running.get(key) else {
+        let Some(run) = running.get(&identity.key) else {
             return RideAlong::NotHere;
         };
-        match riders.lock().expect("not poisoned").as_mut() {
+        if self.config.on_payload_mismatch == PayloadMismatch::DeadLetter
+            && run.fingerprint != identity.fingerprint
+        {
+            return RideAlong::Mismatch(FirstPayload::InBatch {
+                fingerprint: run.fingerprint.clone(),
+                fields: run.fields.clone(),
+            });
+        }
+        match run.riders.lock().expect("not poisoned").as_mut() {
             Some(receipts) => {
                 receipts.push(receipt.to_owned());
                 RideAlong::Attached
@@ -920,11 +970,52 @@ impl Drop for Claiming<'_> {
     }
 }
 
+/// Keys settled in the last [`RECENTLY_SETTLED`], forgotten in the order they came: each
+/// insert drops only what has expired, so the bookkeeping per event stays constant however
+/// fast events settle (a full scan per insert would not).
+#[derive(Default)]
+struct RecentlySettled {
+    at: HashMap<String, Instant>,
+    order: std::collections::VecDeque<(Instant, String)>,
+}
+
+impl RecentlySettled {
+    fn insert(&mut self, key: &str, now: Instant) {
+        while let Some((at, oldest)) = self.order.front() {
+            if now.duration_since(*at) < RECENTLY_SETTLED {
+                break;
+            }
+            if self.at.get(oldest) == Some(at) {
+                self.at.remove(oldest);
+            }
+            self.order.pop_front();
+        }
+        self.at.insert(key.to_owned(), now);
+        self.order.push_back((now, key.to_owned()));
+    }
+
+    fn contains(&self, key: &str, now: Instant) -> bool {
+        self.at
+            .get(key)
+            .is_some_and(|at| now.duration_since(*at) < RECENTLY_SETTLED)
+    }
+}
+
 /// Receipts of deliveries riding along with a running event; `None` once its handler ended.
 type Riders = Arc<Mutex<Option<Vec<String>>>>;
 
+/// An event running in this process: the payload it runs with, and the deliveries riding
+/// along with it.
+struct RunningHere {
+    fingerprint: String,
+    fields: Option<String>,
+    riders: Riders,
+}
+
 /// What became of a delivery whose event is leased (Busy).
 enum RideAlong {
+    /// Its event runs here with another payload.
+    Mismatch(FirstPayload),
     /// Its event runs here: it shares that run's fate.
     Attached,
     /// Its event just ran here and is being settled: it comes back in a moment.
@@ -940,6 +1031,9 @@ enum RideAlong {
 pub(crate) struct BatchTokens {
     pub(crate) stop: CancellationToken,
     pub(crate) abandon: CancellationToken,
+    /// How long a handler told to stop gets before its task is aborted
+    /// ([`HANDLER_STOP_GRACE`] for a service; less on Lambda, within its deadline's margin).
+    pub(crate) stop_grace: Duration,
 }
 
 /// What one received batch runs under.
@@ -1279,10 +1373,15 @@ pub(crate) async fn handle_batch(
     // Retried while the batch's visibility timeout leaves room (half the lease): a short
     // database blip then costs a moment, not a redelivery, and the messages stay hidden
     // meanwhile, so retrying adds nothing to their receive counts.
+    let terms = ClaimTerms {
+        lease,
+        run_limit: shared.run_limit(lease),
+        accept_mismatch: shared.config.on_payload_mismatch == PayloadMismatch::Accept,
+    };
     let claimed = retry_database(shared, "claim", lease / 2, || {
         shared
             .store
-            .claim_batch(&shared.scope, &lease_token, lease, &requests)
+            .claim_batch(&shared.scope, &lease_token, &terms, &requests)
     })
     .await;
     let outcomes = match claimed {
@@ -1302,140 +1401,60 @@ pub(crate) async fn handle_batch(
     #[cfg(feature = "failpoints")]
     fail::fail_point!("sqs_worker::claimed");
 
-    // Group deliveries by key: the first delivery of a claimed key runs; later deliveries of
-    // the same key in this batch ride along and share its fate (deleted once it completes).
     let mut claimed: Vec<ClaimedEvent> = Vec::new();
-    let mut claimed_index: HashMap<String, usize> = HashMap::new();
     let mut busy: Vec<(String, Duration)> = Vec::new();
     // FIFO: the first position in each group that did not get its claim, and about when it
     // is visible again; later messages of that group must wait for it.
     let mut blocked_from: HashMap<String, (usize, Duration)> = HashMap::new();
-    for p in parsed {
-        let Ok(identity) = &p.identity else {
-            let permit = permits.pop();
-            let shared = shared.clone();
-            tracker.spawn(async move {
-                let _permit = permit;
-                dead_letter_unkeyed(&shared, p).await;
-            });
-            continue;
-        };
-        let key = identity.key.clone();
-        if let Some(&i) = claimed_index.get(&key) {
-            let first = claimed[i]
-                .parsed
-                .identity
-                .as_ref()
-                .expect("claimed messages have a key");
-            if shared.config.on_payload_mismatch == PayloadMismatch::DeadLetter
-                && first.fingerprint != identity.fingerprint
-            {
-                let first = FirstPayload::InBatch {
-                    fingerprint: first.fingerprint.clone(),
-                    fields: first.field_digests.clone(),
-                };
-                let permit = permits.pop();
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    dead_letter_mismatch(&shared, p, None, first).await;
-                });
-            } else if p.markers.pass() > claimed[i].parsed.markers.pass() {
-                // The claim was made for the latest pass in the batch (a redrive beside a
-                // plain duplicate): that delivery runs, with its markers.
-                let earlier = std::mem::replace(&mut claimed[i].parsed, p);
-                claimed[i].siblings.push(earlier.message);
-            } else {
-                claimed[i].siblings.push(p.message);
-            }
-            continue;
-        }
-        let fingerprint = identity.fingerprint.clone();
-        let mismatch = |stored: &str| {
-            shared.config.on_payload_mismatch == PayloadMismatch::DeadLetter
-                && stored != fingerprint
-        };
-        match outcomes.get(&key) {
-            Some(ClaimOutcome::Claimed(claim)) if mismatch(&claim.stored_payload_sha256) => {
-                let stored = FirstPayload::Stored(claim.stored_payload_sha256.clone());
-                let lease_token = lease_token.clone();
-                let permit = permits.pop();
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    dead_letter_mismatch(&shared, p, Some(lease_token), stored).await;
-                });
-            }
-            Some(ClaimOutcome::Complete {
-                stored_payload_sha256,
-            }) if mismatch(stored_payload_sha256) => {
-                let stored = FirstPayload::Stored(stored_payload_sha256.clone());
-                let permit = permits.pop();
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    dead_letter_mismatch(&shared, p, None, stored).await;
-                });
-            }
-            Some(ClaimOutcome::Claimed(claim)) => {
-                let riders = shared.start_running(&key);
-                claimed_index.insert(key, claimed.len());
+    for planned in plan_batch(parsed, &outcomes, shared.config.on_payload_mismatch) {
+        match planned {
+            Planned::Run {
+                parsed,
+                claim,
+                siblings,
+            } => {
+                let identity = parsed.identity.as_ref().expect("a running event has a key");
+                let riders = shared.start_running(identity);
                 claimed.push(ClaimedEvent {
-                    parsed: p,
-                    claim: claim.clone(),
-                    siblings: Vec::new(),
+                    parsed,
+                    claim,
+                    siblings: siblings.into_iter().map(|s| s.message).collect(),
                     permit: permits.pop(),
                     riders,
                 });
             }
-            Some(ClaimOutcome::Complete { .. }) | Some(ClaimOutcome::Failed) => {
-                shared.counters.duplicates_skipped.add(1);
-                tracing::info!(
-                    message_id = %p.message.message_id,
-                    %key,
-                    "event already handled; deleting this duplicate delivery"
-                );
-                shared.enqueue_delete(vec![p.message.receipt_handle]).await;
+            Planned::Unkeyed(p) => {
+                let permit = permits.pop();
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    dead_letter_unkeyed(&shared, p).await;
+                });
             }
-            Some(ClaimOutcome::Busy { retry_after }) => {
-                let retry_after = match shared.ride_along(&key, &p.message.receipt_handle) {
-                    RideAlong::Attached => {
-                        tracing::info!(
-                            message_id = %p.message.message_id,
-                            %key,
-                            "event is running in this worker; this delivery rides along with it"
-                        );
-                        continue;
-                    }
-                    // Completion is a statement away: look again in a second, not a lease.
-                    RideAlong::Settling => &OWN_CLAIM_RETRY,
-                    // Another batch of ours claims it right now (its run is about to be
-                    // registered): likewise.
-                    RideAlong::NotHere
-                        if shared.claimed_elsewhere_here(&key)
-                            || shared.settled_here_recently(&key) =>
-                    {
-                        &OWN_CLAIM_RETRY
-                    }
-                    RideAlong::NotHere => retry_after,
-                };
-                shared.counters.busy_deferred.add(1);
-                tracing::info!(
-                    message_id = %p.message.message_id,
-                    %key,
-                    retry_in_secs = retry_after.as_secs_f64(),
-                    "event is leased by another worker; this delivery comes back when the lease ends"
+            Planned::Mismatch(p, first) => spawn_mismatch(shared, tracker, p, first, permits.pop()),
+            Planned::Duplicate(p) => skip_duplicate(shared, p).await,
+            Planned::Busy(p, lease_remaining, run_remaining) => {
+                let retry_after = busy_deferral(
+                    lease_remaining,
+                    run_remaining,
+                    receive_count(&p.message),
+                    shared.max_receive_count,
                 );
+                let Some((p, retry_after)) =
+                    busy_delivery(shared, tracker, p, retry_after, &mut permits)
+                else {
+                    continue;
+                };
                 blocked_from
                     .entry(p.group().to_owned())
-                    .or_insert((p.position, *retry_after));
+                    .or_insert((p.position, retry_after));
                 busy.push((
                     p.message.receipt_handle,
-                    (*retry_after).max(Duration::from_secs(1)),
+                    retry_after.max(Duration::from_secs(1)),
                 ));
             }
-            None => {
-                tracing::error!(%key, "claim returned no row for a key; leaving the message for redelivery");
+            Planned::NoRow(p) => {
+                tracing::error!(key = %p.key(), "claim returned no row for a key; leaving the message for redelivery");
                 blocked_from
                     .entry(p.group().to_owned())
                     .or_insert((p.position, lease));
@@ -1452,11 +1471,10 @@ pub(crate) async fn handle_batch(
         let shared = shared.clone();
         let tokens = context.tokens.clone();
         tracker.spawn(async move {
-            join_all(
-                claimed
-                    .into_iter()
-                    .map(|event| run_event(&shared, event, &lease_token, lease, &tokens)),
-            )
+            let nothing_waits = Waiting::default();
+            join_all(claimed.into_iter().map(|event| {
+                run_event(&shared, event, &lease_token, lease, &tokens, &nothing_waits)
+            }))
             .await;
         });
         return;
@@ -1480,42 +1498,322 @@ pub(crate) async fn handle_batch(
         let tokens = context.tokens.clone();
         let blocked = blocked_from.get(&group).copied();
         tracker.spawn(async move {
-            // Once one message is held, the rest of the group waits until shortly after it
-            // is visible again: SQS itself blocks a group while a message is in flight, and
-            // the extra second keeps the order even where a broker does not.
-            let mut hold: Option<(Duration, &str)> = None;
-            let mut turn = 0;
-            for event in events {
-                if tokens.stop.is_cancelled() {
-                    hold = Some((
-                        hold.map_or(Duration::ZERO, |(back_in, _)| back_in),
-                        SHUTTING_DOWN,
-                    ));
-                }
-                if hold.is_none()
-                    && let Some((position, back_in)) = blocked
-                    && position < event.parsed.position
-                {
-                    hold = Some((
-                        back_in,
-                        "an earlier message of its group is leased elsewhere",
-                    ));
-                }
-                if let Some((back_in, reason)) = hold {
-                    hand_back(&shared, &event, &lease_token, reason, back_in).await;
-                    continue;
-                }
-                if turn > 0 {
-                    pause_at("sqs_worker::fifo_next").await;
-                }
-                turn += 1;
-                if let Some(back_in) = run_event(&shared, event, &lease_token, lease, &tokens).await
-                {
-                    hold = Some((back_in, "an earlier message of its group did not complete"));
-                }
-            }
+            run_group(&shared, events, &lease_token, lease, &tokens, blocked).await;
         });
     }
+}
+
+/// A FIFO group's events, one at a time in receive order. The ones waiting their turn are
+/// kept alive by the running one's heartbeat, and each starts only once its lease is
+/// confirmed and renewed: an event whose lease was taken over while it waited (it became
+/// visible and was claimed anew) is left to its new holder, and the rest of the group is
+/// handed back behind it. Once one message is held, the rest of the group waits until
+/// shortly after it is visible again: SQS itself blocks a group while a message is in
+/// flight, and the extra second keeps the order even where a broker does not.
+async fn run_group(
+    shared: &Arc<Shared>,
+    events: Vec<ClaimedEvent>,
+    lease_token: &str,
+    lease: Duration,
+    tokens: &BatchTokens,
+    blocked: Option<(usize, Duration)>,
+) {
+    let waiting: Waiting = Mutex::new(
+        events
+            .iter()
+            .skip(1)
+            .map(|event| (event.parsed.key(), event.receipts()))
+            .collect(),
+    );
+    let mut hold: Option<(Duration, &str)> = None;
+    for (turn, event) in events.into_iter().enumerate() {
+        let key = event.parsed.key();
+        waiting
+            .lock()
+            .expect("not poisoned")
+            .retain(|(waiting_key, _)| *waiting_key != key);
+        if tokens.stop.is_cancelled() {
+            hold = Some((
+                hold.map_or(Duration::ZERO, |(back_in, _)| back_in),
+                SHUTTING_DOWN,
+            ));
+        }
+        if hold.is_none()
+            && let Some((position, back_in)) = blocked
+            && position < event.parsed.position
+        {
+            hold = Some((
+                back_in,
+                "an earlier message of its group is leased elsewhere",
+            ));
+        }
+        if hold.is_none() && turn > 0 {
+            // Chaos and race tests widen the gap between a group's events here.
+            pause_at("sqs_worker::fifo_next").await;
+            if !start_waiting(shared, &event, lease_token, lease).await {
+                hold = Some((lease, "an earlier message of its group was taken over"));
+                // Its lease is another holder's: nothing of it is handed back here.
+                shared.finish_running(&key, &event.riders);
+                continue;
+            }
+        }
+        if let Some((back_in, reason)) = hold {
+            hand_back(shared, &event, lease_token, reason, back_in).await;
+            continue;
+        }
+        if let Some(back_in) = run_event(shared, event, lease_token, lease, tokens, &waiting).await
+        {
+            hold = Some((back_in, "an earlier message of its group did not complete"));
+        }
+    }
+}
+
+/// Confirm that a waiting FIFO event's lease is still this claim's, and renew it with its
+/// messages' visibility for a run starting now. False when it was taken over.
+async fn start_waiting(
+    shared: &Shared,
+    event: &ClaimedEvent,
+    lease_token: &str,
+    lease: Duration,
+) -> bool {
+    let key = event.parsed.key();
+    match shared
+        .store
+        .start_run(
+            &shared.scope,
+            lease_token,
+            &key,
+            lease,
+            shared.run_limit(lease),
+        )
+        .await
+    {
+        Ok(true) => {
+            shared.show_after(&event.receipts(), lease).await;
+            true
+        }
+        Ok(false) => {
+            shared.counters.lease_lost.add(1);
+            tracing::warn!(
+                message_id = %event.parsed.message.message_id,
+                %key,
+                "the event's lease was taken over while it waited its turn in its group; \
+                 leaving it to its new holder"
+            );
+            false
+        }
+        Err(error) => {
+            shared.counters.database_errors.add(1);
+            tracing::error!(%error, %key, "cannot confirm a waiting event's lease; not starting it");
+            false
+        }
+    }
+}
+
+/// What becomes of one delivery of a claimed receive batch (see [`plan_batch`]).
+enum Planned {
+    /// The delivery that runs its event, with the later deliveries of the same event in
+    /// this batch (they share its fate).
+    Run {
+        parsed: Parsed,
+        claim: Claim,
+        siblings: Vec<Parsed>,
+    },
+    /// No key could be taken from it: to the DLQ.
+    Unkeyed(Parsed),
+    /// Its key is stored, or runs in this batch, with another payload: to the DLQ.
+    Mismatch(Parsed, FirstPayload),
+    /// Its event is complete, or failed on this pass or a later one: a duplicate.
+    Duplicate(Parsed),
+    /// Its event is leased by another claim: time left on the lease, and until the run
+    /// must have ended.
+    Busy(Parsed, Duration, Duration),
+    /// The claim statement returned nothing for its key.
+    NoRow(Parsed),
+}
+
+/// Decide each delivery's fate from the claim's outcomes. Pure, so the rules can be read
+/// (and checked) in one place: a delivery whose payload differs from the stored one (or from
+/// the one claimed in this batch) is a mismatch and touches nothing; of the deliveries of a
+/// claimed event, the first runs — or the one of the latest redrive pass, so its markers
+/// decide — and the others share its fate.
+fn plan_batch(
+    parsed: Vec<Parsed>,
+    outcomes: &HashMap<String, ClaimOutcome>,
+    policy: PayloadMismatch,
+) -> Vec<Planned> {
+    let mut plan: Vec<Planned> = Vec::with_capacity(parsed.len());
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for p in parsed {
+        let Ok(identity) = &p.identity else {
+            plan.push(Planned::Unkeyed(p));
+            continue;
+        };
+        let key = identity.key.clone();
+        let Some(outcome) = outcomes.get(&key) else {
+            plan.push(Planned::NoRow(p));
+            continue;
+        };
+        let stored = outcome.stored_payload_sha256();
+        if policy == PayloadMismatch::DeadLetter
+            && stored.is_some_and(|s| s != identity.fingerprint)
+        {
+            let first = match runs.get(&key).map(|&i| &plan[i]) {
+                Some(Planned::Run { parsed: runner, .. }) => {
+                    let runner = runner.identity.as_ref().expect("a running event has a key");
+                    FirstPayload::InBatch {
+                        fingerprint: runner.fingerprint.clone(),
+                        fields: runner.field_digests.clone(),
+                    }
+                }
+                _ => FirstPayload::Stored(stored.unwrap_or_default().to_owned()),
+            };
+            plan.push(Planned::Mismatch(p, first));
+            continue;
+        }
+        match outcome {
+            ClaimOutcome::Claimed(claim) => match runs.get(&key) {
+                Some(&i) => {
+                    let Planned::Run {
+                        parsed: runner,
+                        siblings,
+                        ..
+                    } = &mut plan[i]
+                    else {
+                        unreachable!("runs index Run entries");
+                    };
+                    if p.markers.pass() > runner.markers.pass() {
+                        // The claim was made for the latest pass in the batch (a redrive
+                        // beside a plain duplicate): that delivery runs, with its markers.
+                        siblings.push(std::mem::replace(runner, p));
+                    } else {
+                        siblings.push(p);
+                    }
+                }
+                None => {
+                    runs.insert(key, plan.len());
+                    plan.push(Planned::Run {
+                        parsed: p,
+                        claim: claim.clone(),
+                        siblings: Vec::new(),
+                    });
+                }
+            },
+            ClaimOutcome::Complete { .. } | ClaimOutcome::Failed { .. } => {
+                plan.push(Planned::Duplicate(p))
+            }
+            ClaimOutcome::Busy {
+                retry_after,
+                run_remaining,
+                ..
+            } => plan.push(Planned::Busy(p, *retry_after, *run_remaining)),
+        }
+    }
+    plan
+}
+
+/// How long a delivery of an event leased elsewhere is put back: until the lease ends (an
+/// event that completes within its first lease is then skipped as soon as possible) — but
+/// when its next receive would be the last the queue's maxReceiveCount allows before moving
+/// it to the DLQ, until the holder's run must have ended: a long handler's duplicate must
+/// not reach the DLQ while the event runs.
+fn busy_deferral(
+    lease_remaining: Duration,
+    run_remaining: Duration,
+    receive_count: u32,
+    max_receive_count: Option<u32>,
+) -> Duration {
+    match max_receive_count {
+        Some(max) if receive_count + 1 >= max => run_remaining.max(lease_remaining),
+        _ => lease_remaining,
+    }
+}
+
+/// SQS's ApproximateReceiveCount of this delivery (1 when not reported).
+fn receive_count(message: &ReceivedMessage) -> u32 {
+    message
+        .system_attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1)
+}
+
+fn spawn_mismatch(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    parsed: Parsed,
+    first: FirstPayload,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        let _permit = permit;
+        dead_letter_mismatch(&shared, parsed, first).await;
+    });
+}
+
+/// A delivery of an event already complete or failed: delete it, at info level
+/// (duplicates are normal).
+async fn skip_duplicate(shared: &Shared, parsed: Parsed) {
+    shared.counters.duplicates_skipped.add(1);
+    tracing::info!(
+        message_id = %parsed.message.message_id,
+        key = %parsed.key(),
+        "event already handled; deleting this duplicate delivery"
+    );
+    shared
+        .enqueue_delete(vec![parsed.message.receipt_handle])
+        .await;
+}
+
+/// A delivery of an event leased by a claim: it rides along when the event runs here (with
+/// the same payload), comes back in a moment when this process is claiming or settling the
+/// event, and otherwise when the holder's run must have ended. `None` when it needs no
+/// visibility change (it rides along, or went the mismatch way).
+fn busy_delivery(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    parsed: Parsed,
+    retry_after: Duration,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) -> Option<(Parsed, Duration)> {
+    let identity = parsed
+        .identity
+        .as_ref()
+        .expect("busy deliveries have a key");
+    let key = identity.key.clone();
+    let retry_after = match shared.ride_along(identity, &parsed.message.receipt_handle) {
+        RideAlong::Attached => {
+            tracing::info!(
+                message_id = %parsed.message.message_id,
+                %key,
+                "event is running in this worker; this delivery rides along with it"
+            );
+            return None;
+        }
+        RideAlong::Mismatch(first) => {
+            spawn_mismatch(shared, tracker, parsed, first, permits.pop());
+            return None;
+        }
+        // Completion is a statement away: look again in a second, not a lease.
+        RideAlong::Settling => OWN_CLAIM_RETRY,
+        // Another batch of ours claims it right now (its run is about to be registered):
+        // likewise.
+        RideAlong::NotHere
+            if shared.claimed_elsewhere_here(&key) || shared.settled_here_recently(&key) =>
+        {
+            OWN_CLAIM_RETRY
+        }
+        RideAlong::NotHere => retry_after,
+    };
+    shared.counters.busy_deferred.add(1);
+    tracing::info!(
+        message_id = %parsed.message.message_id,
+        %key,
+        retry_in_secs = retry_after.as_secs_f64(),
+        "event is leased by another worker; this delivery comes back when that lease (or, near maxReceiveCount, that run) ends"
+    );
+    Some((parsed, retry_after))
 }
 
 const SHUTTING_DOWN: &str = "shutting down before it started";
@@ -1551,10 +1849,16 @@ async fn hand_back(
     receipts.extend(shared.stop_running(&event.riders));
     shared.finish_running(&key, &event.riders);
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
-    // The claim never ran: it does not count as an attempt.
-    if let Err(error) = shared.store.unclaim(&shared.scope, lease_token, &key).await {
-        shared.counters.database_errors.add(1);
-        tracing::error!(%error, "could not release the lease; it expires on its own");
+    // The claim never ran: it does not count as an attempt. A lease taken over meanwhile
+    // means the message is another holder's: leave it.
+    match shared.store.unclaim(&shared.scope, lease_token, &key).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(error) => {
+            shared.counters.database_errors.add(1);
+            tracing::error!(%error, "could not release the lease; it expires on its own");
+            return;
+        }
     }
     if reason == SHUTTING_DOWN {
         shared.counters.released_at_shutdown.add(receipts.len());
@@ -1576,6 +1880,7 @@ async fn run_event(
     lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
+    waiting: &Waiting,
 ) -> Option<Duration> {
     let key = event.parsed.key();
     let span = tracing::info_span!(
@@ -1587,7 +1892,7 @@ async fn run_event(
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.increment(1.0);
     let riders = event.riders.clone();
-    let settled = run_claimed(shared, event, lease_token, lease, tokens)
+    let settled = run_claimed(shared, event, lease_token, lease, tokens, waiting)
         .instrument(span)
         .await;
     shared.finish_running(&key, &riders);
@@ -1610,6 +1915,7 @@ async fn run_claimed(
     lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
+    waiting: &Waiting,
 ) -> Option<Duration> {
     let mut receipts = event.receipts();
     let ClaimedEvent {
@@ -1667,17 +1973,14 @@ async fn run_claimed(
         }
         .instrument(tracing::Span::current()),
     );
-    let ended = supervise(
-        shared,
-        task,
-        &cancel,
+    let watch = Watch {
         lease_token,
-        &identity.key,
-        &receipts,
-        lease,
-        tokens,
-    )
-    .await;
+        key: &identity.key,
+        receipts: &receipts,
+        riders: &riders,
+        waiting,
+    };
+    let ended = supervise(shared, task, &cancel, &watch, lease, tokens).await;
     shared
         .counters
         .handler_seconds
@@ -1693,15 +1996,17 @@ async fn run_claimed(
         Ended::Finished(result) => result,
         Ended::Abandoned => {
             tracing::warn!("stopped at the shutdown deadline; handing the message back");
-            shared
+            if shared
                 .release_lease(
                     lease_token,
                     &identity.key,
                     "stopped at the shutdown deadline",
                 )
-                .await;
-            shared.counters.released_at_shutdown.add(receipts.len());
-            shared.show_after(&receipts, Duration::ZERO).await;
+                .await
+            {
+                shared.counters.released_at_shutdown.add(receipts.len());
+                shared.show_after(&receipts, Duration::ZERO).await;
+            }
             return Some(Duration::ZERO);
         }
     };
@@ -1773,7 +2078,11 @@ async fn run_claimed(
             message: error,
             retry_after,
         }) => {
-            let delay = retry_after.unwrap_or_else(|| shared.backoff(claim.attempts));
+            // A handler's Retry-After is a minimum, never a way around the backoff: "0" or a
+            // date in the past from a struggling endpoint would otherwise bring the message
+            // back at once, again and again, through maxReceiveCount into the DLQ.
+            let backoff = shared.backoff(claim.attempts);
+            let delay = retry_after.map_or(backoff, |after| after.max(backoff));
             retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
             Some(delay)
         }
@@ -1781,6 +2090,11 @@ async fn run_claimed(
             message: error,
             reason,
         }) => {
+            // Only the lease holder may send the event to the DLQ and delete its message: a
+            // task whose lease was taken over meanwhile leaves both to the new holder.
+            if !still_held(shared, lease_token, &identity.key).await {
+                return Some(shared.lease);
+            }
             let sent = send_to_dlq(shared, &message, &reason, &error).await;
             if !sent {
                 let delay = shared.backoff(claim.attempts);
@@ -1794,14 +2108,19 @@ async fn run_claimed(
             {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!("lease lost before the checkpoint could be marked failed")
+                    shared.counters.lease_lost.add(1);
+                    tracing::warn!(
+                        "the lease was taken over just after the DLQ send; leaving the message \
+                         to its new holder (the DLQ holds a copy)"
+                    );
+                    return Some(shared.lease);
                 }
                 Err(error) => {
                     shared.counters.database_errors.add(1);
                     tracing::error!(%error, "could not mark the checkpoint failed; the message is in the DLQ");
                 }
             }
-            // The message is safely in the DLQ: delete it whatever the checkpoint said.
+            // The message is safely in the DLQ: delete it.
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
             shared.counters.duplicates_skipped.add(duplicates);
             None
@@ -1809,21 +2128,35 @@ async fn run_claimed(
     }
 }
 
+/// What a heartbeat keeps alive: the running event (its lease and its messages), the
+/// deliveries riding along with it, and a FIFO group's events waiting their turn under the
+/// same claim (their leases and messages too, so none of them runs late or elsewhere).
+struct Watch<'a> {
+    lease_token: &'a str,
+    key: &'a str,
+    receipts: &'a [String],
+    riders: &'a Riders,
+    waiting: &'a Waiting,
+}
+
+/// A FIFO group's claimed events that have not started yet: `(key, receipts)`.
+type Waiting = Mutex<Vec<(String, Vec<String>)>>;
+
 /// Wait for a handler task while keeping its message and lease alive.
 ///
-/// Heartbeat: every third of the lease, extend the visibility of the event's messages and
-/// the checkpoint lease together, each to a whole lease from now. If either renewal fails,
-/// the handler is told (its [`Job::cancellation`] token) and gets until the current lease
-/// ends; its checkpoint writes stay fenced by the lease token either way. The run is bounded
-/// by `--max-handler-time` (by the lease itself without heartbeats, as on Lambda).
-#[allow(clippy::too_many_arguments)]
+/// Heartbeat: every third of the lease, extend the visibility of the event's messages (and
+/// its riders' and waiting companions') and the checkpoint lease together, each to a whole
+/// lease from when the renewal was sent. A renewal runs beside the handler: while it is out,
+/// the deadline, the drain and the lease's end are still watched. If a renewal fails, or the
+/// lease ends before it comes back, the handler is told (its [`Job::cancellation`] token)
+/// and stopped when its current lease ends; its checkpoint writes stay fenced by the lease
+/// token either way. The run is bounded by `--max-handler-time` (by the lease itself without
+/// heartbeats, as on Lambda).
 async fn supervise(
     shared: &Shared,
     mut task: tokio::task::JoinHandle<Result<(), HandlerError>>,
     cancel: &CancellationToken,
-    lease_token: &str,
-    key: &str,
-    receipts: &[String],
+    watch: &Watch<'_>,
     lease: Duration,
     tokens: &BatchTokens,
 ) -> Ended {
@@ -1839,13 +2172,10 @@ async fn supervise(
     let mut hard_deadline = now + limit;
     let beat_every = (shared.lease / 3).max(Duration::from_millis(500));
     let mut next_beat = shared.config.heartbeat.then(|| now + (lease / 3));
+    let mut renewal: Option<Renewal<'_>> = None;
+    let mut renewal_sent = now;
     loop {
-        let beat = async {
-            match next_beat {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let beat_at = next_beat.filter(|_| renewal.is_none());
         tokio::select! {
             joined = &mut task => {
                 return Ended::Finished(match joined {
@@ -1859,11 +2189,11 @@ async fn supervise(
                 });
             }
             _ = tokens.abandon.cancelled() => {
-                stop_handler(cancel, &mut task).await;
+                stop_handler(cancel, &mut task, tokens.stop_grace).await;
                 return Ended::Abandoned;
             }
             _ = tokio::time::sleep_until(hard_deadline) => {
-                stop_handler(cancel, &mut task).await;
+                stop_handler(cancel, &mut task, tokens.stop_grace).await;
                 let expired = hard_deadline >= lease_until;
                 return Ended::Finished(Err(HandlerError::retryable(if expired && next_beat.is_none() && shared.config.heartbeat {
                     "the handler was stopped when its lease ended (the heartbeat could not renew it)".to_owned()
@@ -1874,76 +2204,133 @@ async fn supervise(
                     )
                 })));
             }
-            _ = beat => {
-                match renew(shared, lease_token, key, receipts).await {
+            _ = sleep_until_some(beat_at) => {
+                renewal_sent = tokio::time::Instant::now();
+                renewal = Some(Box::pin(renew(shared, watch)));
+            }
+            renewed = async { renewal.as_mut().expect("guarded by the condition").await }, if renewal.is_some() => {
+                renewal = None;
+                match renewed {
                     Ok(()) => {
                         shared.counters.heartbeats.add(1);
-                        let beat_at = tokio::time::Instant::now();
-                        lease_until = beat_at + shared.lease;
-                        next_beat = Some(beat_at + beat_every);
+                        lease_until = renewal_sent + shared.lease;
+                        next_beat = Some(renewal_sent + beat_every);
                         tracing::debug!(lease_secs = shared.lease.as_secs(), "heartbeat: visibility and lease extended");
                     }
                     Err(problem) => {
-                        shared.counters.heartbeat_failures.add(1);
-                        tracing::warn!(
-                            %problem,
-                            "heartbeat failed; telling the handler to stop (its writes stay \
-                             fenced) and giving it until its lease ends"
-                        );
-                        cancel.cancel();
+                        heartbeat_failed(shared, cancel, &problem);
                         next_beat = None;
                         hard_deadline = hard_deadline.min(lease_until);
                     }
                 }
             }
+            _ = tokio::time::sleep_until(lease_until), if renewal.is_some() => {
+                // The lease ended with its renewal still out: the event may be another
+                // holder's by now.
+                renewal = None;
+                heartbeat_failed(shared, cancel, "the renewal did not come back before the lease ended");
+                next_beat = None;
+                hard_deadline = hard_deadline.min(lease_until);
+            }
         }
     }
 }
 
+/// A heartbeat's renewal, running beside the handler.
+type Renewal<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn heartbeat_failed(shared: &Shared, cancel: &CancellationToken, problem: &str) {
+    shared.counters.heartbeat_failures.add(1);
+    tracing::warn!(
+        %problem,
+        "heartbeat failed; telling the handler to stop (its writes stay fenced) and giving it \
+         until its lease ends"
+    );
+    cancel.cancel();
+}
+
 /// How long a handler told to stop may take to wind down before its task is aborted: the
 /// exec handler uses it to stop its command's process tree (SIGTERM, then SIGKILL).
-const HANDLER_STOP_GRACE: Duration = Duration::from_millis(1500);
+pub(crate) const HANDLER_STOP_GRACE: Duration = Duration::from_millis(1500);
 
-/// Tell the handler to stop, give it [`HANDLER_STOP_GRACE`] to do so, then abort its task.
+/// Tell the handler to stop, give it `grace` to do so, then abort its task.
 async fn stop_handler(
     cancel: &CancellationToken,
     task: &mut tokio::task::JoinHandle<Result<(), HandlerError>>,
+    grace: Duration,
 ) {
     cancel.cancel();
-    if tokio::time::timeout(HANDLER_STOP_GRACE, &mut *task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, &mut *task).await.is_err() {
         task.abort();
     }
 }
 
-/// One heartbeat: visibility and lease, renewed concurrently.
-async fn renew(
-    shared: &Shared,
-    lease_token: &str,
-    key: &str,
-    receipts: &[String],
-) -> Result<(), String> {
+/// One heartbeat: visibility and leases, renewed concurrently. It fails when the event's
+/// own lease or messages could not be extended; a rider or a waiting companion that could
+/// not be is dropped from the watch (a waiting event whose lease was taken will not start).
+async fn renew(shared: &Shared, watch: &Watch<'_>) -> Result<(), String> {
+    // Race tests make a renewal hang here.
     pause_at("sqs_worker::renew").await;
-    let changes: Vec<(String, Duration)> =
-        receipts.iter().map(|r| (r.clone(), shared.lease)).collect();
-    let (visibility, lease) = tokio::join!(
+    let riders: Vec<String> = watch
+        .riders
+        .lock()
+        .expect("not poisoned")
+        .clone()
+        .unwrap_or_default();
+    let waiting = watch.waiting.lock().expect("not poisoned").clone();
+    let waiting_keys: Vec<String> = waiting.iter().map(|(key, _)| key.clone()).collect();
+    let changes: Vec<(String, Duration)> = watch
+        .receipts
+        .iter()
+        .chain(&riders)
+        .chain(waiting.iter().flat_map(|(_, receipts)| receipts))
+        .map(|r| (r.clone(), shared.lease))
+        .collect();
+    let (visibility, lease, companions) = tokio::join!(
         shared.sqs.change_visibility_batch(&changes),
         shared
             .store
-            .renew_lease(&shared.scope, lease_token, key, shared.lease)
+            .renew_lease(&shared.scope, watch.lease_token, watch.key, shared.lease),
+        shared.store.renew_leases(
+            &shared.scope,
+            watch.lease_token,
+            &waiting_keys,
+            shared.lease
+        ),
     );
+    if let Ok(held) = companions {
+        watch
+            .waiting
+            .lock()
+            .expect("not poisoned")
+            .retain(|(key, _)| held.contains(key));
+    }
+    let own_failures = |failures: &[sqs::BatchEntryFailure]| -> Vec<String> {
+        failures
+            .iter()
+            .filter(|f| watch.receipts.contains(&f.receipt_handle))
+            .map(|f| f.reason.clone())
+            .collect()
+    };
     match (visibility, lease) {
-        (Ok(failures), Ok(true)) if failures.is_empty() => Ok(()),
-        (Ok(failures), Ok(true)) => Err(format!(
-            "SQS refused to extend the visibility: {}",
-            failures
-                .iter()
-                .map(|f| f.reason.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )),
+        (Ok(failures), Ok(true)) => {
+            let own = own_failures(&failures);
+            if own.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "SQS refused to extend the visibility: {}",
+                    own.join("; ")
+                ))
+            }
+        }
         (Err(error), _) => Err(format!("cannot extend the visibility: {error}")),
         (_, Ok(false)) => Err("the lease is no longer ours".into()),
         (_, Err(error)) => {
@@ -1993,7 +2380,15 @@ async fn end_final_pass(
         .record_dead_letter(&letter, failure.mark_checkpoint, failure.lease_token)
         .await
     {
-        Ok(id) => {
+        Ok(None) => {
+            shared.counters.lease_lost.add(1);
+            tracing::warn!(
+                "final redrive pass failed, but the lease was taken over meanwhile; leaving \
+                 the message to its new holder (nothing recorded)"
+            );
+            false
+        }
+        Ok(Some(id)) => {
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
             shared.counters.final_pass_failures.add(1);
             tracing::warn!(
@@ -2017,7 +2412,8 @@ async fn end_final_pass(
     }
 }
 
-/// Retryable outcome: give the lease back, then hide the message(s) for `delay`.
+/// Retryable outcome: give the lease back, then hide the message(s) for `delay` — unless
+/// the lease was taken over meanwhile: the message is then the new holder's.
 async fn retry_later(
     shared: &Shared,
     lease_token: &str,
@@ -2033,8 +2429,34 @@ async fn retry_later(
         retry_in_secs = sqs::visibility_seconds(delay),
         "handler failed; retrying after a backoff"
     );
-    shared.release_lease(lease_token, key, error).await;
-    shared.show_after(receipts, delay).await;
+    if shared.release_lease(lease_token, key, error).await {
+        shared.show_after(receipts, delay).await;
+    }
+}
+
+/// Whether `lease_token` still holds `key`'s lease (renewing it for a moment): asked before
+/// an outcome that cannot be taken back, such as a DLQ send.
+async fn still_held(shared: &Shared, lease_token: &str, key: &str) -> bool {
+    match shared
+        .store
+        .renew_lease(&shared.scope, lease_token, key, shared.lease)
+        .await
+    {
+        Ok(true) => true,
+        Ok(false) => {
+            shared.counters.lease_lost.add(1);
+            tracing::warn!(
+                "the lease was taken over while the handler ran; leaving the message to its \
+                 new holder"
+            );
+            false
+        }
+        Err(error) => {
+            shared.counters.database_errors.add(1);
+            tracing::error!(%error, "cannot confirm the lease; the message returns after its visibility timeout");
+            false
+        }
+    }
 }
 
 /// A message with no usable key (not JSON, key field missing): it can never succeed, so it
@@ -2065,19 +2487,7 @@ async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
             return;
         }
         if !send_to_dlq(shared, &parsed.message, error.reason_code(), &error.to_string()).await {
-            let receive_count = parsed
-                .message
-                .system_attributes
-                .get("ApproximateReceiveCount")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            shared.counters.retried.add(1);
-            shared
-                .change_visibility(&[(
-                    parsed.message.receipt_handle.clone(),
-                    shared.backoff(receive_count),
-                )])
-                .await;
+            retry_unsent(shared, &parsed.message).await;
             return;
         }
         if let Err(db_error) = shared
@@ -2114,15 +2524,23 @@ enum FirstPayload {
     Stored(String),
 }
 
+/// A message that should have gone to the DLQ but could not be sent there (no DLQ, a
+/// failed send): it comes back after a backoff that grows with its receive count, so that
+/// a DLQ outage does not spin it.
+async fn retry_unsent(shared: &Shared, message: &ReceivedMessage) {
+    shared.counters.retried.add(1);
+    shared
+        .change_visibility(&[(
+            message.receipt_handle.clone(),
+            shared.backoff(receive_count(message)),
+        )])
+        .await;
+}
+
 /// The same key with another payload: to the DLQ with reason `payload_mismatch`. The event's
-/// checkpoint belongs to the first payload and is left alone (a claim taken just now is
-/// released for that payload's own deliveries).
-async fn dead_letter_mismatch(
-    shared: &Arc<Shared>,
-    parsed: Parsed,
-    lease_token: Option<String>,
-    first: FirstPayload,
-) {
+/// checkpoint belongs to the first payload and is left alone: a mismatched delivery never
+/// claims it (see `CheckpointStore::claim_batch`), so it has no lease to give back.
+async fn dead_letter_mismatch(shared: &Arc<Shared>, parsed: Parsed, first: FirstPayload) {
     let identity = parsed.identity.as_ref().expect("keyed messages only");
     let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %identity.key);
     async {
@@ -2146,12 +2564,6 @@ async fn dead_letter_mismatch(
             differing = differing.as_deref().map(|d| d.join(", ")),
             "the key was first seen with another payload (payload_mismatch)"
         );
-        // The claim (if any) was taken for the first payload's event: give it straight back.
-        if let Some(lease_token) = &lease_token {
-            shared
-                .release_lease(lease_token, &identity.key, "payload_mismatch")
-                .await;
-        }
         if parsed.markers.final_pass {
             let failure = FinalFailure {
                 key: &identity.key,
@@ -2175,10 +2587,7 @@ async fn dead_letter_mismatch(
                 .with_receipts(vec![parsed.message.receipt_handle.clone()])
                 .await;
         } else {
-            let delay = shared.backoff(1);
-            shared
-                .change_visibility(&[(parsed.message.receipt_handle.clone(), delay)])
-                .await;
+            retry_unsent(shared, &parsed.message).await;
         }
     }
     .instrument(span)
@@ -2544,6 +2953,23 @@ async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
     }
 }
 
+/// With the `failpoints` feature, a test can make the task reaching this point wait
+/// (`fail::cfg(name, "return(MILLIS)")`). The wait is asynchronous: fail's own `sleep` action
+/// would block the runtime thread, which is not what a slow call looks like.
+#[cfg(feature = "failpoints")]
+async fn pause_at(name: &'static str) {
+    let millis = (|| {
+        fail::fail_point!(name, |arg| arg.and_then(|a| a.parse::<u64>().ok()));
+        None
+    })();
+    if let Some(millis) = millis {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+async fn pause_at(_name: &'static str) {}
+
 /// A checkpoint statement, tried again with a doubling delay (100 ms up to 2 s) until
 /// `budget` has passed. Each failure is counted and marks the database unreachable (which
 /// stops receiving, see `Shared::database_up`); a success marks it reachable.
@@ -2622,9 +3048,25 @@ async fn delete_chunk(shared: &Shared, receipts: &[String]) -> Vec<String> {
 }
 
 #[cfg(test)]
+mod protocol_model;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::sqs::MAX_MESSAGE_ATTRIBUTES;
+
+    #[test]
+    fn busy_deliveries_wait_out_the_run_before_their_last_receive() {
+        let (lease, run) = (Duration::from_secs(20), Duration::from_secs(800));
+        // No DLQ, or receives to spare: back when the lease ends.
+        assert_eq!(busy_deferral(lease, run, 1, None), lease);
+        assert_eq!(busy_deferral(lease, run, 1, Some(5)), lease);
+        assert_eq!(busy_deferral(lease, run, 3, Some(5)), lease);
+        // The next receive is the last one allowed: park until the run must have ended.
+        assert_eq!(busy_deferral(lease, run, 4, Some(5)), run);
+        assert_eq!(busy_deferral(lease, run, 1, Some(2)), run);
+        assert_eq!(busy_deferral(lease, Duration::ZERO, 9, Some(5)), lease);
+    }
 
     #[test]
     fn backoff_doubles_from_the_base_and_caps() {
@@ -2793,17 +3235,3 @@ mod tests {
         assert!(out.attributes.is_empty());
     }
 }
-
-#[cfg(feature = "failpoints")]
-async fn pause_at(name: &'static str) {
-    let millis = (|| {
-        fail::fail_point!(name, |arg| arg.and_then(|a| a.parse::<u64>().ok()));
-        None
-    })();
-    if let Some(millis) = millis {
-        tokio::time::sleep(Duration::from_millis(millis)).await;
-    }
-}
-
-#[cfg(not(feature = "failpoints"))]
-async fn pause_at(_name: &'static str) {}

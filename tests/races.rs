@@ -26,7 +26,10 @@ fn keyed(queue_url: &str, scope: &str) -> WorkerConfig {
     config
 }
 
-fn start(worker: Worker, stop: &CancellationToken) -> tokio::task::JoinHandle<sqs_worker::RunSummary> {
+fn start(
+    worker: Worker,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<sqs_worker::RunSummary> {
     let worker = worker.with_shutdown(stop.clone());
     tokio::spawn(async move { worker.run().await.expect("the worker runs") })
 }
@@ -85,7 +88,12 @@ async fn a_mismatched_delivery_never_rides_along() {
     let effects = Effects::new(Duration::from_secs(3));
     let stop = CancellationToken::new();
     let worker = start(
-        Worker::new(keyed(&queue.url, "ride"), client.clone(), pool, effects.clone()),
+        Worker::new(
+            keyed(&queue.url, "ride"),
+            client.clone(),
+            pool,
+            effects.clone(),
+        ),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"r1","v":1}"#).await;
@@ -105,7 +113,11 @@ async fn a_mismatched_delivery_never_rides_along() {
     worker.await.unwrap();
     assert_eq!(effects.finished(), 1);
     let dlq = dlq_bodies(&client, queue.dlq_url.as_ref().unwrap(), 1).await;
-    assert_eq!(dlq, [r#"{"id":"r1","v":2}"#], "the other payload went to the DLQ");
+    assert_eq!(
+        dlq,
+        [r#"{"id":"r1","v":2}"#],
+        "the other payload went to the DLQ"
+    );
 }
 
 // ---- 2: a mismatched first delivery must not release its sibling's lease -------------------
@@ -142,7 +154,11 @@ echo "$SQS_WORKER_MESSAGE_ID" >> "$LOG""#;
         serde_json::json!({"batchItemFailures": []}),
         "m-1 went to the DLQ, m-2 completed"
     );
-    let checkpoint = CheckpointStore::new(pool).find("lam", "s1").await.unwrap().unwrap();
+    let checkpoint = CheckpointStore::new(pool)
+        .find("lam", "s1")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(checkpoint.status, "complete", "{checkpoint:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), "m-2");
     let dlq = dlq_bodies(&client, queue.dlq_url.as_ref().unwrap(), 1).await;
@@ -186,7 +202,11 @@ async fn a_fifo_event_whose_lease_expired_while_waiting_does_not_run() {
     .await;
     fail::remove("sqs_worker::fifo_next");
     let runs = runs.lock().unwrap().clone();
-    assert_eq!(runs, ["e1", "e2"], "each event ran once, in order ({summaries:?})");
+    assert_eq!(
+        runs,
+        ["e1", "e2"],
+        "each event ran once, in order ({summaries:?})"
+    );
 }
 
 /// E1 takes 4 s; anything else is quick.
@@ -245,7 +265,12 @@ async fn a_hanging_renewal_stops_the_handler_at_its_lease_end() {
     )
     .await;
     fail::remove("sqs_worker::renew");
-    assert_eq!(effects.finished(), 1, "the effect ran once ({} runs)", effects.started());
+    assert_eq!(
+        effects.finished(),
+        1,
+        "the effect ran once ({} runs)",
+        effects.started()
+    );
 }
 
 /// Deliveries riding along with a long handler: their receipts were never renewed, so each
@@ -259,7 +284,10 @@ async fn riders_are_kept_hidden_while_their_event_runs() {
     let mut config = keyed(&queue.url, "riders");
     config.visibility_timeout = Some(Duration::from_secs(2));
     let stop = CancellationToken::new();
-    let worker = start(Worker::new(config, client.clone(), pool, effects.clone()), &stop);
+    let worker = start(
+        Worker::new(config, client.clone(), pool, effects.clone()),
+        &stop,
+    );
     send(&client, &queue.url, r#"{"id":"k1"}"#).await;
     wait_until("the handler to start", Duration::from_secs(20), || {
         let started = effects.started();
@@ -293,17 +321,26 @@ async fn a_zero_retry_after_still_backs_off() {
     let (pool, _) = fresh_database().await;
     let queue = fresh_queue(&client, true, 3).await;
     let (handler, calls) = RecordingHandler::new(Duration::ZERO, |_| {
-        Err(HandlerError::retry_after("503 Service Unavailable", Duration::ZERO))
+        Err(HandlerError::retry_after(
+            "503 Service Unavailable",
+            Duration::ZERO,
+        ))
     });
     let stop = CancellationToken::new();
-    let worker = start(Worker::new(keyed(&queue.url, "ra"), client.clone(), pool, handler), &stop);
+    let worker = start(
+        Worker::new(keyed(&queue.url, "ra"), client.clone(), pool, handler),
+        &stop,
+    );
     send(&client, &queue.url, r#"{"id":"z1"}"#).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.cancel();
     worker.await.unwrap();
     let attempts = calls.lock().unwrap().len();
     assert!(attempts <= 3, "{attempts} attempts in 4 s");
-    assert_eq!(messages_in(&client, queue.dlq_url.as_ref().unwrap()).await, 0);
+    assert_eq!(
+        messages_in(&client, queue.dlq_url.as_ref().unwrap()).await,
+        0
+    );
 }
 
 /// A mismatched delivery whose DLQ send fails is retried; each retry claimed the real
@@ -318,13 +355,25 @@ async fn a_mismatch_that_cannot_reach_the_dlq_leaves_the_event_alone() {
         Err(HandlerError::retry_after("later", Duration::from_secs(120)))
     });
     let stop = CancellationToken::new();
-    let worker = start(Worker::new(keyed(&queue.url, "mm"), client.clone(), pool.clone(), handler), &stop);
+    let worker = start(
+        Worker::new(
+            keyed(&queue.url, "mm"),
+            client.clone(),
+            pool.clone(),
+            handler,
+        ),
+        &stop,
+    );
     send(&client, &queue.url, r#"{"id":"m1","v":1}"#).await;
     let store = CheckpointStore::new(pool);
     wait_until("the first attempt", Duration::from_secs(20), || {
         let store = store.clone();
         async move {
-            store.find("mm", "m1").await.unwrap().is_some_and(|c| c.lease_owner.is_none())
+            store
+                .find("mm", "m1")
+                .await
+                .unwrap()
+                .is_some_and(|c| c.lease_owner.is_none())
         }
     })
     .await;
@@ -359,7 +408,10 @@ async fn a_duplicate_of_an_event_running_elsewhere_is_not_pushed_into_the_dlq() 
         config
     };
     let stop = CancellationToken::new();
-    let a = start(Worker::new(config("a"), client.clone(), pool.clone(), effects.clone()), &stop);
+    let a = start(
+        Worker::new(config("a"), client.clone(), pool.clone(), effects.clone()),
+        &stop,
+    );
     send(&client, &queue.url, r#"{"id":"b1"}"#).await;
     wait_until("the handler to start", Duration::from_secs(20), || {
         let started = effects.started();
@@ -367,7 +419,10 @@ async fn a_duplicate_of_an_event_running_elsewhere_is_not_pushed_into_the_dlq() 
     })
     .await;
     // Worker A has no free slot: worker B receives the duplicate.
-    let b = start(Worker::new(config("b"), client.clone(), pool, effects.clone()), &stop);
+    let b = start(
+        Worker::new(config("b"), client.clone(), pool, effects.clone()),
+        &stop,
+    );
     send(&client, &queue.url, r#"{"id":"b1"}"#).await;
     wait_until("the queue to drain", Duration::from_secs(40), || {
         let client = client.clone();
@@ -378,8 +433,15 @@ async fn a_duplicate_of_an_event_running_elsewhere_is_not_pushed_into_the_dlq() 
     stop.cancel();
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(effects.finished(), 1);
-    assert_eq!(b.duplicates_skipped + a.duplicates_skipped, 1, "{a:?} {b:?}");
-    assert_eq!(messages_in(&client, queue.dlq_url.as_ref().unwrap()).await, 0);
+    assert_eq!(
+        b.duplicates_skipped + a.duplicates_skipped,
+        1,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(
+        messages_in(&client, queue.dlq_url.as_ref().unwrap()).await,
+        0
+    );
 }
 
 // ---- 6: redrive runs -----------------------------------------------------------------------
@@ -393,12 +455,16 @@ async fn one_redrive_run_redrives_each_event_once() {
     let queue = fresh_queue(&client, true, 5).await;
     let dlq_url = queue.dlq_url.clone().unwrap();
     send(&client, &dlq_url, r#"{"id":"p1"}"#).await;
-    let (handler, calls) =
-        RecordingHandler::new(Duration::ZERO, |_| Err(HandlerError::permanent("still broken")));
+    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |_| {
+        Err(HandlerError::permanent("still broken"))
+    });
     let mut config = keyed(&queue.url, queue_name(&queue.url));
     config.wait_time = Duration::from_millis(200);
     let stop = CancellationToken::new();
-    let worker = start(Worker::new(config, client.clone(), pool.clone(), handler), &stop);
+    let worker = start(
+        Worker::new(config, client.clone(), pool.clone(), handler),
+        &stop,
+    );
     let store = CheckpointStore::new(pool.clone());
     let mut options = sqs_worker::redrive::RedriveOptions {
         dlq_url: dlq_url.clone(),
@@ -508,8 +574,14 @@ async fn stale_task_case(ending: Ending) {
     config.concurrency = 1;
     config.max_handler_time = Duration::from_secs(30);
     let stop = CancellationToken::new();
-    let worker = start(Worker::new(config, client.clone(), pool.clone(), held.clone()), &stop);
-    let mut send = client.send_message().queue_url(&queue.url).message_body(r#"{"id":"t1"}"#);
+    let worker = start(
+        Worker::new(config, client.clone(), pool.clone(), held.clone()),
+        &stop,
+    );
+    let mut send = client
+        .send_message()
+        .queue_url(&queue.url)
+        .message_body(r#"{"id":"t1"}"#);
     if matches!(ending, Ending::FinalPass) {
         send = send
             .message_attributes(message::ATTR_DLQ_REDRIVEN, attribute("true"))
@@ -533,7 +605,11 @@ async fn stale_task_case(ending: Ending) {
         .send()
         .await
         .unwrap();
-    assert_eq!(taken.messages().len(), 1, "{ending:?}: the new holder has the message");
+    assert_eq!(
+        taken.messages().len(),
+        1,
+        "{ending:?}: the new holder has the message"
+    );
     let store = CheckpointStore::new(pool);
     let request = sqs_worker::checkpoint::ClaimRequest {
         key: "t1".into(),
@@ -544,11 +620,19 @@ async fn stale_task_case(ending: Ending) {
         field_digests: None,
     };
     let outcome = store
-        .claim_batch("stale", "new-holder", Duration::from_secs(60), &[request])
+        .claim_batch(
+            "stale",
+            "new-holder",
+            &terms(Duration::from_secs(60)),
+            &[request],
+        )
         .await
         .unwrap();
     assert!(
-        matches!(outcome["t1"], sqs_worker::checkpoint::ClaimOutcome::Claimed(_)),
+        matches!(
+            outcome["t1"],
+            sqs_worker::checkpoint::ClaimOutcome::Claimed(_)
+        ),
         "{ending:?}: the takeover: {outcome:?}"
     );
     // The stale task ends; the worker stops receiving at once, so what happens to the
@@ -563,14 +647,25 @@ async fn stale_task_case(ending: Ending) {
         1,
         "{ending:?}: the new holder's message is neither deleted nor shown again"
     );
-    assert_eq!(messages_in(&client, &dlq_url).await, 0, "{ending:?}: no DLQ copy");
+    assert_eq!(
+        messages_in(&client, &dlq_url).await,
+        0,
+        "{ending:?}: no DLQ copy"
+    );
     assert!(
-        store.list_dead_letters(Some("stale"), 10).await.unwrap().is_empty(),
+        store
+            .list_dead_letters(Some("stale"), 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "{ending:?}: no dead letter"
     );
     let checkpoint = store.find("stale", "t1").await.unwrap().unwrap();
     assert_eq!(
-        (checkpoint.status.as_str(), checkpoint.lease_owner.as_deref()),
+        (
+            checkpoint.status.as_str(),
+            checkpoint.lease_owner.as_deref()
+        ),
         ("in_progress", Some("new-holder")),
         "{ending:?}"
     );
@@ -586,10 +681,18 @@ async fn a_retried_claim_recognises_its_own_lease() {
     let store = CheckpointStore::new(pool);
     let request = claim_request("c1");
     let lease = Duration::from_secs(30);
-    let first = store.claim_batch("s", "w#1", lease, std::slice::from_ref(&request)).await.unwrap();
-    let again = store.claim_batch("s", "w#1", lease, &[request]).await.unwrap();
-    let (sqs_worker::checkpoint::ClaimOutcome::Claimed(a), sqs_worker::checkpoint::ClaimOutcome::Claimed(b)) =
-        (&first["c1"], &again["c1"])
+    let first = store
+        .claim_batch("s", "w#1", &terms(lease), std::slice::from_ref(&request))
+        .await
+        .unwrap();
+    let again = store
+        .claim_batch("s", "w#1", &terms(lease), &[request])
+        .await
+        .unwrap();
+    let (
+        sqs_worker::checkpoint::ClaimOutcome::Claimed(a),
+        sqs_worker::checkpoint::ClaimOutcome::Claimed(b),
+    ) = (&first["c1"], &again["c1"])
     else {
         panic!("both claimed: {first:?} then {again:?}");
     };
@@ -603,13 +706,28 @@ async fn a_retried_completion_recognises_its_own_commit() {
     let (pool, _) = fresh_database().await;
     let store = CheckpointStore::new(pool);
     store
-        .claim_batch("s", "w#1", Duration::from_secs(30), &[claim_request("c2")])
+        .claim_batch(
+            "s",
+            "w#1",
+            &terms(Duration::from_secs(30)),
+            &[claim_request("c2")],
+        )
         .await
         .unwrap();
     let entry = [("c2".to_owned(), "w#1".to_owned())];
     assert_eq!(store.complete_batch("s", &entry).await.unwrap(), entry);
-    assert_eq!(store.complete_batch("s", &entry).await.unwrap(), entry, "the retry");
-    assert!(store.complete_batch("s", &[("c2".into(), "w#2".into())]).await.unwrap().is_empty());
+    assert_eq!(
+        store.complete_batch("s", &entry).await.unwrap(),
+        entry,
+        "the retry"
+    );
+    assert!(
+        store
+            .complete_batch("s", &[("c2".into(), "w#2".into())])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A completion and a claim sharing two keys, in opposite orders, must not deadlock (a
@@ -622,11 +740,11 @@ async fn completions_and_claims_lock_rows_in_one_order() {
     let store = CheckpointStore::new(pool.clone());
     let lease = Duration::from_secs(30);
     store
-        .claim_batch("s", "w#1", lease, &[claim_request("d2")])
+        .claim_batch("s", "w#1", &terms(lease), &[claim_request("d2")])
         .await
         .unwrap();
     store
-        .claim_batch("s", "w#1", lease, &[claim_request("d1")])
+        .claim_batch("s", "w#1", &terms(lease), &[claim_request("d1")])
         .await
         .unwrap();
     // A scope with history (2,000 complete events): the planner then walks the completion's
@@ -649,11 +767,12 @@ async fn completions_and_claims_lock_rows_in_one_order() {
         ("d1".to_owned(), "w#1".to_owned()),
     ];
     let both = [claim_request("d1"), claim_request("d2")];
+    let terms = terms(lease);
     let complete = store.complete_batch("s", &backwards);
     // The claim starts while the completion holds d2 and sleeps in its trigger.
     let claim = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        store.claim_batch("s", "w#2", lease, &both).await
+        store.claim_batch("s", "w#2", &terms, &both).await
     };
     let started = Instant::now();
     let (completed, claimed) = tokio::join!(complete, claim);
@@ -662,6 +781,14 @@ async fn completions_and_claims_lock_rows_in_one_order() {
         "no deadlock: {completed:?} / {claimed:?} after {:?}",
         started.elapsed()
     );
+}
+
+fn terms(lease: Duration) -> sqs_worker::checkpoint::ClaimTerms {
+    sqs_worker::checkpoint::ClaimTerms {
+        lease,
+        run_limit: lease,
+        accept_mismatch: false,
+    }
 }
 
 fn claim_request(key: &str) -> sqs_worker::checkpoint::ClaimRequest {
@@ -673,4 +800,75 @@ fn claim_request(key: &str) -> sqs_worker::checkpoint::ClaimRequest {
         pass: Default::default(),
         field_digests: None,
     }
+}
+
+// ---- 9: events SQS moved to the DLQ itself -----------------------------------------------------
+
+/// An event whose holder stopped without a trace (its message moved to the DLQ by
+/// maxReceiveCount, where no worker sees it) stays in progress; `checkpoints stale` lists it
+/// and `--mark-failed` says so, while an event with a live lease is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_checkpoints_are_listed_and_can_be_marked_failed() {
+    let (pool, database_url) = fresh_database().await;
+    let store = CheckpointStore::new(pool);
+    store
+        .claim_batch(
+            "s",
+            "gone#1",
+            &terms(Duration::from_secs(1)),
+            &[claim_request("abandoned")],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    store
+        .claim_batch(
+            "s",
+            "alive#1",
+            &terms(Duration::from_secs(60)),
+            &[claim_request("running")],
+        )
+        .await
+        .unwrap();
+    let stale = |mark: bool| {
+        let mut command = sqs_worker_command(&database_url);
+        command.args([
+            "checkpoints",
+            "stale",
+            "--older-than",
+            "2s",
+            "--format",
+            "json",
+        ]);
+        if mark {
+            command.arg("--mark-failed");
+        }
+        command
+    };
+    let listed = stale(false).output().await.unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let keys: Vec<&str> = listed["stale"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["idempotency_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["abandoned"]);
+    assert_eq!(listed["marked_failed"], serde_json::json!([]));
+
+    let marked = stale(true).output().await.unwrap();
+    let marked: serde_json::Value = serde_json::from_slice(&marked.stdout).unwrap();
+    assert_eq!(marked["marked_failed"], serde_json::json!(["abandoned"]));
+    let abandoned = store.find("s", "abandoned").await.unwrap().unwrap();
+    assert_eq!(abandoned.status, "failed");
+    assert!(abandoned.last_error.unwrap().starts_with("abandoned"));
+    assert_eq!(
+        store.find("s", "running").await.unwrap().unwrap().status,
+        "in_progress"
+    );
 }

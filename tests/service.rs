@@ -443,8 +443,7 @@ async fn lambda_event_reports_only_retryable_failures() {
     let log = dir.join("done.log");
     let none = serde_json::json!({});
 
-    let first =
-        serde_json::json!({"Records": [lambda_record(&arn, "m-a1", r#"{"id":"a"}"#, none.clone())]});
+    let first = serde_json::json!({"Records": [lambda_record(&arn, "m-a1", r#"{"id":"a"}"#, none.clone())]});
     let response = invoke(&database_url, &log, &first, "30").await;
     assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
 

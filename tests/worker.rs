@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sqs_worker::checkpoint::{ClaimOutcome, ClaimRequest};
+use sqs_worker::checkpoint::{ClaimOutcome, ClaimRequest, ClaimTerms};
 use sqs_worker::message::{self, KeySpec, Pass};
 use sqs_worker::{CheckpointStore, HandlerError, Worker};
 
@@ -45,7 +45,7 @@ async fn processed_once_and_a_later_duplicate_is_skipped() {
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 1);
     assert_eq!(checkpoint.first_message_id, first_id);
-    assert!(checkpoint.completed_at.is_some() && checkpoint.lease_owner.is_none());
+    assert!(checkpoint.completed_at.is_some() && checkpoint.lease_expires_at.is_none());
 
     // The same event again, later, as a new SQS message (new MessageId): skipped.
     let second_id = send(&client, &queue.url, r#"{"event_id":"evt_1","n":1}"#).await;
@@ -144,9 +144,14 @@ async fn concurrent_claims_of_one_key_have_one_winner() {
         };
         let lease = Duration::from_secs(30);
         let (first, second) = ([request("m1")], [request("m2")]);
+        let terms = ClaimTerms {
+            lease,
+            run_limit: lease,
+            accept_mismatch: false,
+        };
         let (a, b) = tokio::join!(
-            store.claim_batch("s", "worker-a", lease, &first),
-            store.claim_batch("s", "worker-b", lease, &second),
+            store.claim_batch("s", "worker-a", &terms, &first),
+            store.claim_batch("s", "worker-b", &terms, &second),
         );
         let outcomes = [a.unwrap()[&key].clone(), b.unwrap()[&key].clone()];
         let winners = outcomes
@@ -463,16 +468,26 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
         },
         field_digests: None,
     };
+    let terms = ClaimTerms {
+        lease,
+        run_limit: lease,
+        accept_mismatch: false,
+    };
     let claim = |r: ClaimRequest| {
         let store = store.clone();
-        async move { store.claim_batch("s", "w", lease, &[r]).await.unwrap()["f1"].clone() }
+        async move { store.claim_batch("s", "w", &terms, &[r]).await.unwrap()["f1"].clone() }
     };
     assert!(matches!(
         claim(request(false, 0, 0)).await,
         ClaimOutcome::Claimed(_)
     ));
     assert!(store.mark_failed("s", "w", "f1", "boom").await.unwrap());
-    assert_eq!(claim(request(false, 0, 0)).await, ClaimOutcome::Failed);
+    assert_eq!(
+        claim(request(false, 0, 0)).await,
+        ClaimOutcome::Failed {
+            stored_payload_sha256: "h".into()
+        }
+    );
     // The first redrive gets another chance...
     let ClaimOutcome::Claimed(again) = claim(request(true, 0, 1)).await else {
         panic!("a redrive gets another chance")
@@ -486,8 +501,18 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
             .unwrap()
     );
     // ...but a duplicate of that redrive (or an older one) does not run it a third time.
-    assert_eq!(claim(request(true, 0, 1)).await, ClaimOutcome::Failed);
-    assert_eq!(claim(request(true, 0, 0)).await, ClaimOutcome::Failed);
+    assert_eq!(
+        claim(request(true, 0, 1)).await,
+        ClaimOutcome::Failed {
+            stored_payload_sha256: "h".into()
+        }
+    );
+    assert_eq!(
+        claim(request(true, 0, 0)).await,
+        ClaimOutcome::Failed {
+            stored_payload_sha256: "h".into()
+        }
+    );
     // A deliberate requeue starts its redrive count again, and is still a later pass.
     let ClaimOutcome::Claimed(requeued) = claim(request(true, 1, 0)).await else {
         panic!("a requeue gets another chance")

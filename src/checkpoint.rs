@@ -295,6 +295,20 @@ impl CheckpointStore {
         &self.pool
     }
 
+    /// The same database on a pool of its own (same connect options, at most `connections`,
+    /// opened on demand). The worker's own statements — claims, renewals, completions, the
+    /// readiness probe — run there, so handlers holding connections through their steps'
+    /// transactions cannot starve them (a starved renewal stops a handler; a starved probe
+    /// stops receiving, the database taken for down).
+    pub fn with_own_pool(&self, connections: u32) -> Self {
+        let options = self.pool.connect_options().as_ref().clone();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
+        Self { pool }
+    }
+
     /// Claim the events of one receive batch in a single statement.
     ///
     /// New keys are inserted `in_progress` with a lease for `owner`; `in_progress` rows whose

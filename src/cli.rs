@@ -155,10 +155,12 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         }
         None => None,
     };
-    // Enough connections for the claim, the acker and the handlers' own checkpoint writes.
+    // The handlers' steps: one connection per running handler at most, opened only when a
+    // step asks (a `step_tx` holds one through its transaction). The worker's own statements
+    // get a small pool of their own (`CheckpointStore::with_own_pool`).
     let pool = connect_migrated(
         &args.database.database_url,
-        (config.concurrency as u32 / 2).clamp(4, 32),
+        (config.concurrency as u32).clamp(2, 64),
         !args.processing.no_migrate,
         deadline,
     )
@@ -184,7 +186,7 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     let handler = args.handler.build_handler().map_err(OperatorError)?;
     let pool = connect_migrated(
         &args.database.database_url,
-        (config.concurrency as u32 / 2).clamp(2, 16),
+        (config.concurrency as u32).clamp(2, 64),
         !args.processing.no_migrate,
         deadline,
     )

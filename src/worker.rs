@@ -591,7 +591,8 @@ impl Core {
             sqs,
             dlq,
             max_receive_count,
-            store,
+            store: store.with_own_pool(bookkeeping_connections(&config)),
+            handler_store: store,
             handler,
             scope,
             owner,
@@ -715,6 +716,13 @@ fn judge_queue_error(error: &SqsError, queue_url: &str) -> Verdict {
     }
 }
 
+/// Connections for the worker's own statements: a claim per poller, the acker's
+/// settlements, and a few for renewals, releases and the probe (they queue briefly when more
+/// handlers renew at once: each renewal is one short statement).
+fn bookkeeping_connections(config: &WorkerConfig) -> u32 {
+    (config.pollers + ACK_PARALLEL + 2).min(32) as u32
+}
+
 /// This machine's name, from HOSTNAME or /etc/hostname (containers set one or the other).
 pub(crate) fn host_name() -> Option<String> {
     std::env::var("HOSTNAME")
@@ -737,7 +745,11 @@ pub(crate) struct Shared {
     /// The queue's maxReceiveCount, when it has a DLQ: a message received that often goes
     /// to the DLQ at its next receive.
     max_receive_count: Option<u32>,
+    /// The worker's own statements, on a pool of their own (see
+    /// [`CheckpointStore::with_own_pool`]).
     store: CheckpointStore,
+    /// The store handlers' steps write through: the pool the worker was given.
+    handler_store: CheckpointStore,
     handler: Arc<dyn Handler>,
     scope: String,
     owner: String,
@@ -1944,7 +1956,7 @@ async fn run_claimed(
         attempt: claim.attempts,
         redrive_count: markers.redrive_count,
         final_pass: markers.final_pass,
-        store: shared.store.clone(),
+        store: shared.handler_store.clone(),
         owner: lease_token.to_owned(),
         recorded: checkpoint::parse_steps(&claim.steps),
         next_step: 0,

@@ -68,6 +68,23 @@ impl Handler for Effects {
     }
 }
 
+/// Wait (at most `within`) until the queue holds nothing: visible, in flight or delayed.
+async fn wait_for_empty(client: &aws_sdk_sqs::Client, queue_url: &str, within: Duration) {
+    wait_until("the queue to drain", within, || async move {
+        messages_in(client, queue_url).await == 0
+    })
+    .await;
+}
+
+/// Wait (at most 20 s) until a handler has started once.
+async fn wait_for_start(started: impl Fn() -> usize) {
+    wait_until("the handler to start", Duration::from_secs(20), || {
+        let started = started();
+        async move { started == 1 }
+    })
+    .await;
+}
+
 async fn dlq_bodies(client: &aws_sdk_sqs::Client, dlq_url: &str, expected: usize) -> Vec<String> {
     peek_all(client, dlq_url, expected, Duration::from_secs(5))
         .await
@@ -97,18 +114,9 @@ async fn a_mismatched_delivery_never_rides_along() {
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"r1","v":1}"#).await;
-    wait_until("the handler to start", Duration::from_secs(20), || {
-        let started = effects.started();
-        async move { started == 1 }
-    })
-    .await;
+    wait_for_start(|| effects.started()).await;
     send(&client, &queue.url, r#"{"id":"r1","v":2}"#).await;
-    wait_until("the queue to drain", Duration::from_secs(30), || {
-        let client = client.clone();
-        let url = queue.url.clone();
-        async move { messages_in(&client, &url).await == 0 }
-    })
-    .await;
+    wait_for_empty(&client, &queue.url, Duration::from_secs(30)).await;
     stop.cancel();
     worker.await.unwrap();
     assert_eq!(effects.finished(), 1);
@@ -289,18 +297,9 @@ async fn riders_are_kept_hidden_while_their_event_runs() {
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"k1"}"#).await;
-    wait_until("the handler to start", Duration::from_secs(20), || {
-        let started = effects.started();
-        async move { started == 1 }
-    })
-    .await;
+    wait_for_start(|| effects.started()).await;
     send(&client, &queue.url, r#"{"id":"k1"}"#).await;
-    wait_until("the queue to drain", Duration::from_secs(30), || {
-        let client = client.clone();
-        let url = queue.url.clone();
-        async move { messages_in(&client, &url).await == 0 }
-    })
-    .await;
+    wait_for_empty(&client, &queue.url, Duration::from_secs(30)).await;
     stop.cancel();
     worker.await.unwrap();
     assert_eq!(effects.finished(), 1);
@@ -413,23 +412,14 @@ async fn a_duplicate_of_an_event_running_elsewhere_is_not_pushed_into_the_dlq() 
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"b1"}"#).await;
-    wait_until("the handler to start", Duration::from_secs(20), || {
-        let started = effects.started();
-        async move { started == 1 }
-    })
-    .await;
+    wait_for_start(|| effects.started()).await;
     // Worker A has no free slot: worker B receives the duplicate.
     let b = start(
         Worker::new(config("b"), client.clone(), pool, effects.clone()),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"b1"}"#).await;
-    wait_until("the queue to drain", Duration::from_secs(40), || {
-        let client = client.clone();
-        let url = queue.url.clone();
-        async move { messages_in(&client, &url).await == 0 }
-    })
-    .await;
+    wait_for_empty(&client, &queue.url, Duration::from_secs(40)).await;
     stop.cancel();
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(effects.finished(), 1);
@@ -589,11 +579,7 @@ async fn stale_task_case(ending: Ending) {
             .message_attributes(message::ATTR_DLQ_FINAL_PASS, attribute("true"));
     }
     send.send().await.unwrap();
-    wait_until("the handler to start", Duration::from_secs(20), || {
-        let started = held.started.load(Ordering::SeqCst);
-        async move { started == 1 }
-    })
-    .await;
+    wait_for_start(|| held.started.load(Ordering::SeqCst)).await;
     // The lease and the visibility run out; another consumer receives the message (for
     // 60 s) and takes the event over.
     tokio::time::sleep(Duration::from_millis(2500)).await;

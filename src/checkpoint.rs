@@ -359,17 +359,21 @@ impl CheckpointStore {
             .collect();
 
         // `distinct on` because one statement may not update the same row twice. Every
-        // sub-statement of a `with` sees the same snapshot, so `existing` shows rows as they
-        // were before this claim: a key that is neither claimed nor visible there was inserted
-        // by a concurrent claim a moment ago, i.e. it is busy. The pass stored never goes
-        // back.
+        // sub-statement of a `with` sees the same snapshot, so the `existing_*` columns show
+        // rows as they were before this claim (one index lookup per key serves both the
+        // choice of delivery and the outcome): a key that is neither claimed nor visible
+        // there was inserted by a concurrent claim a moment ago, i.e. it is busy. The pass
+        // stored never goes back.
         let rows = sqlx::query!(
             r#"
-            with requested as (
-                select i.idempotency_key, i.payload_sha256, i.message_id,
+            with input as (
+                select distinct on (i.idempotency_key)
+                       i.idempotency_key, i.payload_sha256, i.message_id,
                        nullif(i.payload_fields, '') as payload_fields,
-                       i.requeue_generation, i.redrive_count, i.position,
-                       e.payload_sha256 as stored_sha256
+                       i.requeue_generation, i.redrive_count,
+                       e.status as existing_status, e.payload_sha256 as existing_sha256,
+                       e.lease_expires_at as existing_lease,
+                       e.run_deadline_at as existing_deadline
                 from unnest($2::text[], $3::text[], $4::text[], $8::text[], $9::int4[],
                             $10::int4[])
                      with ordinality as i(idempotency_key, payload_sha256, message_id,
@@ -377,14 +381,8 @@ impl CheckpointStore {
                                           position)
                 left join checkpoints e
                        on e.scope = $1 and e.idempotency_key = i.idempotency_key
-            ),
-            input as (
-                select distinct on (idempotency_key)
-                       idempotency_key, payload_sha256, message_id, payload_fields,
-                       requeue_generation, redrive_count
-                from requested
-                order by idempotency_key, (payload_sha256 is distinct from stored_sha256),
-                         position
+                order by i.idempotency_key, (i.payload_sha256 is distinct from e.payload_sha256),
+                         i.position
             ),
             claimed as (
                 insert into checkpoints as c
@@ -429,17 +427,15 @@ impl CheckpointStore {
                    claimed.steps as "claimed_steps?",
                    claimed.payload_sha256 as "claimed_payload_sha256?",
                    claimed.inserted as "inserted?",
-                   existing.status as "existing_status?",
-                   existing.payload_sha256 as "existing_payload_sha256?",
-                   extract(epoch from existing.lease_expires_at - now())::float8
+                   input.existing_status as "existing_status?",
+                   input.existing_sha256 as "existing_payload_sha256?",
+                   extract(epoch from input.existing_lease - now())::float8
                        as "lease_remaining_secs?",
-                   extract(epoch from greatest(existing.lease_expires_at,
-                                               existing.run_deadline_at) - now())::float8
+                   extract(epoch from greatest(input.existing_lease,
+                                               input.existing_deadline) - now())::float8
                        as "run_remaining_secs?"
             from input
             left join claimed on claimed.idempotency_key = input.idempotency_key
-            left join checkpoints existing
-                   on existing.scope = $1 and existing.idempotency_key = input.idempotency_key
             "#,
             scope,
             &keys,

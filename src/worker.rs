@@ -716,11 +716,14 @@ fn judge_queue_error(error: &SqsError, queue_url: &str) -> Verdict {
     }
 }
 
-/// Connections for the worker's own statements: a claim per poller, the acker's
-/// settlements, and a few for renewals, releases and the probe (they queue briefly when more
-/// handlers renew at once: each renewal is one short statement).
+/// Connections for the worker's own statements: claims (a batch's claim runs in a task of
+/// its own, so several may be out at once), the acker's settlements, renewals, releases and
+/// the probe — as many as the shared pool used to give them (half the concurrency), and at
+/// least a claim per poller plus the acker's.
 fn bookkeeping_connections(config: &WorkerConfig) -> u32 {
-    (config.pollers + ACK_PARALLEL + 2).min(32) as u32
+    (config.concurrency / 2)
+        .max(config.pollers + ACK_PARALLEL + 2)
+        .min(32) as u32
 }
 
 /// This machine's name, from HOSTNAME or /etc/hostname (containers set one or the other).

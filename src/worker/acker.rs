@@ -1,0 +1,263 @@
+//! The acker: one task that batches checkpoint completions and DeleteMessageBatch calls.
+
+use super::*;
+
+pub(super) enum AckKind {
+    /// Mark the checkpoint complete (fenced by the lease token), then delete the receipts.
+    Complete { key: String, lease_token: String },
+    /// Just delete the receipts.
+    Delete,
+}
+
+#[derive(Debug)]
+pub(super) enum AckResult {
+    Done,
+    LeaseLost,
+    Failed(String),
+}
+
+pub(super) struct AckRequest {
+    pub(super) kind: AckKind,
+    pub(super) receipts: Vec<String>,
+    pub(super) reply: Option<oneshot::Sender<AckResult>>,
+}
+
+pub(super) struct PendingAck<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) kind: AckKind,
+}
+
+impl PendingAck<'_> {
+    /// Queue the request and wait for the acker's answer.
+    pub(super) async fn with_receipts(self, receipts: Vec<String>) -> AckResult {
+        let (reply, answer) = oneshot::channel();
+        let request = AckRequest {
+            kind: self.kind,
+            receipts,
+            reply: Some(reply),
+        };
+        if self.shared.acks.send(request).await.is_err() {
+            return AckResult::Failed("the delete task has stopped".into());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| AckResult::Failed("the delete task dropped the request".into()))
+    }
+}
+
+impl Shared {
+    pub(super) fn ack(&self, kind: AckKind) -> PendingAck<'_> {
+        PendingAck { shared: self, kind }
+    }
+
+    /// Queue a delete without waiting for it (skipped duplicates: a failed delete only costs
+    /// another cheap skip).
+    pub(super) async fn enqueue_delete(&self, receipts: Vec<String>) {
+        // Lambda: the invocation's answer must already count the duplicate as settled.
+        if let Mode::Lambda { settled, .. } = &self.mode {
+            settled.lock().expect("not poisoned").extend(receipts);
+            return;
+        }
+        let request = AckRequest {
+            kind: AckKind::Delete,
+            receipts,
+            reply: None,
+        };
+        if self.acks.send(request).await.is_err() {
+            tracing::warn!(
+                "the delete task has stopped; the duplicate will be skipped again later"
+            );
+        }
+    }
+
+    /// Make all of `receipts` visible again after the same `delay`.
+    pub(super) async fn show_after(&self, receipts: &[String], delay: Duration) {
+        let changes: Vec<(String, Duration)> =
+            receipts.iter().map(|r| (r.clone(), delay)).collect();
+        self.change_visibility(&changes).await;
+    }
+
+    pub(super) async fn change_visibility(&self, changes: &[(String, Duration)]) {
+        if let Mode::Lambda {
+            change_visibility: false,
+            ..
+        } = &self.mode
+        {
+            // A local `--event` run: the receipt handles are not SQS's; the batch response
+            // alone says what comes back.
+            return;
+        }
+        match self.sqs.change_visibility_batch(changes).await {
+            Ok(failures) => {
+                self.sqs_reached(true);
+                for failure in failures {
+                    tracing::warn!(reason = %failure.reason, "could not change a message's visibility; it returns after its current timeout");
+                }
+            }
+            Err(error) => {
+                self.sqs_reached(false);
+                tracing::warn!(%error, "could not change visibility; the messages return after their current timeout");
+            }
+        }
+    }
+}
+
+/// Most receipts settled together: one completion statement for all their events, then
+/// DeleteMessageBatch calls of 10 in parallel.
+pub(super) const ACK_BATCH: usize = 50;
+/// How long the acker waits for more requests before settling what it has.
+pub(super) const ACK_LINGER: Duration = Duration::from_millis(5);
+/// Settlements in flight at once, so deletes overlap receives as in a bare loop.
+pub(super) const ACK_PARALLEL: usize = 4;
+
+pub(super) async fn run_acker(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<AckRequest>,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(ACK_PARALLEL));
+    let mut settling = JoinSet::new();
+    loop {
+        while settling.try_join_next().is_some() {}
+        let first = tokio::select! {
+            biased;
+            request = requests.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+            _ = stop.cancelled() => {
+                // Settle what is already queued, then stop.
+                let mut rest = Vec::new();
+                while let Ok(request) = requests.try_recv() {
+                    rest.push(request);
+                }
+                if !rest.is_empty() {
+                    settle_acks(&shared, rest).await;
+                }
+                break;
+            }
+        };
+        let mut batch = vec![first];
+        let mut receipts: usize = batch[0].receipts.len();
+        let deadline = tokio::time::Instant::now() + ACK_LINGER;
+        while receipts < ACK_BATCH {
+            match tokio::time::timeout_at(deadline, requests.recv()).await {
+                Ok(Some(request)) => {
+                    receipts += request.receipts.len();
+                    batch.push(request);
+                }
+                _ => break,
+            }
+        }
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let shared = shared.clone();
+        settling.spawn(async move {
+            settle_acks(&shared, batch).await;
+            drop(slot);
+        });
+    }
+    while settling.join_next().await.is_some() {}
+}
+
+pub(super) async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
+    let keys: Vec<(String, String)> = batch
+        .iter()
+        .filter_map(|r| match &r.kind {
+            AckKind::Complete { key, lease_token } => Some((key.clone(), lease_token.clone())),
+            AckKind::Delete => None,
+        })
+        .collect();
+    // The handlers' work is done: keep trying for half a lease (their messages stay hidden
+    // and their leases held meanwhile) rather than have them run again after an outage.
+    let completed: Result<HashSet<(String, String)>, String> =
+        retry_database(shared, "marking events complete", shared.lease / 2, || {
+            shared.store.complete_batch(&shared.scope, &keys)
+        })
+        .await
+        .map(|done| done.into_iter().collect())
+        .map_err(|error| format!("cannot mark events complete: {error}"));
+    if let Err(error) = &completed {
+        tracing::error!(%error, events = keys.len(), "not deleting them; they will be delivered again");
+    }
+    // Chaos tests kill the process here: checkpoints complete, messages not deleted.
+    #[cfg(feature = "failpoints")]
+    if !keys.is_empty() && completed.is_ok() {
+        fail::fail_point!("sqs_worker::completed");
+    }
+
+    let mut to_delete: Vec<String> = Vec::new();
+    let mut replies = Vec::with_capacity(batch.len());
+    for request in batch {
+        // Only a completed (or plain delete) request may delete: no message is deleted
+        // before its checkpoint says complete or failed.
+        let result = match (&request.kind, &completed) {
+            (AckKind::Delete, _) => AckResult::Done,
+            (AckKind::Complete { key, lease_token }, Ok(done))
+                if done.contains(&(key.clone(), lease_token.clone())) =>
+            {
+                AckResult::Done
+            }
+            (AckKind::Complete { .. }, Ok(_)) => AckResult::LeaseLost,
+            (AckKind::Complete { .. }, Err(error)) => AckResult::Failed(error.clone()),
+        };
+        if matches!(result, AckResult::Done) {
+            to_delete.extend(request.receipts);
+        }
+        replies.push((request.reply, result));
+    }
+    // A failed delete does not change the answer: the event is settled, and the message
+    // that comes back is skipped as a duplicate.
+    delete_receipts(shared, &to_delete).await;
+    shared.touch();
+    for (reply, result) in replies {
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// DeleteMessageBatch in chunks of 10, all at once: one round trip's wait, not several.
+/// Returns the receipts that were not deleted; each failure is logged and counted, never
+/// dropped silently.
+pub(super) async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec<String> {
+    join_all(receipts.chunks(10).map(|chunk| delete_chunk(shared, chunk)))
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// One DeleteMessageBatch (at most 10 receipts).
+pub(super) async fn delete_chunk(shared: &Shared, receipts: &[String]) -> Vec<String> {
+    if receipts.is_empty() {
+        return Vec::new();
+    }
+    // Lambda deletes every message the invocation does not report as failed.
+    if let Mode::Lambda { settled, .. } = &shared.mode {
+        settled
+            .lock()
+            .expect("not poisoned")
+            .extend(receipts.iter().cloned());
+        return Vec::new();
+    }
+    match shared.sqs.delete_batch(receipts).await {
+        Ok(failures) => {
+            shared.sqs_reached(true);
+            shared.counters.delete_failures.add(failures.len());
+            for failure in &failures {
+                tracing::warn!(reason = %failure.reason, "SQS refused a delete; the message returns and is skipped as a duplicate");
+            }
+            failures.into_iter().map(|f| f.receipt_handle).collect()
+        }
+        Err(error) => {
+            shared.sqs_reached(false);
+            shared.counters.delete_failures.add(receipts.len());
+            tracing::warn!(%error, messages = receipts.len(), "delete failed; the messages return and are skipped as duplicates");
+            receipts.to_vec()
+        }
+    }
+}

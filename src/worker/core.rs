@@ -1,0 +1,249 @@
+//! The claim/run/settle core that the service and Lambda share: starting it (queue setup,
+//! the acker) and stopping it.
+
+use super::*;
+
+/// The parts a [`Core`] is made of.
+pub(crate) struct CoreParts {
+    pub(crate) config: WorkerConfig,
+    pub(crate) sqs: SqsQueue,
+    pub(crate) store: CheckpointStore,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) readiness: Option<Arc<Readiness>>,
+}
+
+/// The claim/run/settle core shared by the poll loop and the Lambda adapter: the state of
+/// one queue and the task that batches completions and deletes.
+pub(crate) struct Core {
+    pub(crate) shared: Arc<Shared>,
+    pub(super) acker: tokio::task::JoinHandle<()>,
+    pub(super) acker_stop: CancellationToken,
+}
+
+impl Core {
+    /// Check the configuration, read the queue's visibility timeout and DLQ, start the acker.
+    pub(crate) async fn start(parts: CoreParts, mode: Mode) -> Result<Core, WorkerError> {
+        let CoreParts {
+            config,
+            sqs,
+            store,
+            handler,
+            readiness,
+        } = parts;
+        if config.concurrency == 0 || config.pollers == 0 {
+            return Err(WorkerError::Config(
+                "--concurrency and --pollers must be at least 1".into(),
+            ));
+        }
+        let lambda = matches!(mode, Mode::Lambda { .. });
+        let (lease, policy) = if lambda {
+            lambda_queue_setup(&config, &sqs).await
+        } else {
+            service_queue_setup(&config, &sqs, readiness.as_deref()).await?
+        };
+        let max_receive_count = policy.as_ref().and_then(|p| p.max_receive_count);
+        let dlq = policy.map(|p| sqs.sibling(p.dlq_url));
+        if lease.is_zero() {
+            return Err(WorkerError::Config(
+                "the visibility timeout is 0 s, so no lease could hold; set --visibility-timeout"
+                    .into(),
+            ));
+        }
+        if dlq.is_none() {
+            tracing::warn!(
+                queue = sqs.name(),
+                "the queue has no RedrivePolicy, so permanent failures cannot go to a DLQ and \
+                 will be retried with backoff; give the queue a DLQ"
+            );
+        }
+        let scope = config
+            .scope
+            .clone()
+            .unwrap_or_else(|| sqs.name().to_owned());
+        let owner = config.worker_id.clone().unwrap_or_else(default_worker_id);
+        let fifo = sqs.url().ends_with(".fifo");
+        tracing::info!(
+            queue = sqs.name(),
+            %scope,
+            worker_id = %owner,
+            lease_secs = lease.as_secs(),
+            pollers = config.pollers,
+            concurrency = config.concurrency,
+            fifo,
+            "worker starting"
+        );
+
+        let (ack_sender, ack_receiver) = mpsc::channel(config.concurrency * 2 + 16);
+        let shared = Arc::new(Shared {
+            counters: Counters::new(sqs.name()),
+            sqs,
+            dlq,
+            max_receive_count,
+            store: store.with_own_pool(bookkeeping_connections(&config)),
+            handler_store: store,
+            handler,
+            scope,
+            owner,
+            claim_sequence: AtomicU64::new(1),
+            lease,
+            fifo,
+            in_flight: AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
+            claiming: Mutex::new(HashMap::new()),
+            settled_recently: Mutex::new(RecentlySettled::default()),
+            first_received: std::sync::OnceLock::new(),
+            last_activity: Mutex::new(Instant::now()),
+            acks: ack_sender,
+            readiness,
+            database_up: AtomicBool::new(true),
+            mode,
+            config,
+        });
+        let acker_stop = CancellationToken::new();
+        let acker = tokio::spawn(run_acker(shared.clone(), ack_receiver, acker_stop.clone()));
+        Ok(Core {
+            shared,
+            acker,
+            acker_stop,
+        })
+    }
+
+    /// Settle what the acker still holds and stop it. Returns the run's counts.
+    pub(crate) async fn stop(self) -> RunSummary {
+        self.acker_stop.cancel();
+        if let Err(error) = self.acker.await {
+            tracing::error!(%error, "the delete task failed");
+        }
+        let mut summary = self.shared.counters.snapshot();
+        if let Some(first) = self.shared.first_received.get() {
+            let last = *self.shared.last_activity.lock().expect("not poisoned");
+            summary.active_millis = last.saturating_duration_since(*first).as_millis() as u64;
+        }
+        summary
+    }
+}
+
+/// The lease (the visibility timeout) and the DLQ of a service's queue, read at start. A
+/// queue that cannot be reached is tried again until `--startup-timeout`; one that cannot
+/// work (no such queue, access denied, no credentials) ends the start at once.
+pub(super) async fn service_queue_setup(
+    config: &WorkerConfig,
+    sqs: &SqsQueue,
+    readiness: Option<&Readiness>,
+) -> Result<(Duration, Option<RedrivePolicy>), WorkerError> {
+    let deadline = Instant::now() + config.startup_timeout;
+    let judge = |error: &SqsError| judge_queue_error(error, sqs.url());
+    let (visibility, policy) = startup::retry_until(
+        "reading the queue's attributes",
+        deadline,
+        || async {
+            let visibility = match config.visibility_timeout {
+                Some(v) => v,
+                None => sqs.visibility_timeout().await?,
+            };
+            Ok((visibility, sqs.redrive_policy().await?))
+        },
+        judge,
+    )
+    .await
+    .map_err(WorkerError::Startup)?;
+    if let Some(readiness) = readiness {
+        readiness.sqs(true);
+    }
+    Ok((visibility, policy))
+}
+
+/// The same for Lambda, which has no start phase to fail in: a queue that cannot be inspected
+/// still gets its messages claimed and run, with Lambda's default visibility and no DLQ.
+pub(super) async fn lambda_queue_setup(
+    config: &WorkerConfig,
+    sqs: &SqsQueue,
+) -> (Duration, Option<RedrivePolicy>) {
+    let lease = match config.visibility_timeout {
+        Some(v) => v,
+        None => sqs.visibility_timeout().await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the queue's visibility timeout; assuming 30 s");
+            Duration::from_secs(30)
+        }),
+    };
+    let policy = match sqs.redrive_policy().await {
+        Ok(policy) => policy,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the queue's RedrivePolicy; permanent failures will be reported as batch item failures");
+            None
+        }
+    };
+    (lease, policy)
+}
+
+/// What a failed SQS call at start means, in a line that says what to fix.
+pub(super) fn judge_queue_error(error: &SqsError, queue_url: &str) -> Verdict {
+    let why = &error.message;
+    match error.kind {
+        SqsErrorKind::Unreachable => {
+            Verdict::Transient(format!("cannot reach SQS for queue {queue_url}: {why}"))
+        }
+        SqsErrorKind::QueueNotFound => Verdict::Fatal(format!(
+            "queue {queue_url} does not exist: check --queue-url, AWS_REGION and AWS_ENDPOINT_URL"
+        )),
+        SqsErrorKind::AccessDenied => Verdict::Fatal(format!(
+            "access to queue {queue_url} was denied ({why}): check the AWS credentials and that \
+             their policy allows the worker's SQS actions on it (deploy/iam-service-policy.json)"
+        )),
+        SqsErrorKind::NoCredentials => Verdict::Fatal(
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or \
+             AWS_PROFILE, or run with a task or instance role"
+                .into(),
+        ),
+        SqsErrorKind::NoRegion => Verdict::Fatal(
+            "no AWS region configured: set AWS_REGION (or a profile's region)".into(),
+        ),
+        SqsErrorKind::Rejected => Verdict::Fatal(format!(
+            "SQS refused the request for queue {queue_url} ({why}): check --queue-url"
+        )),
+    }
+}
+
+/// Connections for the worker's own statements: claims (a batch's claim runs in a task of
+/// its own, so several may be out at once), the acker's settlements, renewals, releases and
+/// the probe — as many as the shared pool used to give them (half the concurrency), and at
+/// least a claim per poller plus the acker's.
+pub(super) fn bookkeeping_connections(config: &WorkerConfig) -> u32 {
+    (config.concurrency / 2)
+        .max(config.pollers + ACK_PARALLEL + 2)
+        .min(32) as u32
+}
+
+/// This machine's name, from HOSTNAME or /etc/hostname (containers set one or the other).
+pub(crate) fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+pub(super) fn default_worker_id() -> String {
+    let host = host_name().unwrap_or_else(|| "worker".into());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// Tokens every batch of a run watches: `stop` (no new work: a FIFO group's messages not
+/// started yet are handed back) and `abandon` (the drain deadline passed: running handlers
+/// are stopped and their messages handed back).
+#[derive(Clone)]
+pub(crate) struct BatchTokens {
+    pub(crate) stop: CancellationToken,
+    pub(crate) abandon: CancellationToken,
+    /// How long a handler told to stop gets before its task is aborted
+    /// ([`HANDLER_STOP_GRACE`] for a service; less on Lambda, within its deadline's margin).
+    pub(crate) stop_grace: Duration,
+}
+
+/// What one received batch runs under.
+pub(crate) struct BatchContext {
+    pub(crate) received_at: Instant,
+    /// No lease may outlive this (a Lambda invocation's deadline).
+    pub(crate) lease_cap: Option<Instant>,
+    pub(crate) tokens: BatchTokens,
+}

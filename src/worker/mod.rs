@@ -1,0 +1,91 @@
+//! The poll loop: receive, claim, run, settle, delete — with bounded concurrency, backoff,
+//! batched deletes and a graceful shutdown.
+//!
+//! Shape of a run: `pollers` tasks long-poll SQS, each first taking semaphore permits so that
+//! at most `concurrency` messages are in flight (no unbounded buffering). A receive batch is
+//! claimed in one statement; each claimed event runs in its own task holding one permit.
+//! Outcomes that end in a delete go through one *acker* task that batches checkpoint
+//! completion and DeleteMessageBatch. Shutdown: tell (cancel the long polls), then wait for
+//! handlers under a deadline; a handler is never cancelled mid-step by a shutdown.
+
+mod acker;
+mod batch;
+mod claim;
+mod config;
+mod core;
+mod dlq;
+mod fifo;
+mod heartbeat;
+mod pause;
+mod poll;
+mod retry;
+mod run;
+mod running;
+mod service;
+mod settle;
+mod settlement;
+mod shared;
+mod shutdown;
+mod summary;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::checkpoint::{
+    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms,
+    NewDeadLetter,
+};
+use crate::handler::{Handler, HandlerError, Job};
+use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
+use crate::sqs::{
+    self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, RedrivePolicy, SqsError, SqsErrorKind,
+    SqsQueue,
+};
+use crate::startup::{self, StartupError, Verdict};
+use crate::telemetry::{self, Readiness};
+
+use acker::*;
+use batch::*;
+use claim::*;
+use dlq::*;
+use fifo::*;
+use heartbeat::*;
+use pause::*;
+use poll::*;
+use retry::*;
+use run::*;
+use running::*;
+use settle::*;
+use shutdown::*;
+use summary::*;
+
+pub use config::{PayloadMismatch, WorkerConfig, WorkerError};
+pub use retry::retry_delay;
+pub use service::{Worker, WorkerBuilder};
+pub use summary::RunSummary;
+
+// The core's surface for the Lambda adapter (src/lambda.rs).
+pub(crate) use batch::handle_batch;
+pub(crate) use core::{BatchContext, BatchTokens, Core, CoreParts, host_name};
+pub(crate) use heartbeat::HANDLER_STOP_GRACE;
+pub(crate) use settlement::Mode;
+pub(crate) use shared::Shared;
+
+#[cfg(test)]
+mod protocol_model;
+
+#[cfg(test)]
+mod tests;

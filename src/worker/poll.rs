@@ -1,0 +1,151 @@
+//! Receiving: long polls that take permits first, and the database probe that stops them
+//! while the checkpoint store is down.
+
+use super::*;
+
+/// Ping the database while the worker runs, so `/readyz` notices an outage even when no
+/// messages arrive, and so receiving resumes soon after an outage ends (every second while
+/// it is down, every few seconds otherwise).
+pub(super) async fn probe_database(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await,
+            Ok(Ok(()))
+        );
+        shared.database_reached(ok);
+        let next = if ok {
+            PROBE_EVERY
+        } else {
+            PROBE_EVERY_WHILE_DOWN
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
+        }
+    }
+}
+
+/// Hold a poller while the database is unreachable (see `Shared::database_up`). Returns
+/// false if the worker is stopping.
+pub(super) async fn wait_for_database(shared: &Shared, stop: &CancellationToken) -> bool {
+    while !shared.database_up() {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    true
+}
+
+/// One poller: take permits, long-poll, hand the batch on. Ends when `stop` is cancelled.
+pub(super) async fn poll(
+    shared: Arc<Shared>,
+    semaphore: Arc<Semaphore>,
+    tracker: TaskTracker,
+    tokens: BatchTokens,
+) {
+    let stop = tokens.stop.clone();
+    let batch_size = shared.config.concurrency.clamp(1, 10);
+    let mut error_backoff = Duration::from_millis(500);
+    loop {
+        if !wait_for_database(&shared, &stop).await {
+            return;
+        }
+        // Wait for one free slot, then gather up to a full batch for a moment: a receive of
+        // 10 costs SQS (and the claim statement) what a receive of 1 does, and slots free
+        // up quickly when handlers are fast. Never more than can start now.
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = semaphore.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let mut permits = vec![first];
+        let gather_until = tokio::time::Instant::now() + PERMIT_GATHER;
+        while permits.len() < batch_size {
+            match tokio::time::timeout_at(gather_until, semaphore.clone().acquire_owned()).await {
+                Ok(permit) => permits.push(permit.expect("semaphore never closed")),
+                Err(_) => break,
+            }
+        }
+        let receive = shared.sqs.receive(
+            permits.len(),
+            poll_wait(&shared),
+            shared.config.visibility_timeout,
+        );
+        tokio::pin!(receive);
+        let received = tokio::select! {
+            result = &mut receive => result,
+            _ = stop.cancelled() => {
+                // A long poll cannot be withdrawn: dropped here, SQS would still hand it
+                // messages and hide them for a whole visibility timeout. Let it finish and
+                // give back at once whatever it brings.
+                let grace = (shared.config.wait_time + Duration::from_secs(5))
+                    .min(shared.config.shutdown_timeout);
+                if let Ok(Ok(messages)) = tokio::time::timeout(grace, receive).await {
+                    release_unstarted(&shared, &messages).await;
+                }
+                return;
+            }
+        };
+        let received_at = Instant::now();
+        match received {
+            Err(error) => {
+                shared.sqs_reached(false);
+                shared.counters.receive_errors.add(1);
+                tracing::error!(%error, retry_in_ms = error_backoff.as_millis() as u64, "receive failed");
+                drop(permits);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(error_backoff) => {}
+                }
+                error_backoff = (error_backoff * 2).min(RECEIVE_BACKOFF_MAX);
+            }
+            Ok(messages) if messages.is_empty() => {
+                shared.sqs_reached(true);
+                error_backoff = Duration::from_millis(500);
+            }
+            Ok(messages) => {
+                // Chaos tests kill the process here: received, nothing claimed yet.
+                #[cfg(feature = "failpoints")]
+                fail::fail_point!("sqs_worker::received");
+                shared.sqs_reached(true);
+                error_backoff = Duration::from_millis(500);
+                shared.touch();
+                shared.count_received(messages.len());
+                let context = BatchContext {
+                    received_at,
+                    lease_cap: None,
+                    tokens: tokens.clone(),
+                };
+                // Claim in a task of its own, so this poller goes straight back to
+                // receiving (as far as permits allow) while the claim statement runs.
+                let (shared, tracker_inner) = (shared.clone(), tracker.clone());
+                tracker.spawn(async move {
+                    handle_batch(&shared, &tracker_inner, messages, permits, &context).await;
+                });
+            }
+        }
+    }
+}
+
+/// Make messages received during shutdown visible again at once, for another worker.
+pub(super) async fn release_unstarted(shared: &Shared, messages: &[ReceivedMessage]) {
+    if messages.is_empty() {
+        return;
+    }
+    tracing::info!(
+        messages = messages.len(),
+        "shutting down: returning messages received but not started"
+    );
+    shared.counters.released_at_shutdown.add(messages.len());
+    let receipts: Vec<String> = messages.iter().map(|m| m.receipt_handle.clone()).collect();
+    shared.show_after(&receipts, Duration::ZERO).await;
+}
+
+/// How long a poller waits for more free slots before receiving fewer than 10 messages.
+pub(super) const PERMIT_GATHER: Duration = Duration::from_millis(20);
+/// The longest pause between receives while SQS answers with errors: short, so a worker is
+/// back within seconds of an outage's end (the SDK retries each call too).
+pub(super) const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the database is pinged while it answers, and while it does not.
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(2);
+pub(super) const PROBE_EVERY_WHILE_DOWN: Duration = Duration::from_secs(1);

@@ -1,0 +1,218 @@
+//! The long-running service: [`Worker`] and its builder. Starts the core, the pollers and
+//! the probes, then drains on shutdown.
+
+use super::*;
+
+/// Builds a [`Worker`] from its parts.
+#[derive(Default)]
+pub struct WorkerBuilder {
+    pub(super) config: Option<WorkerConfig>,
+    pub(super) client: Option<aws_sdk_sqs::Client>,
+    pub(super) pool: Option<PgPool>,
+    pub(super) handler: Option<Arc<dyn Handler>>,
+    pub(super) shutdown: Option<CancellationToken>,
+    pub(super) readiness: Option<Arc<Readiness>>,
+}
+
+impl WorkerBuilder {
+    /// The worker's configuration (required).
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The SQS client (required).
+    pub fn sqs_client(mut self, client: aws_sdk_sqs::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The pool of the checkpoint database, already migrated (required).
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The handler (required).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// A handler already shared elsewhere.
+    pub fn shared_handler(mut self, handler: Arc<dyn Handler>) -> Self {
+        self.handler = Some(handler);
+        self
+    }
+
+    /// The token whose cancellation stops the worker (optional; default: never).
+    pub fn shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = Some(token);
+        self
+    }
+
+    /// Where to report whether SQS and the database answer (optional; `/readyz` reads it).
+    pub fn readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    /// The worker, or which part is missing.
+    pub fn build(self) -> Result<Worker, WorkerError> {
+        let missing = |what: &str| WorkerError::Config(format!("the worker builder needs {what}"));
+        let mut worker = Worker::new(
+            self.config.ok_or_else(|| missing("a config"))?,
+            self.client.ok_or_else(|| missing("an SQS client"))?,
+            self.pool.ok_or_else(|| missing("a database pool"))?,
+            self.handler.ok_or_else(|| missing("a handler"))?,
+        );
+        if let Some(token) = self.shutdown {
+            worker = worker.with_shutdown(token);
+        }
+        if let Some(readiness) = self.readiness {
+            worker = worker.with_readiness(readiness);
+        }
+        Ok(worker)
+    }
+}
+
+/// A worker: one queue, one checkpoint scope, one handler.
+pub struct Worker {
+    pub(super) config: WorkerConfig,
+    pub(super) sqs: SqsQueue,
+    pub(super) store: CheckpointStore,
+    pub(super) handler: Arc<dyn Handler>,
+    pub(super) shutdown: CancellationToken,
+    pub(super) readiness: Option<Arc<Readiness>>,
+}
+
+impl Worker {
+    /// Start building a worker.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// A worker for `config.queue_url`, checkpointing in `pool` (already migrated).
+    pub fn new(
+        config: WorkerConfig,
+        client: aws_sdk_sqs::Client,
+        pool: PgPool,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        let sqs = SqsQueue::new(client, config.queue_url.clone());
+        Self {
+            config,
+            sqs,
+            store: CheckpointStore::new(pool),
+            handler,
+            shutdown: CancellationToken::new(),
+            readiness: None,
+        }
+    }
+
+    /// Stop when `token` is cancelled (e.g. on SIGTERM): no new receives, in-flight handlers
+    /// get `shutdown_timeout` to finish, then are stopped and their messages handed back.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
+    }
+
+    /// Report whether SQS and the database answer to `readiness` (`/readyz` reads it).
+    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    /// Run until shut down (or idle, with `exit_when_idle`). Returns what happened.
+    pub async fn run(self) -> Result<RunSummary, WorkerError> {
+        let core = Core::start(
+            CoreParts {
+                config: self.config,
+                sqs: self.sqs,
+                store: self.store,
+                handler: self.handler,
+                readiness: self.readiness,
+            },
+            Mode::Service,
+        )
+        .await?;
+        let shared = core.shared.clone();
+        let stop = self.shutdown.child_token();
+        let abandon = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let semaphore = Arc::new(Semaphore::new(shared.config.concurrency));
+        tokio::spawn(probe_database(shared.clone(), stop.clone()));
+        let mut pollers = JoinSet::new();
+        for _ in 0..shared.config.pollers {
+            pollers.spawn(poll(
+                shared.clone(),
+                semaphore.clone(),
+                tracker.clone(),
+                BatchTokens {
+                    stop: stop.clone(),
+                    abandon: abandon.clone(),
+                    stop_grace: HANDLER_STOP_GRACE,
+                },
+            ));
+        }
+        if let Some(idle) = shared.config.exit_when_idle {
+            tokio::spawn(exit_when_idle(shared.clone(), idle, stop.clone()));
+        }
+        // Run until told to stop (or every poller ended), then drain: in-flight long polls
+        // and handlers share one deadline that starts now, so the whole drain stays within
+        // --shutdown-timeout (below the orchestrator's stop timeout).
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = async { while pollers.join_next().await.is_some() {} } => {}
+        }
+        stop.cancel();
+        if let Some(readiness) = &shared.readiness {
+            readiness.stopping();
+        }
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+        tracker.close();
+        let running = shared.in_flight.load(Ordering::Relaxed);
+        if running > 0 {
+            tracing::info!(
+                in_flight = running,
+                deadline_secs = shared.config.shutdown_timeout.as_secs(),
+                "stopped receiving; waiting for in-flight handlers"
+            );
+        }
+        let drained = tokio::time::timeout_at(deadline, async {
+            while pollers.join_next().await.is_some() {}
+            tracker.wait().await;
+        })
+        .await
+        .is_ok();
+        let mut abandoned = 0;
+        if !drained {
+            let running = shared.in_flight.load(Ordering::Relaxed);
+            tracing::warn!(
+                in_flight = running,
+                "shutdown deadline passed; stopping the handlers still running and handing \
+                 their messages back (lease released, visible again at once)"
+            );
+            abandon.cancel();
+            let handed_back = tokio::time::timeout(HAND_BACK_GRACE, async {
+                while pollers.join_next().await.is_some() {}
+                tracker.wait().await;
+            })
+            .await
+            .is_ok();
+            if !handed_back {
+                pollers.abort_all();
+                abandoned = shared.in_flight.load(Ordering::Relaxed) as u64;
+                tracing::warn!(
+                    abandoned,
+                    "some messages could not be handed back in time; their leases expire and \
+                     SQS delivers them again after the visibility timeout"
+                );
+            }
+        }
+        let mut summary = core.stop().await;
+        summary.abandoned_at_shutdown = abandoned;
+        tracing::info!(?summary, "worker stopped");
+        Ok(summary)
+    }
+}

@@ -1,0 +1,131 @@
+//! The counts of a run: [`RunSummary`] for scripts and tests, each mirrored to the metric of
+//! the same name (see `telemetry::names`).
+
+use super::*;
+
+/// Counts of what happened during a run, for the demo, tests and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunSummary {
+    /// Messages received.
+    pub received: u64,
+    /// Events whose handler succeeded and were marked complete.
+    pub processed: u64,
+    /// Deliveries of events already complete or failed, deleted without running anything.
+    pub duplicates_skipped: u64,
+    /// Deliveries of events leased by another worker, made visible again later.
+    pub busy_deferred: u64,
+    /// Retryable failures, put back with a backoff.
+    pub retried: u64,
+    /// Messages sent to the DLQ.
+    pub dead_lettered: u64,
+    /// Final-pass failures recorded in `dead_letters` and deleted.
+    pub final_pass_failures: u64,
+    /// Messages SQS refused to delete (they come back and are skipped cheaply).
+    pub delete_failures: u64,
+    /// Completions refused because another worker had taken the lease.
+    pub lease_lost: u64,
+    /// Failed ReceiveMessage calls.
+    pub receive_errors: u64,
+    /// Failed checkpoint statements.
+    pub database_errors: u64,
+    /// Visibility and lease renewals of long-running handlers.
+    pub heartbeats: u64,
+    /// Renewals that failed (the handler was told to stop; its writes stay fenced).
+    pub heartbeat_failures: u64,
+    /// Messages handed back at shutdown (lease released, visible again at once): handlers
+    /// stopped at the deadline, and messages received but not started.
+    pub released_at_shutdown: u64,
+    /// Handlers still running when the shutdown deadline passed.
+    pub abandoned_at_shutdown: u64,
+    /// Milliseconds from the first message received to the last one settled (throughput
+    /// is `received` over this; startup and idle time are not in it).
+    pub active_millis: u64,
+}
+
+/// One count: kept for the run summary and mirrored to the `metrics` facade.
+pub(super) struct Count {
+    pub(super) value: AtomicU64,
+    pub(super) metric: metrics::Counter,
+}
+
+impl Count {
+    pub(super) fn new(name: &'static str, queue: &str) -> Self {
+        Self {
+            value: AtomicU64::new(0),
+            metric: metrics::counter!(name, "queue" => queue.to_owned()),
+        }
+    }
+
+    pub(super) fn add(&self, n: usize) {
+        self.value.fetch_add(n as u64, Ordering::Relaxed);
+        self.metric.increment(n as u64);
+    }
+
+    pub(super) fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+pub(super) struct Counters {
+    pub(super) received: Count,
+    pub(super) processed: Count,
+    pub(super) duplicates_skipped: Count,
+    pub(super) busy_deferred: Count,
+    pub(super) retried: Count,
+    pub(super) dead_lettered: Count,
+    pub(super) final_pass_failures: Count,
+    pub(super) delete_failures: Count,
+    pub(super) lease_lost: Count,
+    pub(super) receive_errors: Count,
+    pub(super) database_errors: Count,
+    pub(super) heartbeats: Count,
+    pub(super) heartbeat_failures: Count,
+    pub(super) released_at_shutdown: Count,
+    pub(super) in_flight: metrics::Gauge,
+    pub(super) handler_seconds: metrics::Histogram,
+}
+
+impl Counters {
+    pub(super) fn new(queue: &str) -> Self {
+        use telemetry::names;
+        Self {
+            received: Count::new(names::RECEIVED, queue),
+            processed: Count::new(names::PROCESSED, queue),
+            duplicates_skipped: Count::new(names::DUPLICATES, queue),
+            busy_deferred: Count::new(names::CLAIM_CONFLICTS, queue),
+            retried: Count::new(names::RETRIED, queue),
+            dead_lettered: Count::new(names::SENT_TO_DLQ, queue),
+            final_pass_failures: Count::new(names::DEAD_LETTERED, queue),
+            delete_failures: Count::new(names::DELETE_ERRORS, queue),
+            lease_lost: Count::new(names::LEASE_LOST, queue),
+            receive_errors: Count::new(names::RECEIVE_ERRORS, queue),
+            database_errors: Count::new(names::DATABASE_ERRORS, queue),
+            heartbeats: Count::new(names::HEARTBEATS, queue),
+            heartbeat_failures: Count::new(names::HEARTBEAT_FAILURES, queue),
+            released_at_shutdown: Count::new(names::RELEASED_AT_SHUTDOWN, queue),
+            in_flight: metrics::gauge!(names::IN_FLIGHT, "queue" => queue.to_owned()),
+            handler_seconds: metrics::histogram!(names::HANDLER_DURATION, "queue" => queue.to_owned()),
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> RunSummary {
+        RunSummary {
+            received: self.received.get(),
+            processed: self.processed.get(),
+            duplicates_skipped: self.duplicates_skipped.get(),
+            busy_deferred: self.busy_deferred.get(),
+            retried: self.retried.get(),
+            dead_lettered: self.dead_lettered.get(),
+            final_pass_failures: self.final_pass_failures.get(),
+            delete_failures: self.delete_failures.get(),
+            lease_lost: self.lease_lost.get(),
+            receive_errors: self.receive_errors.get(),
+            database_errors: self.database_errors.get(),
+            heartbeats: self.heartbeats.get(),
+            heartbeat_failures: self.heartbeat_failures.get(),
+            released_at_shutdown: self.released_at_shutdown.get(),
+            abandoned_at_shutdown: 0,
+            active_millis: 0,
+        }
+    }
+}

@@ -80,6 +80,7 @@ pub(super) enum Ended {
     Abandoned,
 }
 
+/// Run a claimed event's handler under its heartbeat, then settle it by how it ended.
 pub(super) async fn run_claimed(
     shared: &Arc<Shared>,
     event: ClaimedEvent,
@@ -96,18 +97,93 @@ pub(super) async fn run_claimed(
         permit,
         riders,
     } = event;
-    let mut duplicates = siblings.len();
-    let identity = parsed.identity.expect("claimed messages have a key");
-    let message = parsed.message;
-    let markers = parsed.markers;
+    let mut identity = parsed.identity.expect("claimed messages have a key");
+    let (message, markers) = (parsed.message, parsed.markers);
+    if claim.resumed {
+        tracing::info!(
+            "resuming an event seen before (a retry, or a takeover of an expired lease)"
+        );
+    }
     let cancel = CancellationToken::new();
-    let mut job = Job {
+    let job = new_job(
+        shared,
+        &message,
+        &mut identity,
+        &markers,
+        &claim,
+        lease_token,
+        &cancel,
+    );
+    let ended = {
+        let watch = Watch {
+            lease_token,
+            key: &identity.key,
+            receipts: &receipts,
+            riders: &riders,
+            waiting,
+        };
+        run_handler(shared, job, &cancel, &watch, lease, tokens).await
+    };
+    // The handler is done: the slot may serve the next message while this one settles (the
+    // acker's queue bounds what waits for settling).
+    drop(permit);
+    // Deliveries of this event received while it ran share its fate from here on.
+    let riders = shared.stop_running(&riders);
+    let duplicates = siblings.len() + riders.len();
+    receipts.extend(riders);
+    let done = Finished {
+        message: &message,
+        identity: &identity,
+        lease_token,
+        receipts,
+        duplicates,
+        attempts: claim.attempts,
+    };
+    match ended {
+        Ended::Abandoned => settle_abandoned(shared, done).await,
+        // The last redrive an operator allowed: any failure ends here, recorded, never looping.
+        Ended::Finished(Err(error)) if markers.final_pass && ends_a_final_pass(&error) => {
+            settle_final_pass(shared, done, &error, markers.pass()).await
+        }
+        Ended::Finished(Ok(())) => settle_complete(shared, done).await,
+        Ended::Finished(Err(HandlerError::LeaseLost)) => settle_lease_lost(shared),
+        Ended::Finished(Err(HandlerError::Retryable {
+            message: error,
+            retry_after,
+        })) => settle_retryable(shared, done, &error, retry_after).await,
+        Ended::Finished(Err(HandlerError::Permanent {
+            message: error,
+            reason,
+        })) => settle_permanent(shared, done, &reason, &error).await,
+    }
+}
+
+/// A failure that ends a final pass: anything but a lost lease (the new holder decides).
+fn ends_a_final_pass(error: &HandlerError) -> bool {
+    matches!(
+        error,
+        HandlerError::Retryable { .. } | HandlerError::Permanent { .. }
+    )
+}
+
+/// The handler's view of a claimed event: its payload, its pass, and its recorded steps. The
+/// event's text and JSON move into the job: settling needs only its key and fingerprint.
+fn new_job(
+    shared: &Shared,
+    message: &ReceivedMessage,
+    identity: &mut EventIdentity,
+    markers: &RedriveMarkers,
+    claim: &Claim,
+    lease_token: &str,
+    cancel: &CancellationToken,
+) -> Job {
+    Job {
         scope: shared.scope.clone(),
         key: identity.key.clone(),
         message_id: message.message_id.clone(),
-        body: identity.body,
+        body: std::mem::take(&mut identity.body),
         raw_body: message.body.clone(),
-        json: identity.json,
+        json: identity.json.take(),
         attributes: message
             .attribute_strings()
             .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
@@ -122,15 +198,19 @@ pub(super) async fn run_claimed(
         lease_lost: false,
         cancel: cancel.clone(),
         unrecorded_effect: None,
-    };
-    if claim.resumed {
-        tracing::info!(
-            "resuming an event seen before (a retry, or a takeover of an expired lease)"
-        );
     }
+}
 
-    // The handler runs in its own task so a panic is caught as a JoinError instead of taking
-    // the permit and the outcome with it.
+/// Run the handler in its own task (so a panic is caught as a JoinError instead of taking
+/// the permit and the outcome with it), supervised by the heartbeat.
+async fn run_handler(
+    shared: &Arc<Shared>,
+    mut job: Job,
+    cancel: &CancellationToken,
+    watch: &Watch<'_>,
+    lease: Duration,
+    tokens: &BatchTokens,
+) -> Ended {
     let handler = shared.handler.clone();
     let started = Instant::now();
     let task = tokio::spawn(
@@ -144,157 +224,10 @@ pub(super) async fn run_claimed(
         }
         .instrument(tracing::Span::current()),
     );
-    let watch = Watch {
-        lease_token,
-        key: &identity.key,
-        receipts: &receipts,
-        riders: &riders,
-        waiting,
-    };
-    let ended = supervise(shared, task, &cancel, &watch, lease, tokens).await;
+    let ended = supervise(shared, task, cancel, watch, lease, tokens).await;
     shared
         .counters
         .handler_seconds
         .record(started.elapsed().as_secs_f64());
-    // The handler is done: the slot may serve the next message while this one settles (the
-    // acker's queue bounds what waits for settling).
-    drop(permit);
-    // Deliveries of this event received while it ran share its fate from here on.
-    let riders = shared.stop_running(&riders);
-    duplicates += riders.len();
-    receipts.extend(riders);
-    let result = match ended {
-        Ended::Finished(result) => result,
-        Ended::Abandoned => {
-            tracing::warn!("stopped at the shutdown deadline; handing the message back");
-            if shared
-                .release_lease(
-                    lease_token,
-                    &identity.key,
-                    "stopped at the shutdown deadline",
-                )
-                .await
-            {
-                shared.counters.released_at_shutdown.add(receipts.len());
-                shared.show_after(&receipts, Duration::ZERO).await;
-            }
-            return Some(Duration::ZERO);
-        }
-    };
-
-    // The last redrive an operator allowed: any failure ends here, recorded, never looping.
-    if markers.final_pass
-        && let Err(error @ (HandlerError::Retryable { .. } | HandlerError::Permanent { .. })) =
-            &result
-    {
-        let reason = match error {
-            HandlerError::Permanent { reason, .. } => reason.as_str(),
-            _ => "retryable",
-        };
-        let failure = FinalFailure {
-            key: &identity.key,
-            fingerprint: &identity.fingerprint,
-            lease_token: Some(lease_token),
-            mark_checkpoint: true,
-            reason,
-            error: &error.to_string(),
-            attempts: claim.attempts,
-            pass: markers.pass(),
-        };
-        return (!end_final_pass(shared, &message, receipts, failure).await)
-            .then_some(shared.lease);
-    }
-    match result {
-        Ok(()) => {
-            // Chaos tests kill the process here: the handler is done, nothing recorded.
-            #[cfg(feature = "failpoints")]
-            fail::fail_point!("sqs_worker::handled");
-            match shared
-                .ack(AckKind::Complete {
-                    key: identity.key.clone(),
-                    lease_token: lease_token.to_owned(),
-                })
-                .with_receipts(receipts)
-                .await
-            {
-                AckResult::Done => {
-                    shared.counters.processed.add(1);
-                    shared.counters.duplicates_skipped.add(duplicates);
-                    tracing::info!("event complete");
-                    None
-                }
-                AckResult::LeaseLost => {
-                    shared.counters.lease_lost.add(1);
-                    tracing::warn!(
-                        "the lease was taken by another worker before completion; leaving the \
-                         message to the lease holder"
-                    );
-                    Some(shared.lease)
-                }
-                AckResult::Failed(error) => {
-                    tracing::error!(%error, "could not record completion; the message will be delivered again");
-                    Some(shared.lease)
-                }
-            }
-        }
-        Err(HandlerError::LeaseLost) => {
-            shared.counters.lease_lost.add(1);
-            tracing::warn!(
-                "stopped at a step boundary: the lease was lost or could not be renewed; \
-                 leaving the message to SQS and the next lease holder"
-            );
-            Some(shared.lease)
-        }
-        Err(HandlerError::Retryable {
-            message: error,
-            retry_after,
-        }) => {
-            // A handler's Retry-After is a minimum, never a way around the backoff: "0" or a
-            // date in the past from a struggling endpoint would otherwise bring the message
-            // back at once, again and again, through maxReceiveCount into the DLQ.
-            let backoff = shared.backoff(claim.attempts);
-            let delay = retry_after.map_or(backoff, |after| after.max(backoff));
-            retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
-            Some(delay)
-        }
-        Err(HandlerError::Permanent {
-            message: error,
-            reason,
-        }) => {
-            // Only the lease holder may send the event to the DLQ and delete its message: a
-            // task whose lease was taken over meanwhile leaves both to the new holder.
-            if !still_held(shared, lease_token, &identity.key).await {
-                return Some(shared.lease);
-            }
-            let sent = send_to_dlq(shared, &message, &reason, &error).await;
-            if !sent {
-                let delay = shared.backoff(claim.attempts);
-                retry_later(shared, lease_token, &identity.key, &error, &receipts, delay).await;
-                return Some(delay);
-            }
-            match shared
-                .store
-                .mark_failed(&shared.scope, lease_token, &identity.key, &error)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    shared.counters.lease_lost.add(1);
-                    tracing::warn!(
-                        "the lease was taken over just after the DLQ send; leaving the message \
-                         to its new holder (the DLQ holds a copy)"
-                    );
-                    return Some(shared.lease);
-                }
-                Err(error) => {
-                    shared.counters.database_errors.add(1);
-                    tracing::error!(%error, "could not mark the checkpoint failed; the message is in the DLQ");
-                }
-            }
-            // The message is safely in the DLQ: delete it.
-            shared.ack(AckKind::Delete).with_receipts(receipts).await;
-            shared.counters.duplicates_skipped.add(duplicates);
-            None
-        }
-    }
+    ended
 }

@@ -1,77 +1,166 @@
-//! Settling an event that did not complete: retry later, or end a final pass for good.
+//! Settling a run, one function per way it ended: complete, retry, permanent failure, a
+//! final pass's failure, a lost lease, or a stop at the shutdown deadline. Each returns what
+//! a FIFO group needs to know: `None` when the event is settled for good, otherwise about
+//! when its message becomes visible again.
 
 use super::*;
 
-/// What a final-pass failure records.
-pub(super) struct FinalFailure<'a> {
-    pub(super) key: &'a str,
-    pub(super) fingerprint: &'a str,
-    pub(super) lease_token: Option<&'a str>,
-    pub(super) mark_checkpoint: bool,
-    pub(super) reason: &'a str,
-    pub(super) error: &'a str,
+/// An event whose handler has ended, as its settlement sees it.
+pub(super) struct Finished<'a> {
+    pub(super) message: &'a ReceivedMessage,
+    pub(super) identity: &'a EventIdentity,
+    pub(super) lease_token: &'a str,
+    /// The event's message and every delivery that shares its fate.
+    pub(super) receipts: Vec<String>,
+    /// Deliveries beyond the event's own message (same batch, or rode along).
+    pub(super) duplicates: usize,
     pub(super) attempts: u32,
-    pub(super) pass: message::Pass,
 }
 
-/// A failure on a DLQ redrive's final pass: record the message in `dead_letters` (and the
-/// event failed), delete it, and say so once. No retry, no return to the DLQ.
-pub(super) async fn end_final_pass(
-    shared: &Shared,
-    message: &ReceivedMessage,
-    receipts: Vec<String>,
-    failure: FinalFailure<'_>,
-) -> bool {
-    let attributes = message.attributes_json();
-    let letter = NewDeadLetter {
-        scope: &shared.scope,
-        key: failure.key,
-        queue_url: shared.sqs.url(),
-        message_id: &message.message_id,
-        body: &message.body,
-        attributes: &attributes,
-        reason: failure.reason,
-        error: failure.error,
-        attempts: failure.attempts.min(i32::MAX as u32) as i32,
-        redrive_count: failure.pass.redrive_count.min(i32::MAX as u32) as i32,
-        requeue_generation: failure.pass.requeue_generation.min(i32::MAX as u32) as i32,
-        payload_sha256: failure.fingerprint,
+/// The handler succeeded: complete the checkpoint (fenced by the lease), then delete.
+pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Option<Duration> {
+    // Chaos tests kill the process here: the handler is done, nothing recorded.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("sqs_worker::handled");
+    let complete = AckKind::Complete {
+        key: done.identity.key.clone(),
+        lease_token: done.lease_token.to_owned(),
     };
-    match shared
-        .store
-        .record_dead_letter(&letter, failure.mark_checkpoint, failure.lease_token)
-        .await
-    {
-        Ok(None) => {
+    match shared.ack(complete).with_receipts(done.receipts).await {
+        AckResult::Done => {
+            shared.counters.processed.add(1);
+            shared.counters.duplicates_skipped.add(done.duplicates);
+            tracing::info!("event complete");
+            None
+        }
+        AckResult::LeaseLost => {
             shared.counters.lease_lost.add(1);
             tracing::warn!(
-                "final redrive pass failed, but the lease was taken over meanwhile; leaving \
-                 the message to its new holder (nothing recorded)"
+                "the lease was taken by another worker before completion; leaving the \
+                 message to the lease holder"
             );
-            false
+            Some(shared.lease)
         }
-        Ok(Some(id)) => {
-            shared.ack(AckKind::Delete).with_receipts(receipts).await;
-            shared.counters.final_pass_failures.add(1);
+        AckResult::Failed(error) => {
+            tracing::error!(%error, "could not record completion; the message will be delivered again");
+            Some(shared.lease)
+        }
+    }
+}
+
+/// A step found the lease gone: the message is the next holder's.
+pub(super) fn settle_lease_lost(shared: &Shared) -> Option<Duration> {
+    shared.counters.lease_lost.add(1);
+    tracing::warn!(
+        "stopped at a step boundary: the lease was lost or could not be renewed; leaving the \
+         message to SQS and the next lease holder"
+    );
+    Some(shared.lease)
+}
+
+/// A retryable failure: release the lease and show the message again after the backoff.
+pub(super) async fn settle_retryable(
+    shared: &Shared,
+    done: Finished<'_>,
+    error: &str,
+    retry_after: Option<Duration>,
+) -> Option<Duration> {
+    // A handler's Retry-After is a minimum, never a way around the backoff: "0" or a date in
+    // the past from a struggling endpoint would otherwise bring the message back at once,
+    // again and again, through maxReceiveCount into the DLQ.
+    let backoff = shared.backoff(done.attempts);
+    let delay = retry_after.map_or(backoff, |after| after.max(backoff));
+    let key = &done.identity.key;
+    retry_later(shared, done.lease_token, key, error, &done.receipts, delay).await;
+    Some(delay)
+}
+
+/// A permanent failure: to the DLQ, the checkpoint marked failed, the message deleted.
+pub(super) async fn settle_permanent(
+    shared: &Shared,
+    done: Finished<'_>,
+    reason: &str,
+    error: &str,
+) -> Option<Duration> {
+    // Only the lease holder may send the event to the DLQ and delete its message: a task
+    // whose lease was taken over meanwhile leaves both to the new holder.
+    let key = &done.identity.key;
+    if !still_held(shared, done.lease_token, key).await {
+        return Some(shared.lease);
+    }
+    if !send_to_dlq(shared, done.message, reason, error).await {
+        let delay = shared.backoff(done.attempts);
+        retry_later(shared, done.lease_token, key, error, &done.receipts, delay).await;
+        return Some(delay);
+    }
+    let marked = shared
+        .store
+        .mark_failed(&shared.scope, done.lease_token, key, error)
+        .await;
+    match marked {
+        Ok(true) => {}
+        Ok(false) => {
+            shared.counters.lease_lost.add(1);
             tracing::warn!(
-                dead_letter_id = id,
-                reason = failure.reason,
-                error = ?failure.error,
-                redrive_count = failure.pass.redrive_count,
-                "final redrive pass failed; recorded in dead_letters and deleted (no retry, no DLQ)"
+                "the lease was taken over just after the DLQ send; leaving the message to its \
+                 new holder (the DLQ holds a copy)"
             );
-            true
+            return Some(shared.lease);
         }
         Err(error) => {
             shared.counters.database_errors.add(1);
-            tracing::error!(
-                %error,
-                "final redrive pass failed but could not be recorded in dead_letters; the \
-                 message comes back after its visibility timeout"
-            );
-            false
+            tracing::error!(%error, "could not mark the checkpoint failed; the message is in the DLQ");
         }
     }
+    // The message is safely in the DLQ: delete it.
+    shared
+        .ack(AckKind::Delete)
+        .with_receipts(done.receipts)
+        .await;
+    shared.counters.duplicates_skipped.add(done.duplicates);
+    None
+}
+
+/// Any failure of a final pass: recorded in `dead_letters`, deleted, never looping.
+pub(super) async fn settle_final_pass(
+    shared: &Shared,
+    done: Finished<'_>,
+    error: &HandlerError,
+    pass: message::Pass,
+) -> Option<Duration> {
+    let reason = match error {
+        HandlerError::Permanent { reason, .. } => reason.as_str(),
+        _ => "retryable",
+    };
+    let failure = FinalFailure {
+        key: &done.identity.key,
+        fingerprint: &done.identity.fingerprint,
+        lease_token: Some(done.lease_token),
+        mark_checkpoint: true,
+        reason,
+        error: &error.to_string(),
+        attempts: done.attempts,
+        pass,
+    };
+    let ended = end_final_pass(shared, done.message, done.receipts, failure).await;
+    (!ended).then_some(shared.lease)
+}
+
+/// Stopped at the shutdown deadline: release the lease and show the message again at once.
+pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Option<Duration> {
+    tracing::warn!("stopped at the shutdown deadline; handing the message back");
+    let reason = "stopped at the shutdown deadline";
+    if shared
+        .release_lease(done.lease_token, &done.identity.key, reason)
+        .await
+    {
+        shared
+            .counters
+            .released_at_shutdown
+            .add(done.receipts.len());
+        shared.show_after(&done.receipts, Duration::ZERO).await;
+    }
+    Some(Duration::ZERO)
 }
 
 /// Retryable outcome: give the lease back, then hide the message(s) for `delay` — unless

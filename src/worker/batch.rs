@@ -51,18 +51,58 @@ pub(crate) async fn handle_batch(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     messages: Vec<ReceivedMessage>,
-    mut permits: Vec<OwnedSemaphorePermit>,
+    permits: Vec<OwnedSemaphorePermit>,
     context: &BatchContext,
 ) {
-    // The lease starts now but the visibility timeout started at receive: shorten the lease
-    // by the difference so both expire together (and, on Lambda, before the deadline).
+    let lease = batch_lease(shared, context);
+    let parsed = parse_batch(shared, messages);
+    let lease_token = format!(
+        "{}#{}",
+        shared.owner,
+        shared.claim_sequence.fetch_add(1, Ordering::Relaxed)
+    );
+    let requests = claim_requests(&parsed);
+    let _claiming = Claiming::new(shared, &requests);
+    let Some(outcomes) = claim(shared, &lease_token, lease, &requests).await else {
+        // Leaving the messages alone is safe: nothing was claimed or deleted.
+        return;
+    };
+    // Chaos tests kill the process here: claimed, no handler started.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("sqs_worker::claimed");
+    let mut routed = Routed {
+        lease,
+        permits,
+        ..Routed::default()
+    };
+    for planned in plan_batch(parsed, &outcomes, shared.config.on_payload_mismatch) {
+        routed.route(shared, tracker, planned).await;
+    }
+    if !routed.busy.is_empty() {
+        shared.change_visibility(&routed.busy).await;
+    }
+    let tokens = &context.tokens;
+    if shared.fifo {
+        start_groups(shared, tracker, routed, lease_token, tokens);
+    } else {
+        start_events(shared, tracker, routed.claimed, lease_token, lease, tokens);
+    }
+}
+
+/// The lease of a batch's claims. It starts now but the visibility timeout started at
+/// receive: shorten it by the difference so both expire together (and, on Lambda, before
+/// the deadline).
+fn batch_lease(shared: &Shared, context: &BatchContext) -> Duration {
     let mut lease = shared.lease.saturating_sub(context.received_at.elapsed());
     if let Some(cap) = context.lease_cap {
         lease = lease.min(cap.saturating_duration_since(Instant::now()));
     }
-    let lease = lease.max(Duration::from_secs(1));
+    lease.max(Duration::from_secs(1))
+}
 
-    let parsed: Vec<Parsed> = messages
+/// Work out each message's event identity and redrive markers.
+fn parse_batch(shared: &Shared, messages: Vec<ReceivedMessage>) -> Vec<Parsed> {
+    messages
         .into_iter()
         .enumerate()
         .map(|(position, message)| {
@@ -75,25 +115,20 @@ pub(crate) async fn handle_batch(
                     "ignoring unreadable redrive markers (each counts as absent)"
                 );
             }
+            let config = &shared.config;
             Parsed {
-                identity: message::derive_identity(
-                    &shared.config.key,
-                    shared.config.envelope,
-                    &message.body,
-                ),
+                identity: message::derive_identity(&config.key, config.envelope, &message.body),
                 markers,
                 message,
                 position,
             }
         })
-        .collect();
+        .collect()
+}
 
-    let lease_token = format!(
-        "{}#{}",
-        shared.owner,
-        shared.claim_sequence.fetch_add(1, Ordering::Relaxed)
-    );
-    let requests: Vec<ClaimRequest> = parsed
+/// One claim request per keyed message (unkeyed ones claim nothing).
+fn claim_requests(parsed: &[Parsed]) -> Vec<ClaimRequest> {
+    parsed
         .iter()
         .filter_map(|p| {
             let identity = p.identity.as_ref().ok()?;
@@ -106,11 +141,18 @@ pub(crate) async fn handle_batch(
                 field_digests: identity.field_digests.clone(),
             })
         })
-        .collect();
-    let _claiming = Claiming::new(shared, &requests);
-    // Retried while the batch's visibility timeout leaves room (half the lease): a short
-    // database blip then costs a moment, not a redelivery, and the messages stay hidden
-    // meanwhile, so retrying adds nothing to their receive counts.
+        .collect()
+}
+
+/// The batch's claim, retried while its visibility timeout leaves room (half the lease): a
+/// short database blip then costs a moment, not a redelivery, and the messages stay hidden
+/// meanwhile, so retrying adds nothing to their receive counts. `None` when it failed.
+async fn claim(
+    shared: &Shared,
+    lease_token: &str,
+    lease: Duration,
+    requests: &[ClaimRequest],
+) -> Option<HashMap<String, ClaimOutcome>> {
     let terms = ClaimTerms {
         lease,
         run_limit: shared.run_limit(lease),
@@ -119,57 +161,56 @@ pub(crate) async fn handle_batch(
     let claimed = retry_database(shared, "claim", lease / 2, || {
         shared
             .store
-            .claim_batch(&shared.scope, &lease_token, &terms, &requests)
+            .claim_batch(&shared.scope, lease_token, &terms, requests)
     })
     .await;
-    let outcomes = match claimed {
-        Ok(outcomes) => outcomes,
-        Err(error) => {
+    claimed
+        .inspect_err(|error| {
             tracing::error!(
                 %error,
-                messages = parsed.len(),
+                messages = requests.len(),
                 "cannot claim checkpoints; the batch returns to the queue after its visibility \
                  timeout (is PostgreSQL reachable?)"
             );
-            // Leaving the messages alone is safe: nothing was claimed or deleted.
-            return;
-        }
-    };
-    // Chaos tests kill the process here: claimed, no handler started.
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!("sqs_worker::claimed");
+        })
+        .ok()
+}
 
-    let mut claimed: Vec<ClaimedEvent> = Vec::new();
-    let mut busy: Vec<(String, Duration)> = Vec::new();
-    // FIFO: the first position in each group that did not get its claim, and about when it
-    // is visible again; later messages of that group must wait for it.
-    let mut blocked_from: HashMap<String, (usize, Duration)> = HashMap::new();
-    for planned in plan_batch(parsed, &outcomes, shared.config.on_payload_mismatch) {
+/// Where a batch's deliveries went, once each has a fate.
+#[derive(Default)]
+pub(super) struct Routed {
+    pub(super) lease: Duration,
+    /// The batch's permits not yet given to a task.
+    pub(super) permits: Vec<OwnedSemaphorePermit>,
+    /// Events to run.
+    pub(super) claimed: Vec<ClaimedEvent>,
+    /// Busy deliveries and when they come back.
+    pub(super) busy: Vec<(String, Duration)>,
+    /// FIFO: the first position in each group that did not get its claim, and about when it
+    /// is visible again; later messages of that group must wait for it.
+    pub(super) blocked_from: HashMap<String, (usize, Duration)>,
+}
+
+impl Routed {
+    /// Give one planned delivery its fate: run it, dead-letter it, skip it or defer it.
+    async fn route(&mut self, shared: &Arc<Shared>, tracker: &TaskTracker, planned: Planned) {
         match planned {
             Planned::Run {
                 parsed,
                 claim,
                 siblings,
-            } => {
-                let identity = parsed.identity.as_ref().expect("a running event has a key");
-                let riders = shared.start_running(identity);
-                claimed.push(ClaimedEvent {
-                    parsed,
-                    claim,
-                    siblings: siblings.into_iter().map(|s| s.message).collect(),
-                    permit: permits.pop(),
-                    riders,
-                });
-            }
+            } => self.run(shared, parsed, claim, siblings),
             Planned::Unkeyed(p) => {
-                let permit = permits.pop();
+                let permit = self.permits.pop();
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
                     dead_letter_unkeyed(&shared, p).await;
                 });
             }
-            Planned::Mismatch(p, first) => spawn_mismatch(shared, tracker, p, first, permits.pop()),
+            Planned::Mismatch(p, first) => {
+                spawn_mismatch(shared, tracker, p, first, self.permits.pop())
+            }
             Planned::Duplicate(p) => skip_duplicate(shared, p).await,
             Planned::Busy(p, lease_remaining, run_remaining) => {
                 let retry_after = busy_deferral(
@@ -178,67 +219,76 @@ pub(crate) async fn handle_batch(
                     receive_count(&p.message),
                     shared.max_receive_count,
                 );
-                let Some((p, retry_after)) =
-                    busy_delivery(shared, tracker, p, retry_after, &mut permits)
-                else {
-                    continue;
-                };
-                blocked_from
-                    .entry(p.group().to_owned())
-                    .or_insert((p.position, retry_after));
-                busy.push((
-                    p.message.receipt_handle,
-                    retry_after.max(Duration::from_secs(1)),
-                ));
+                self.defer(shared, tracker, p, retry_after);
             }
             Planned::NoRow(p) => {
                 tracing::error!(key = %p.key(), "claim returned no row for a key; leaving the message for redelivery");
-                blocked_from
-                    .entry(p.group().to_owned())
-                    .or_insert((p.position, lease));
+                self.block(&p, self.lease);
             }
         }
     }
-    if !busy.is_empty() {
-        shared.change_visibility(&busy).await;
+
+    /// A claimed event: registered as running here, to be started with a permit.
+    fn run(&mut self, shared: &Shared, parsed: Parsed, claim: Claim, siblings: Vec<Parsed>) {
+        let identity = parsed.identity.as_ref().expect("a running event has a key");
+        let riders = shared.start_running(identity);
+        self.claimed.push(ClaimedEvent {
+            parsed,
+            claim,
+            siblings: siblings.into_iter().map(|s| s.message).collect(),
+            permit: self.permits.pop(),
+            riders,
+        });
     }
 
-    if !shared.fifo {
-        // One task drives the batch's events concurrently (each handler still runs in a
-        // task of its own): a task per message cost measurably more CPU in scheduling.
-        let shared = shared.clone();
-        let tokens = context.tokens.clone();
-        tracker.spawn(async move {
-            let nothing_waits = Waiting::default();
-            join_all(claimed.into_iter().map(|event| {
+    /// A busy delivery: rides along, or comes back after `retry_after`.
+    fn defer(
+        &mut self,
+        shared: &Arc<Shared>,
+        tracker: &TaskTracker,
+        parsed: Parsed,
+        retry_after: Duration,
+    ) {
+        let Some((p, retry_after)) =
+            busy_delivery(shared, tracker, parsed, retry_after, &mut self.permits)
+        else {
+            return;
+        };
+        self.block(&p, retry_after);
+        let receipt = p.message.receipt_handle;
+        self.busy
+            .push((receipt, retry_after.max(Duration::from_secs(1))));
+    }
+
+    /// FIFO: later messages of `parsed`'s group wait for it.
+    fn block(&mut self, parsed: &Parsed, until: Duration) {
+        self.blocked_from
+            .entry(parsed.group().to_owned())
+            .or_insert((parsed.position, until));
+    }
+}
+
+/// Standard queue: one task drives the batch's events concurrently (each handler still runs
+/// in a task of its own): a task per message cost measurably more CPU in scheduling.
+fn start_events(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    claimed: Vec<ClaimedEvent>,
+    lease_token: String,
+    lease: Duration,
+    tokens: &BatchTokens,
+) {
+    let shared = shared.clone();
+    let tokens = tokens.clone();
+    tracker.spawn(async move {
+        let nothing_waits = Waiting::default();
+        join_all(
+            claimed.into_iter().map(|event| {
                 run_event(&shared, event, &lease_token, lease, &tokens, &nothing_waits)
-            }))
-            .await;
-        });
-        return;
-    }
-
-    // FIFO: one task per message group runs its events one at a time, in receive order
-    // (SQS returns a group's messages in order). After a failure the rest of the group is
-    // handed back instead of running out of order; SQS keeps the group blocked until the
-    // failed message is visible again and delivers it first.
-    let mut groups: Vec<(String, Vec<ClaimedEvent>)> = Vec::new();
-    for event in claimed {
-        let group = event.parsed.group().to_owned();
-        match groups.iter_mut().find(|(g, _)| *g == group) {
-            Some((_, events)) => events.push(event),
-            None => groups.push((group, vec![event])),
-        }
-    }
-    for (group, events) in groups {
-        let shared = shared.clone();
-        let lease_token = lease_token.clone();
-        let tokens = context.tokens.clone();
-        let blocked = blocked_from.get(&group).copied();
-        tracker.spawn(async move {
-            run_group(&shared, events, &lease_token, lease, &tokens, blocked).await;
-        });
-    }
+            }),
+        )
+        .await;
+    });
 }
 
 pub(super) fn spawn_mismatch(

@@ -3,6 +3,37 @@
 
 use super::*;
 
+/// FIFO: one task per message group runs its events one at a time, in receive order (SQS
+/// returns a group's messages in order). After a failure the rest of the group is handed
+/// back instead of running out of order; SQS keeps the group blocked until the failed
+/// message is visible again and delivers it first.
+pub(super) fn start_groups(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    routed: Routed,
+    lease_token: String,
+    tokens: &BatchTokens,
+) {
+    let mut groups: Vec<(String, Vec<ClaimedEvent>)> = Vec::new();
+    for event in routed.claimed {
+        let group = event.parsed.group().to_owned();
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, events)) => events.push(event),
+            None => groups.push((group, vec![event])),
+        }
+    }
+    let lease = routed.lease;
+    for (group, events) in groups {
+        let shared = shared.clone();
+        let lease_token = lease_token.clone();
+        let tokens = tokens.clone();
+        let blocked = routed.blocked_from.get(&group).copied();
+        tracker.spawn(async move {
+            run_group(&shared, events, &lease_token, lease, &tokens, blocked).await;
+        });
+    }
+}
+
 /// A FIFO group's events, one at a time in receive order. The ones waiting their turn are
 /// kept alive by the running one's heartbeat, and each starts only once its lease is
 /// confirmed and renewed: an event whose lease was taken over while it waited (it became

@@ -12,8 +12,8 @@
 //! A lease never outlives the invocation: it is capped at the deadline minus a margin, and
 //! handlers still running then are stopped and their leases released.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
@@ -136,9 +136,7 @@ impl LambdaWorker {
         shared.count_received(messages.len());
         // Settled receipts of earlier invocations (a task that settled after its invocation
         // answered) are of no use any more: one invocation runs at a time.
-        if let Mode::Lambda { settled, .. } = shared.mode() {
-            settled.lock().expect("not poisoned").clear();
-        }
+        shared.mode().forget_settled();
         let tracker = TaskTracker::new();
         // What is left after `finish_by` must fit in the margin before the deadline: stopped
         // handlers get a quarter of it, handing back the rest.
@@ -189,14 +187,7 @@ impl LambdaWorker {
             tokens.abandon.cancel();
             let _ = tokio::time::timeout(margin / 2, tracker.wait()).await;
         }
-        let Mode::Lambda { settled, .. } = shared.mode() else {
-            unreachable!("Lambda cores run in Lambda mode");
-        };
-        let mut settled = settled.lock().expect("not poisoned");
-        messages
-            .iter()
-            .filter(|m| !settled.remove(&m.receipt_handle))
-            .collect()
+        shared.mode().unsettled(messages)
     }
 
     /// The core for a source queue, started on first use.
@@ -218,10 +209,7 @@ impl LambdaWorker {
                 handler: self.handler.clone(),
                 readiness: None,
             },
-            Mode::Lambda {
-                settled: Mutex::new(HashSet::new()),
-                change_visibility: self.change_visibility,
-            },
+            Mode::lambda(self.change_visibility),
         )
         .await?;
         let shared = core.shared.clone();

@@ -54,8 +54,7 @@ impl Shared {
     /// another cheap skip).
     pub(super) async fn enqueue_delete(&self, receipts: Vec<String>) {
         // Lambda: the invocation's answer must already count the duplicate as settled.
-        if let Mode::Lambda { settled, .. } = &self.mode {
-            settled.lock().expect("not poisoned").extend(receipts);
+        if self.mode.settle_locally(&receipts) {
             return;
         }
         let request = AckRequest {
@@ -78,13 +77,7 @@ impl Shared {
     }
 
     pub(super) async fn change_visibility(&self, changes: &[(String, Duration)]) {
-        if let Mode::Lambda {
-            change_visibility: false,
-            ..
-        } = &self.mode
-        {
-            // A local `--event` run: the receipt handles are not SQS's; the batch response
-            // alone says what comes back.
+        if !self.mode.changes_visibility() {
             return;
         }
         match self.sqs.change_visibility_batch(changes).await {
@@ -237,11 +230,7 @@ pub(super) async fn delete_chunk(shared: &Shared, receipts: &[String]) -> Vec<St
         return Vec::new();
     }
     // Lambda deletes every message the invocation does not report as failed.
-    if let Mode::Lambda { settled, .. } = &shared.mode {
-        settled
-            .lock()
-            .expect("not poisoned")
-            .extend(receipts.iter().cloned());
+    if shared.mode.settle_locally(receipts) {
         return Vec::new();
     }
     match shared.sqs.delete_batch(receipts).await {

@@ -38,12 +38,7 @@ pub(super) async fn supervise(
     let now = tokio::time::Instant::now();
     let mut lease_until = now + lease;
     // On Lambda the lease ends before the invocation does: the handler must too.
-    let (limit, limit_reason) = match shared.mode {
-        Mode::Lambda { .. } if lease < shared.config.max_handler_time => {
-            (lease, "the invocation deadline")
-        }
-        _ => (shared.config.max_handler_time, "--max-handler-time"),
-    };
+    let (limit, limit_reason) = shared.mode.run_limit(lease, shared.config.max_handler_time);
     let mut hard_deadline = now + limit;
     let beat_every = (shared.lease / 3).max(Duration::from_millis(500));
     let mut next_beat = shared.config.heartbeat.then(|| now + (lease / 3));

@@ -24,6 +24,7 @@ mod running;
 mod service;
 mod settle;
 mod settlement;
+mod setup;
 mod shared;
 mod shutdown;
 mod summary;
@@ -69,6 +70,7 @@ use retry::*;
 use run::*;
 use running::*;
 use settle::*;
+use setup::*;
 use shutdown::*;
 use summary::*;
 

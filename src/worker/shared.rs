@@ -60,13 +60,9 @@ impl Shared {
         )
     }
 
-    /// The longest a run claimed with `lease` may take: `--max-handler-time`, or on Lambda
-    /// the lease itself (it ends before the invocation does, and the handler with it).
+    /// The longest a run claimed with `lease` may take (see [`Mode::run_limit`]).
     pub(super) fn run_limit(&self, lease: Duration) -> Duration {
-        match self.mode {
-            Mode::Lambda { .. } => lease,
-            Mode::Service => self.config.max_handler_time,
-        }
+        self.mode.run_limit(lease, self.config.max_handler_time).0
     }
 
     pub(super) fn sqs_reached(&self, ok: bool) {

@@ -35,74 +35,116 @@ pub(super) async fn supervise(
     lease: Duration,
     tokens: &BatchTokens,
 ) -> Ended {
-    let now = tokio::time::Instant::now();
-    let mut lease_until = now + lease;
-    // On Lambda the lease ends before the invocation does: the handler must too.
-    let (limit, limit_reason) = shared.mode.run_limit(lease, shared.config.max_handler_time);
-    let mut hard_deadline = now + limit;
-    let beat_every = (shared.lease / 3).max(Duration::from_millis(500));
-    let mut next_beat = shared.config.heartbeat.then(|| now + (lease / 3));
+    let mut beat = Beat::new(shared, lease);
     let mut renewal: Option<Renewal<'_>> = None;
-    let mut renewal_sent = now;
     loop {
-        let beat_at = next_beat.filter(|_| renewal.is_none());
+        let beat_at = beat.next_beat.filter(|_| renewal.is_none());
         tokio::select! {
-            joined = &mut task => {
-                return Ended::Finished(match joined {
-                    Ok(result) => result,
-                    Err(join_error) if join_error.is_panic() => {
-                        Err(HandlerError::retryable("the handler panicked"))
-                    }
-                    Err(join_error) => Err(HandlerError::retryable(format!(
-                        "the handler task ended abnormally: {join_error}"
-                    ))),
-                });
-            }
+            joined = &mut task => return Ended::Finished(handler_result(joined)),
             _ = tokens.abandon.cancelled() => {
                 stop_handler(cancel, &mut task, tokens.stop_grace).await;
                 return Ended::Abandoned;
             }
-            _ = tokio::time::sleep_until(hard_deadline) => {
+            _ = tokio::time::sleep_until(beat.hard_deadline) => {
                 stop_handler(cancel, &mut task, tokens.stop_grace).await;
-                let expired = hard_deadline >= lease_until;
-                return Ended::Finished(Err(HandlerError::retryable(if expired && next_beat.is_none() && shared.config.heartbeat {
-                    "the handler was stopped when its lease ended (the heartbeat could not renew it)".to_owned()
-                } else {
-                    format!(
-                        "the handler was stopped after {:.1} s ({limit_reason})",
-                        limit.as_secs_f64()
-                    )
-                })));
+                return Ended::Finished(Err(beat.stopped_error(shared)));
             }
             _ = sleep_until_some(beat_at) => {
-                renewal_sent = tokio::time::Instant::now();
+                beat.renewal_sent = tokio::time::Instant::now();
                 renewal = Some(Box::pin(renew(shared, watch)));
             }
             renewed = async { renewal.as_mut().expect("guarded by the condition").await }, if renewal.is_some() => {
                 renewal = None;
                 match renewed {
-                    Ok(()) => {
-                        shared.counters.heartbeats.add(1);
-                        lease_until = renewal_sent + shared.lease;
-                        next_beat = Some(renewal_sent + beat_every);
-                        tracing::debug!(lease_secs = shared.lease.as_secs(), "heartbeat: visibility and lease extended");
-                    }
-                    Err(problem) => {
-                        heartbeat_failed(shared, cancel, &problem);
-                        next_beat = None;
-                        hard_deadline = hard_deadline.min(lease_until);
-                    }
+                    Ok(()) => beat.renewed(shared),
+                    Err(problem) => beat.failed(shared, cancel, &problem),
                 }
             }
-            _ = tokio::time::sleep_until(lease_until), if renewal.is_some() => {
+            _ = tokio::time::sleep_until(beat.lease_until), if renewal.is_some() => {
                 // The lease ended with its renewal still out: the event may be another
                 // holder's by now.
                 renewal = None;
-                heartbeat_failed(shared, cancel, "the renewal did not come back before the lease ended");
-                next_beat = None;
-                hard_deadline = hard_deadline.min(lease_until);
+                beat.failed(shared, cancel, "the renewal did not come back before the lease ended");
             }
         }
+    }
+}
+
+/// The handler task's result; a panic or an abnormal end is a retryable failure.
+fn handler_result(
+    joined: Result<Result<(), HandlerError>, tokio::task::JoinError>,
+) -> Result<(), HandlerError> {
+    match joined {
+        Ok(result) => result,
+        Err(join_error) if join_error.is_panic() => {
+            Err(HandlerError::retryable("the handler panicked"))
+        }
+        Err(join_error) => Err(HandlerError::retryable(format!(
+            "the handler task ended abnormally: {join_error}"
+        ))),
+    }
+}
+
+/// A heartbeat's clock: when the lease ends, when the run must end, and the next renewal.
+pub(super) struct Beat {
+    lease_until: tokio::time::Instant,
+    hard_deadline: tokio::time::Instant,
+    /// `None` once renewals have stopped (off, or one failed).
+    next_beat: Option<tokio::time::Instant>,
+    renewal_sent: tokio::time::Instant,
+    beat_every: Duration,
+    limit: Duration,
+    limit_reason: &'static str,
+}
+
+impl Beat {
+    fn new(shared: &Shared, lease: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        let (limit, limit_reason) = shared.mode.run_limit(lease, shared.config.max_handler_time);
+        Beat {
+            lease_until: now + lease,
+            hard_deadline: now + limit,
+            next_beat: shared.config.heartbeat.then(|| now + (lease / 3)),
+            renewal_sent: now,
+            beat_every: (shared.lease / 3).max(Duration::from_millis(500)),
+            limit,
+            limit_reason,
+        }
+    }
+
+    /// A renewal came back: the lease runs a whole lease from when it was sent.
+    fn renewed(&mut self, shared: &Shared) {
+        shared.counters.heartbeats.add(1);
+        self.lease_until = self.renewal_sent + shared.lease;
+        self.next_beat = Some(self.renewal_sent + self.beat_every);
+        tracing::debug!(
+            lease_secs = shared.lease.as_secs(),
+            "heartbeat: visibility and lease extended"
+        );
+    }
+
+    /// A renewal failed: no more renewals, and the handler ends with its lease at the latest.
+    fn failed(&mut self, shared: &Shared, cancel: &CancellationToken, problem: &str) {
+        heartbeat_failed(shared, cancel, problem);
+        self.next_beat = None;
+        self.hard_deadline = self.hard_deadline.min(self.lease_until);
+    }
+
+    /// Why a handler stopped at its hard deadline: its lease ended unrenewed, or its limit.
+    fn stopped_error(&self, shared: &Shared) -> HandlerError {
+        let expired = self.hard_deadline >= self.lease_until;
+        HandlerError::retryable(
+            if expired && self.next_beat.is_none() && shared.config.heartbeat {
+                "the handler was stopped when its lease ended (the heartbeat could not renew it)"
+                    .to_owned()
+            } else {
+                format!(
+                    "the handler was stopped after {:.1} s ({})",
+                    self.limit.as_secs_f64(),
+                    self.limit_reason
+                )
+            },
+        )
     }
 }
 

@@ -45,46 +45,16 @@ pub(super) async fn poll(
     tokens: BatchTokens,
 ) {
     let stop = tokens.stop.clone();
-    let batch_size = shared.config.concurrency.clamp(1, 10);
     let mut error_backoff = Duration::from_millis(500);
     loop {
         if !wait_for_database(&shared, &stop).await {
             return;
         }
-        // Wait for one free slot, then gather up to a full batch for a moment: a receive of
-        // 10 costs SQS (and the claim statement) what a receive of 1 does, and slots free
-        // up quickly when handlers are fast. Never more than can start now.
-        let first = tokio::select! {
-            _ = stop.cancelled() => return,
-            permit = semaphore.clone().acquire_owned() => permit.expect("semaphore never closed"),
+        let Some(permits) = take_permits(&shared, &semaphore, &stop).await else {
+            return;
         };
-        let mut permits = vec![first];
-        let gather_until = tokio::time::Instant::now() + PERMIT_GATHER;
-        while permits.len() < batch_size {
-            match tokio::time::timeout_at(gather_until, semaphore.clone().acquire_owned()).await {
-                Ok(permit) => permits.push(permit.expect("semaphore never closed")),
-                Err(_) => break,
-            }
-        }
-        let receive = shared.sqs.receive(
-            permits.len(),
-            poll_wait(&shared),
-            shared.config.visibility_timeout,
-        );
-        tokio::pin!(receive);
-        let received = tokio::select! {
-            result = &mut receive => result,
-            _ = stop.cancelled() => {
-                // A long poll cannot be withdrawn: dropped here, SQS would still hand it
-                // messages and hide them for a whole visibility timeout. Let it finish and
-                // give back at once whatever it brings.
-                let grace = (shared.config.wait_time + Duration::from_secs(5))
-                    .min(shared.config.shutdown_timeout);
-                if let Ok(Ok(messages)) = tokio::time::timeout(grace, receive).await {
-                    release_unstarted(&shared, &messages).await;
-                }
-                return;
-            }
+        let Some(received) = receive(&shared, permits.len(), &stop).await else {
+            return;
         };
         let received_at = Instant::now();
         match received {
@@ -99,32 +69,89 @@ pub(super) async fn poll(
                 }
                 error_backoff = (error_backoff * 2).min(RECEIVE_BACKOFF_MAX);
             }
-            Ok(messages) if messages.is_empty() => {
-                shared.sqs_reached(true);
-                error_backoff = Duration::from_millis(500);
-            }
             Ok(messages) => {
-                // Chaos tests kill the process here: received, nothing claimed yet.
-                #[cfg(feature = "failpoints")]
-                fail::fail_point!("sqs_worker::received");
                 shared.sqs_reached(true);
                 error_backoff = Duration::from_millis(500);
-                shared.touch();
-                shared.count_received(messages.len());
-                let context = BatchContext {
-                    received_at,
-                    lease_cap: None,
-                    tokens: tokens.clone(),
-                };
-                // Claim in a task of its own, so this poller goes straight back to
-                // receiving (as far as permits allow) while the claim statement runs.
-                let (shared, tracker_inner) = (shared.clone(), tracker.clone());
-                tracker.spawn(async move {
-                    handle_batch(&shared, &tracker_inner, messages, permits, &context).await;
-                });
+                if !messages.is_empty() {
+                    let context = BatchContext {
+                        received_at,
+                        lease_cap: None,
+                        tokens: tokens.clone(),
+                    };
+                    start_batch(&shared, &tracker, messages, permits, context);
+                }
             }
         }
     }
+}
+
+/// Wait for one free slot, then gather up to a full batch for a moment: a receive of 10
+/// costs SQS (and the claim statement) what a receive of 1 does, and slots free up quickly
+/// when handlers are fast. Never more than can start now. `None` when stopped.
+async fn take_permits(
+    shared: &Shared,
+    semaphore: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let batch_size = shared.config.concurrency.clamp(1, 10);
+    let first = tokio::select! {
+        _ = stop.cancelled() => return None,
+        permit = semaphore.clone().acquire_owned() => permit.expect("semaphore never closed"),
+    };
+    let mut permits = vec![first];
+    let gather_until = tokio::time::Instant::now() + PERMIT_GATHER;
+    while permits.len() < batch_size {
+        match tokio::time::timeout_at(gather_until, semaphore.clone().acquire_owned()).await {
+            Ok(permit) => permits.push(permit.expect("semaphore never closed")),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
+/// One long poll for up to `count` messages. `None` when stopped meanwhile: a long poll
+/// cannot be withdrawn (dropped here, SQS would still hand it messages and hide them for a
+/// whole visibility timeout), so it is let finish and whatever it brings is given back.
+async fn receive(
+    shared: &Shared,
+    count: usize,
+    stop: &CancellationToken,
+) -> Option<Result<Vec<ReceivedMessage>, SqsError>> {
+    let config = &shared.config;
+    let receive = shared
+        .sqs
+        .receive(count, poll_wait(shared), config.visibility_timeout);
+    tokio::pin!(receive);
+    tokio::select! {
+        result = &mut receive => Some(result),
+        _ = stop.cancelled() => {
+            let grace = (config.wait_time + Duration::from_secs(5)).min(config.shutdown_timeout);
+            if let Ok(Ok(messages)) = tokio::time::timeout(grace, receive).await {
+                release_unstarted(shared, &messages).await;
+            }
+            None
+        }
+    }
+}
+
+/// Claim a received batch in a task of its own, so the poller goes straight back to
+/// receiving (as far as permits allow) while the claim statement runs.
+fn start_batch(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    messages: Vec<ReceivedMessage>,
+    permits: Vec<OwnedSemaphorePermit>,
+    context: BatchContext,
+) {
+    // Chaos tests kill the process here: received, nothing claimed yet.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("sqs_worker::received");
+    shared.touch();
+    shared.count_received(messages.len());
+    let (shared, tracker_inner) = (shared.clone(), tracker.clone());
+    tracker.spawn(async move {
+        handle_batch(&shared, &tracker_inner, messages, permits, &context).await;
+    });
 }
 
 /// Make messages received during shutdown visible again at once, for another worker.

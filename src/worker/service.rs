@@ -140,79 +140,37 @@ impl Worker {
         let stop = self.shutdown.child_token();
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let semaphore = Arc::new(Semaphore::new(shared.config.concurrency));
         tokio::spawn(probe_database(shared.clone(), stop.clone()));
-        let mut pollers = JoinSet::new();
-        for _ in 0..shared.config.pollers {
-            pollers.spawn(poll(
-                shared.clone(),
-                semaphore.clone(),
-                tracker.clone(),
-                BatchTokens {
-                    stop: stop.clone(),
-                    abandon: abandon.clone(),
-                    stop_grace: HANDLER_STOP_GRACE,
-                },
-            ));
-        }
+        let tokens = BatchTokens {
+            stop: stop.clone(),
+            abandon: abandon.clone(),
+            stop_grace: HANDLER_STOP_GRACE,
+        };
+        let mut pollers = start_pollers(&shared, &tracker, tokens);
         if let Some(idle) = shared.config.exit_when_idle {
             tokio::spawn(exit_when_idle(shared.clone(), idle, stop.clone()));
         }
-        // Run until told to stop (or every poller ended), then drain: in-flight long polls
-        // and handlers share one deadline that starts now, so the whole drain stays within
-        // --shutdown-timeout (below the orchestrator's stop timeout).
+        // Run until told to stop (or every poller ended), then drain.
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = async { while pollers.join_next().await.is_some() {} } => {}
         }
         stop.cancel();
-        if let Some(readiness) = &shared.readiness {
-            readiness.stopping();
-        }
-        let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
-        tracker.close();
-        let running = shared.in_flight.load(Ordering::Relaxed);
-        if running > 0 {
-            tracing::info!(
-                in_flight = running,
-                deadline_secs = shared.config.shutdown_timeout.as_secs(),
-                "stopped receiving; waiting for in-flight handlers"
-            );
-        }
-        let drained = tokio::time::timeout_at(deadline, async {
-            while pollers.join_next().await.is_some() {}
-            tracker.wait().await;
-        })
-        .await
-        .is_ok();
-        let mut abandoned = 0;
-        if !drained {
-            let running = shared.in_flight.load(Ordering::Relaxed);
-            tracing::warn!(
-                in_flight = running,
-                "shutdown deadline passed; stopping the handlers still running and handing \
-                 their messages back (lease released, visible again at once)"
-            );
-            abandon.cancel();
-            let handed_back = tokio::time::timeout(HAND_BACK_GRACE, async {
-                while pollers.join_next().await.is_some() {}
-                tracker.wait().await;
-            })
-            .await
-            .is_ok();
-            if !handed_back {
-                pollers.abort_all();
-                abandoned = shared.in_flight.load(Ordering::Relaxed) as u64;
-                tracing::warn!(
-                    abandoned,
-                    "some messages could not be handed back in time; their leases expire and \
-                     SQS delivers them again after the visibility timeout"
-                );
-            }
-        }
+        let abandoned = drain(&shared, pollers, tracker, abandon).await;
         let mut summary = core.stop().await;
         summary.abandoned_at_shutdown = abandoned;
         tracing::info!(?summary, "worker stopped");
         Ok(summary)
     }
+}
+
+/// The pollers, sharing one semaphore that bounds the messages in flight.
+fn start_pollers(shared: &Arc<Shared>, tracker: &TaskTracker, tokens: BatchTokens) -> JoinSet<()> {
+    let semaphore = Arc::new(Semaphore::new(shared.config.concurrency));
+    let mut pollers = JoinSet::new();
+    for _ in 0..shared.config.pollers {
+        let (shared, tracker) = (shared.clone(), tracker.clone());
+        pollers.spawn(poll(shared, semaphore.clone(), tracker, tokens.clone()));
+    }
+    pollers
 }

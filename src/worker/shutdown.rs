@@ -1,4 +1,5 @@
-//! Stopping: the idle monitor of `--exit-when-idle` and the hand-back grace after the drain.
+//! Stopping: the drain after a stop signal (with its hand-back grace) and the idle monitor
+//! of `--exit-when-idle`.
 
 use super::*;
 
@@ -6,6 +7,61 @@ use super::*;
 /// (release the lease, visibility 0). ECS's 30 s stopTimeout leaves 5 s over the default
 /// 25 s drain.
 pub(super) const HAND_BACK_GRACE: Duration = Duration::from_secs(3);
+
+/// The drain after a stop: in-flight long polls and handlers share one deadline that starts
+/// now, so the whole drain stays within --shutdown-timeout (below the orchestrator's stop
+/// timeout). Handlers still running then are stopped and their messages handed back.
+/// Returns how many could not be handed back in time.
+pub(super) async fn drain(
+    shared: &Shared,
+    mut pollers: JoinSet<()>,
+    tracker: TaskTracker,
+    abandon: CancellationToken,
+) -> u64 {
+    if let Some(readiness) = &shared.readiness {
+        readiness.stopping();
+    }
+    let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+    tracker.close();
+    let running = shared.in_flight.load(Ordering::Relaxed);
+    if running > 0 {
+        tracing::info!(
+            in_flight = running,
+            deadline_secs = shared.config.shutdown_timeout.as_secs(),
+            "stopped receiving; waiting for in-flight handlers"
+        );
+    }
+    let all_done = async |pollers: &mut JoinSet<()>| {
+        while pollers.join_next().await.is_some() {}
+        tracker.wait().await;
+    };
+    if tokio::time::timeout_at(deadline, all_done(&mut pollers))
+        .await
+        .is_ok()
+    {
+        return 0;
+    }
+    tracing::warn!(
+        in_flight = shared.in_flight.load(Ordering::Relaxed),
+        "shutdown deadline passed; stopping the handlers still running and handing their \
+         messages back (lease released, visible again at once)"
+    );
+    abandon.cancel();
+    if tokio::time::timeout(HAND_BACK_GRACE, all_done(&mut pollers))
+        .await
+        .is_ok()
+    {
+        return 0;
+    }
+    pollers.abort_all();
+    let abandoned = shared.in_flight.load(Ordering::Relaxed) as u64;
+    tracing::warn!(
+        abandoned,
+        "some messages could not be handed back in time; their leases expire and SQS \
+         delivers them again after the visibility timeout"
+    );
+    abandoned
+}
 
 /// `--exit-when-idle`: stop once nothing was received or in flight here for `idle` *and* the
 /// queue holds nothing visible, in flight or delayed, so that a batch job does not leave

@@ -58,7 +58,7 @@ pub(crate) async fn handle_batch(
     let parsed = parse_batch(shared, messages);
     let lease_token = format!(
         "{}#{}",
-        shared.owner,
+        shared.worker_id,
         shared.claim_sequence.fetch_add(1, Ordering::Relaxed)
     );
     let requests = claim_requests(&parsed);

@@ -23,79 +23,24 @@ pub(crate) struct Core {
 impl Core {
     /// Check the configuration, read the queue's visibility timeout and DLQ, start the acker.
     pub(crate) async fn start(parts: CoreParts, mode: Mode) -> Result<Core, WorkerError> {
-        let CoreParts {
-            config,
-            sqs,
-            store,
-            handler,
-            readiness,
-        } = parts;
+        let config = &parts.config;
         if config.concurrency == 0 || config.pollers == 0 {
             return Err(WorkerError::Config(
                 "--concurrency and --pollers must be at least 1".into(),
             ));
         }
         let (lease, policy) = mode
-            .queue_setup(&config, &sqs, readiness.as_deref())
+            .queue_setup(config, &parts.sqs, parts.readiness.as_deref())
             .await?;
-        let max_receive_count = policy.as_ref().and_then(|p| p.max_receive_count);
-        let dlq = policy.map(|p| sqs.sibling(p.dlq_url));
         if lease.is_zero() {
             return Err(WorkerError::Config(
                 "the visibility timeout is 0 s, so no lease could hold; set --visibility-timeout"
                     .into(),
             ));
         }
-        if dlq.is_none() {
-            tracing::warn!(
-                queue = sqs.name(),
-                "the queue has no RedrivePolicy, so permanent failures cannot go to a DLQ and \
-                 will be retried with backoff; give the queue a DLQ"
-            );
-        }
-        let scope = config
-            .scope
-            .clone()
-            .unwrap_or_else(|| sqs.name().to_owned());
-        let owner = config.worker_id.clone().unwrap_or_else(default_worker_id);
-        let fifo = sqs.url().ends_with(".fifo");
-        tracing::info!(
-            queue = sqs.name(),
-            %scope,
-            worker_id = %owner,
-            lease_secs = lease.as_secs(),
-            pollers = config.pollers,
-            concurrency = config.concurrency,
-            fifo,
-            "worker starting"
-        );
-
         let (ack_sender, ack_receiver) = mpsc::channel(config.concurrency * 2 + 16);
-        let shared = Arc::new(Shared {
-            counters: Counters::new(sqs.name()),
-            sqs,
-            dlq,
-            max_receive_count,
-            store: store.with_own_pool(bookkeeping_connections(&config)),
-            handler_store: store,
-            handler,
-            scope,
-            owner,
-            claim_sequence: AtomicU64::new(1),
-            lease,
-            fifo,
-            in_flight: AtomicUsize::new(0),
-            running: Mutex::new(HashMap::new()),
-            claiming: Mutex::new(HashMap::new()),
-            settled_recently: Mutex::new(RecentlySettled::default()),
-            first_received: std::sync::OnceLock::new(),
-            last_activity: Mutex::new(Instant::now()),
-            acks: ack_sender,
-            readiness,
-            database_up: AtomicBool::new(true),
-            mode,
-            config,
-        });
+        let shared = Arc::new(new_shared(parts, mode, lease, policy, ack_sender));
+        log_start(&shared);
         let acker_stop = CancellationToken::new();
         let acker = tokio::spawn(run_acker(shared.clone(), ack_receiver, acker_stop.clone()));
         Ok(Core {
@@ -162,4 +107,72 @@ pub(crate) struct BatchContext {
     /// No lease may outlive this (a Lambda invocation's deadline).
     pub(crate) lease_cap: Option<Instant>,
     pub(crate) tokens: BatchTokens,
+}
+
+/// The state of one run, before any task shares it.
+fn new_shared(
+    parts: CoreParts,
+    mode: Mode,
+    lease: Duration,
+    policy: Option<RedrivePolicy>,
+    acks: mpsc::Sender<AckRequest>,
+) -> Shared {
+    let CoreParts {
+        config,
+        sqs,
+        store,
+        handler,
+        readiness,
+    } = parts;
+    let scope = config
+        .scope
+        .clone()
+        .unwrap_or_else(|| sqs.name().to_owned());
+    Shared {
+        counters: Counters::new(sqs.name()),
+        max_receive_count: policy.as_ref().and_then(|p| p.max_receive_count),
+        dlq: policy.map(|p| sqs.sibling(p.dlq_url)),
+        fifo: sqs.url().ends_with(".fifo"),
+        sqs,
+        store: store.with_own_pool(bookkeeping_connections(&config)),
+        handler_store: store,
+        handler,
+        scope,
+        worker_id: config.worker_id.clone().unwrap_or_else(default_worker_id),
+        claim_sequence: AtomicU64::new(1),
+        lease,
+        in_flight: AtomicUsize::new(0),
+        running: Mutex::new(HashMap::new()),
+        claiming: Mutex::new(HashMap::new()),
+        settled_recently: Mutex::new(RecentlySettled::default()),
+        first_received: std::sync::OnceLock::new(),
+        last_activity: Mutex::new(Instant::now()),
+        acks,
+        readiness,
+        database_up: AtomicBool::new(true),
+        mode,
+        config,
+    }
+}
+
+/// One line saying what this worker runs with, and a warning when the queue has no DLQ.
+fn log_start(shared: &Shared) {
+    let queue = shared.sqs.name();
+    if shared.dlq.is_none() {
+        tracing::warn!(
+            queue,
+            "the queue has no RedrivePolicy, so permanent failures cannot go to a DLQ and will \
+             be retried with backoff; give the queue a DLQ"
+        );
+    }
+    tracing::info!(
+        queue,
+        scope = %shared.scope,
+        worker_id = %shared.worker_id,
+        lease_secs = shared.lease.as_secs(),
+        pollers = shared.config.pollers,
+        concurrency = shared.config.concurrency,
+        fifo = shared.fifo,
+        "worker starting"
+    );
 }

@@ -17,9 +17,10 @@ pub(crate) struct Shared {
     pub(super) handler_store: CheckpointStore,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) scope: String,
-    pub(super) owner: String,
-    /// Numbers each claim statement: the lease owner written to a checkpoint is
-    /// `owner#n`, so even this worker's own stale task (whose lease expired and was taken
+    /// This worker's name (`--worker-id`): the first part of its lease tokens.
+    pub(super) worker_id: String,
+    /// Numbers each claim statement: the lease token written to a checkpoint is
+    /// `worker_id#n`, so even this worker's own stale task (whose lease expired and was taken
     /// over by a newer claim here) is fenced out.
     pub(super) claim_sequence: AtomicU64,
     pub(super) lease: Duration,

@@ -333,7 +333,7 @@ async fn main() -> anyhow::Result<()> {
     line("documents processed", &summary.processed);
     line("duplicate deliveries skipped", &summary.duplicates_skipped);
     line("retried after a failure", &summary.retried);
-    line("dead-lettered", &summary.dead_lettered);
+    line("sent to the DLQ", &summary.sent_to_dlq);
     line("step runs: fetch", &runs(&pipeline.fetch_runs));
     line(
         "step runs: transform (one failed once)",

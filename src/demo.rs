@@ -156,8 +156,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     println!("  {:<34} {:>5}", "retried after a failure", summary.retried);
     println!(
         "  {:<34} {:>5}",
-        format!("dead-lettered (to {}-dlq)", args.queue_name),
-        summary.dead_lettered
+        format!("sent to {}-dlq", args.queue_name),
+        summary.sent_to_dlq
     );
     println!(
         "  {:<34} {:>5}",

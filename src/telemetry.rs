@@ -15,7 +15,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::LogFormat;
@@ -45,41 +44,7 @@ pub fn init(format: LogFormat) {
     let _ = result;
 }
 
-/// Metric names, shared by the worker and the README's list.
-pub mod names {
-    /// Messages received from SQS.
-    pub const RECEIVED: &str = "sqs_worker_messages_received_total";
-    /// Events whose handler succeeded and were marked complete.
-    pub const PROCESSED: &str = "sqs_worker_events_processed_total";
-    /// Deliveries of events already complete or failed, deleted without running anything.
-    pub const DUPLICATES: &str = "sqs_worker_duplicates_skipped_total";
-    /// Retryable failures put back with a backoff.
-    pub const RETRIED: &str = "sqs_worker_retries_total";
-    /// Messages sent to the DLQ.
-    pub const SENT_TO_DLQ: &str = "sqs_worker_sent_to_dlq_total";
-    /// Final-pass failures recorded in `dead_letters`.
-    pub const DEAD_LETTERED: &str = "sqs_worker_dead_lettered_total";
-    /// Deliveries whose event was leased by another worker (claim conflicts).
-    pub const CLAIM_CONFLICTS: &str = "sqs_worker_claim_conflicts_total";
-    /// Failed ReceiveMessage calls.
-    pub const RECEIVE_ERRORS: &str = "sqs_worker_receive_errors_total";
-    /// Messages SQS did not delete.
-    pub const DELETE_ERRORS: &str = "sqs_worker_delete_errors_total";
-    /// Failed checkpoint statements.
-    pub const DATABASE_ERRORS: &str = "sqs_worker_database_errors_total";
-    /// Completions or steps refused because another worker held the lease.
-    pub const LEASE_LOST: &str = "sqs_worker_lease_lost_total";
-    /// Visibility + lease renewals of long-running handlers.
-    pub const HEARTBEATS: &str = "sqs_worker_heartbeats_total";
-    /// Heartbeats that failed (the handler was told to stop).
-    pub const HEARTBEAT_FAILURES: &str = "sqs_worker_heartbeat_failures_total";
-    /// Messages handed back at shutdown (lease released, visible again at once).
-    pub const RELEASED_AT_SHUTDOWN: &str = "sqs_worker_released_at_shutdown_total";
-    /// Handlers running now.
-    pub const IN_FLIGHT: &str = "sqs_worker_in_flight";
-    /// Handler run time in seconds.
-    pub const HANDLER_DURATION: &str = "sqs_worker_handler_duration_seconds";
-}
+pub use crate::worker::{Readiness, ReadinessReport, names};
 
 /// Install the Prometheus recorder for this process. Call once, before the worker starts
 /// (counters created before it stay no-ops).
@@ -94,66 +59,6 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         )?
         .install_recorder()?;
     Ok(handle)
-}
-
-/// Whether the worker can do its job now: fed by the worker, read by `/readyz`.
-///
-/// Each dependency counts as reached when its latest call succeeded. Calls are frequent: a
-/// long poll at least every `--wait-time-seconds` while there is room for work, deletes,
-/// visibility changes and heartbeats while there is work, and a database ping every 5 s.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    sqs: AtomicBool,
-    database: AtomicBool,
-    stopping: AtomicBool,
-}
-
-/// What `/readyz` reports.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReadinessReport {
-    /// True when every part below is fine.
-    pub ready: bool,
-    /// The latest SQS call succeeded.
-    pub sqs: bool,
-    /// The latest database call succeeded.
-    pub database: bool,
-    /// A shutdown has begun.
-    pub stopping: bool,
-}
-
-impl Readiness {
-    /// Nothing reached yet: not ready.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Record the outcome of an SQS call.
-    pub fn sqs(&self, ok: bool) {
-        self.sqs.store(ok, Ordering::Relaxed);
-    }
-
-    /// Record the outcome of a database call.
-    pub fn database(&self, ok: bool) {
-        self.database.store(ok, Ordering::Relaxed);
-    }
-
-    /// A shutdown began: an orchestrator should send no more work here.
-    pub fn stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-
-    /// The current state.
-    pub fn report(&self) -> ReadinessReport {
-        let sqs = self.sqs.load(Ordering::Relaxed);
-        let database = self.database.load(Ordering::Relaxed);
-        let stopping = self.stopping.load(Ordering::Relaxed);
-        ReadinessReport {
-            ready: sqs && database && !stopping,
-            sqs,
-            database,
-            stopping,
-        }
-    }
 }
 
 #[derive(Clone)]

@@ -336,7 +336,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
         .filter(|c| matches!(c.fate, Fate::Complete { .. }))
         .count();
     assert_eq!(summary.processed, handled as u64, "{summary:?}");
-    assert_eq!(summary.dead_lettered, dead_expected.len() as u64);
+    assert_eq!(summary.sent_to_dlq, dead_expected.len() as u64);
     // Unkeyed messages never reach the handler.
     assert_eq!(runs.len(), handled + 2, "{runs:?}");
     let retried = store.find("bad", "retry-nul").await.unwrap().unwrap();

@@ -51,7 +51,7 @@ async fn a_mismatch_names_the_fields_that_differ() {
     )
     .await;
     let (summary, calls) = drain(&queue, &pool, key).await;
-    assert_eq!(summary.dead_lettered, 1);
+    assert_eq!(summary.sent_to_dlq, 1);
     assert!(calls.is_empty(), "the handler did not run for the mismatch");
     let dlq = peek_all(
         &client,
@@ -100,7 +100,7 @@ async fn fingerprinted_fields_ignore_volatile_ones() {
     .await;
     let (summary, calls) = drain(&queue, &pool, key.clone()).await;
     assert!(calls.is_empty());
-    assert_eq!((summary.duplicates_skipped, summary.dead_lettered), (1, 0));
+    assert_eq!((summary.duplicates_skipped, summary.sent_to_dlq), (1, 0));
 
     send(
         &client,
@@ -109,7 +109,7 @@ async fn fingerprinted_fields_ignore_volatile_ones() {
     )
     .await;
     let (summary, _) = drain(&queue, &pool, key).await;
-    assert_eq!(summary.dead_lettered, 1);
+    assert_eq!(summary.sent_to_dlq, 1);
     let dlq = peek_all(
         &client,
         queue.dlq_url.as_ref().unwrap(),

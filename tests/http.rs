@@ -337,7 +337,7 @@ async fn a_400_goes_to_the_dlq_after_one_post() {
     )
     .await;
     assert_eq!(
-        (summary.dead_lettered, summary.retried, summary.processed),
+        (summary.sent_to_dlq, summary.retried, summary.processed),
         (1, 0, 0),
         "{summary:?}"
     );
@@ -464,7 +464,7 @@ async fn connection_refused_is_retryable() {
     let summary =
         run_until_retried(&client, &pool, config, http_handler(&url), "unreachable", 2).await;
     assert!(summary.retried >= 2, "{summary:?}");
-    assert_eq!((summary.dead_lettered, summary.processed), (0, 0));
+    assert_eq!((summary.sent_to_dlq, summary.processed), (0, 0));
 
     let checkpoint = CheckpointStore::new(pool)
         .find("down", "unreachable")
@@ -498,7 +498,7 @@ async fn an_untrusted_https_certificate_is_retryable() {
 
     let config = config_for(&queue.url, "tls", Some("/id"));
     let summary = run_until_retried(&client, &pool, config, http_handler(&url), "tls", 1).await;
-    assert_eq!((summary.dead_lettered, summary.processed), (0, 0));
+    assert_eq!((summary.sent_to_dlq, summary.processed), (0, 0));
 
     let checkpoint = CheckpointStore::new(pool)
         .find("tls", "tls")

@@ -53,8 +53,8 @@ async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
     // Each keyed event ran once: no retry, no backoff loop.
     let counts = calls_per_key(&calls);
     assert_eq!((counts["fp1"], counts["fp2"], counts.len()), (1, 1, 2));
-    assert_eq!(summaries[0].final_pass_failures, 3);
-    assert_eq!((summaries[0].retried, summaries[0].dead_lettered), (0, 0));
+    assert_eq!(summaries[0].dead_lettered, 3);
+    assert_eq!((summaries[0].retried, summaries[0].sent_to_dlq), (0, 0));
     assert_eq!(
         messages_in(&client, &dlq_url).await,
         0,
@@ -182,7 +182,7 @@ async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(summaries[0].final_pass_failures, 2);
+    assert_eq!(summaries[0].dead_lettered, 2);
     assert_eq!(
         calls.lock().unwrap().len(),
         runs_before_redrive + 2,
@@ -690,7 +690,7 @@ async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
         "the failed handler did not run again"
     );
     assert_eq!(summaries[0].duplicates_skipped, 1);
-    assert_eq!(summaries[0].final_pass_failures, 0);
+    assert_eq!(summaries[0].dead_lettered, 0);
     let letters = store.list_dead_letters(Some("dup"), 10).await.unwrap();
     assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
     assert_eq!(messages_in(&client, &dlq_url).await, 0);

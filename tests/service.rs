@@ -374,11 +374,11 @@ async fn metrics_count_a_known_run() {
 
     let (status, text) = http_get(port, "/metrics").await;
     assert_eq!(status, 200);
-    assert_eq!(metric(&text, "sqs_worker_messages_received_total"), 5.0);
-    assert_eq!(metric(&text, "sqs_worker_events_processed_total"), 3.0);
+    assert_eq!(metric(&text, "sqs_worker_received_total"), 5.0);
+    assert_eq!(metric(&text, "sqs_worker_processed_total"), 3.0);
     assert_eq!(metric(&text, "sqs_worker_duplicates_skipped_total"), 1.0);
     assert_eq!(metric(&text, "sqs_worker_sent_to_dlq_total"), 1.0);
-    assert_eq!(metric(&text, "sqs_worker_retries_total"), 0.0);
+    assert_eq!(metric(&text, "sqs_worker_retried_total"), 0.0);
     assert_eq!(metric(&text, "sqs_worker_in_flight"), 0.0);
     assert_eq!(
         metric(&text, "sqs_worker_handler_duration_seconds_count"),

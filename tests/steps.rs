@@ -462,7 +462,7 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
     );
     let summaries =
         run_until_drained(&client, &queue.url, vec![new], Duration::from_secs(30)).await;
-    assert_eq!(summaries[0].dead_lettered, 1);
+    assert_eq!(summaries[0].sent_to_dlq, 1);
     assert_eq!(
         (
             count(&counts, "a"),
@@ -508,7 +508,7 @@ async fn a_key_reused_with_another_payload_is_dead_lettered() {
     drain(config.clone()).await;
     send(&client, &queue.url, r#"{"id":"k","amount":999}"#).await;
     let summaries = drain(config.clone()).await;
-    assert_eq!(summaries[0].dead_lettered, 1);
+    assert_eq!(summaries[0].sent_to_dlq, 1);
     assert_eq!(summaries[0].duplicates_skipped, 0);
     assert_eq!(
         calls.lock().unwrap().len(),
@@ -543,7 +543,7 @@ async fn a_key_reused_with_another_payload_is_dead_lettered() {
     send(&client, &queue.url, r#"{"id":"k","amount":7}"#).await;
     let summaries = drain(accepting).await;
     assert_eq!(
-        (summaries[0].duplicates_skipped, summaries[0].dead_lettered),
+        (summaries[0].duplicates_skipped, summaries[0].sent_to_dlq),
         (1, 0)
     );
     assert_eq!(calls.lock().unwrap().len(), 1);
@@ -628,7 +628,7 @@ async fn sns_and_eventbridge_envelopes_are_unwrapped() {
             (
                 summaries[0].processed,
                 summaries[0].duplicates_skipped,
-                summaries[0].dead_lettered
+                summaries[0].sent_to_dlq
             ),
             (1, 1, 0),
             "{envelope:?}"

@@ -252,7 +252,7 @@ async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
     )
     .await;
     assert_eq!(summaries[0].processed, 1);
-    assert_eq!(summaries[0].dead_lettered, 3);
+    assert_eq!(summaries[0].sent_to_dlq, 3);
     assert_eq!(summaries[0].retried, 0);
     // The handler ran for the two keyed events only, once each.
     let counts = calls_per_key(&calls);

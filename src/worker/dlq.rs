@@ -202,7 +202,7 @@ pub(super) async fn send_to_dlq(
     let outgoing = dlq_message(message, reason, detail, fifo, dlq.size_limit().await);
     match dlq.send(outgoing).await {
         Ok(_) => {
-            shared.counters.dead_lettered.add(1);
+            shared.counters.sent_to_dlq.add(1);
             // Debug-quoted: a handler's text may hold newlines, NUL or terminal escapes, and
             // this stays one line.
             tracing::warn!(reason, error = ?detail, dlq = dlq.name(), "sent to the DLQ");
@@ -333,7 +333,7 @@ pub(super) async fn end_final_pass(
         }
         Ok(Some(id)) => {
             shared.ack(AckKind::Delete).with_receipts(receipts).await;
-            shared.counters.final_pass_failures.add(1);
+            shared.counters.dead_lettered.add(1);
             tracing::warn!(
                 dead_letter_id = id,
                 reason = failure.reason,

@@ -18,6 +18,7 @@ mod fifo;
 mod heartbeat;
 mod pause;
 mod poll;
+mod readiness;
 mod retry;
 mod run;
 mod running;
@@ -56,7 +57,6 @@ use crate::sqs::{
     SqsQueue,
 };
 use crate::startup::{self, StartupError, Verdict};
-use crate::telemetry::{self, Readiness};
 
 use acker::*;
 use batch::*;
@@ -75,9 +75,10 @@ use shutdown::*;
 use summary::*;
 
 pub use config::{PayloadMismatch, WorkerConfig, WorkerError};
+pub use readiness::{Readiness, ReadinessReport};
 pub use retry::retry_delay;
 pub use service::{Worker, WorkerBuilder};
-pub use summary::RunSummary;
+pub use summary::{RunSummary, names};
 
 // The core's surface for the Lambda adapter (src/lambda.rs).
 pub(crate) use batch::handle_batch;

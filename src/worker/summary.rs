@@ -1,5 +1,5 @@
-//! The counts of a run: [`RunSummary`] for scripts and tests, each mirrored to the metric of
-//! the same name (see `telemetry::names`).
+//! The counts of a run: [`RunSummary`] for scripts and tests, each count mirrored to the
+//! metric of the same name, `sqs_worker_<field>_total` ([`names`]).
 
 use super::*;
 
@@ -17,9 +17,9 @@ pub struct RunSummary {
     /// Retryable failures, put back with a backoff.
     pub retried: u64,
     /// Messages sent to the DLQ.
+    pub sent_to_dlq: u64,
+    /// Messages recorded in `dead_letters` and deleted: failures of a final redrive pass.
     pub dead_lettered: u64,
-    /// Final-pass failures recorded in `dead_letters` and deleted.
-    pub final_pass_failures: u64,
     /// Messages SQS refused to delete (they come back and are skipped cheaply).
     pub delete_failures: u64,
     /// Completions refused because another worker had taken the lease.
@@ -72,8 +72,8 @@ pub(super) struct Counters {
     pub(super) duplicates_skipped: Count,
     pub(super) busy_deferred: Count,
     pub(super) retried: Count,
+    pub(super) sent_to_dlq: Count,
     pub(super) dead_lettered: Count,
-    pub(super) final_pass_failures: Count,
     pub(super) delete_failures: Count,
     pub(super) lease_lost: Count,
     pub(super) receive_errors: Count,
@@ -87,16 +87,15 @@ pub(super) struct Counters {
 
 impl Counters {
     pub(super) fn new(queue: &str) -> Self {
-        use telemetry::names;
         Self {
             received: Count::new(names::RECEIVED, queue),
             processed: Count::new(names::PROCESSED, queue),
-            duplicates_skipped: Count::new(names::DUPLICATES, queue),
-            busy_deferred: Count::new(names::CLAIM_CONFLICTS, queue),
+            duplicates_skipped: Count::new(names::DUPLICATES_SKIPPED, queue),
+            busy_deferred: Count::new(names::BUSY_DEFERRED, queue),
             retried: Count::new(names::RETRIED, queue),
-            dead_lettered: Count::new(names::SENT_TO_DLQ, queue),
-            final_pass_failures: Count::new(names::DEAD_LETTERED, queue),
-            delete_failures: Count::new(names::DELETE_ERRORS, queue),
+            sent_to_dlq: Count::new(names::SENT_TO_DLQ, queue),
+            dead_lettered: Count::new(names::DEAD_LETTERED, queue),
+            delete_failures: Count::new(names::DELETE_FAILURES, queue),
             lease_lost: Count::new(names::LEASE_LOST, queue),
             receive_errors: Count::new(names::RECEIVE_ERRORS, queue),
             database_errors: Count::new(names::DATABASE_ERRORS, queue),
@@ -115,8 +114,8 @@ impl Counters {
             duplicates_skipped: self.duplicates_skipped.get(),
             busy_deferred: self.busy_deferred.get(),
             retried: self.retried.get(),
+            sent_to_dlq: self.sent_to_dlq.get(),
             dead_lettered: self.dead_lettered.get(),
-            final_pass_failures: self.final_pass_failures.get(),
             delete_failures: self.delete_failures.get(),
             lease_lost: self.lease_lost.get(),
             receive_errors: self.receive_errors.get(),
@@ -128,4 +127,41 @@ impl Counters {
             active_millis: 0,
         }
     }
+}
+
+/// Metric names: each count of [`RunSummary`] is `sqs_worker_<field>_total`, so a script
+/// reading `run`'s closing line and a dashboard reading `/metrics` use the same words.
+pub mod names {
+    /// [`RunSummary::received`](super::RunSummary::received).
+    pub const RECEIVED: &str = "sqs_worker_received_total";
+    /// [`RunSummary::processed`](super::RunSummary::processed).
+    pub const PROCESSED: &str = "sqs_worker_processed_total";
+    /// [`RunSummary::duplicates_skipped`](super::RunSummary::duplicates_skipped).
+    pub const DUPLICATES_SKIPPED: &str = "sqs_worker_duplicates_skipped_total";
+    /// [`RunSummary::busy_deferred`](super::RunSummary::busy_deferred).
+    pub const BUSY_DEFERRED: &str = "sqs_worker_busy_deferred_total";
+    /// [`RunSummary::retried`](super::RunSummary::retried).
+    pub const RETRIED: &str = "sqs_worker_retried_total";
+    /// [`RunSummary::sent_to_dlq`](super::RunSummary::sent_to_dlq).
+    pub const SENT_TO_DLQ: &str = "sqs_worker_sent_to_dlq_total";
+    /// [`RunSummary::dead_lettered`](super::RunSummary::dead_lettered).
+    pub const DEAD_LETTERED: &str = "sqs_worker_dead_lettered_total";
+    /// [`RunSummary::delete_failures`](super::RunSummary::delete_failures).
+    pub const DELETE_FAILURES: &str = "sqs_worker_delete_failures_total";
+    /// [`RunSummary::lease_lost`](super::RunSummary::lease_lost).
+    pub const LEASE_LOST: &str = "sqs_worker_lease_lost_total";
+    /// [`RunSummary::receive_errors`](super::RunSummary::receive_errors).
+    pub const RECEIVE_ERRORS: &str = "sqs_worker_receive_errors_total";
+    /// [`RunSummary::database_errors`](super::RunSummary::database_errors).
+    pub const DATABASE_ERRORS: &str = "sqs_worker_database_errors_total";
+    /// [`RunSummary::heartbeats`](super::RunSummary::heartbeats).
+    pub const HEARTBEATS: &str = "sqs_worker_heartbeats_total";
+    /// [`RunSummary::heartbeat_failures`](super::RunSummary::heartbeat_failures).
+    pub const HEARTBEAT_FAILURES: &str = "sqs_worker_heartbeat_failures_total";
+    /// [`RunSummary::released_at_shutdown`](super::RunSummary::released_at_shutdown).
+    pub const RELEASED_AT_SHUTDOWN: &str = "sqs_worker_released_at_shutdown_total";
+    /// Handlers running now (a gauge, not a count of the summary).
+    pub const IN_FLIGHT: &str = "sqs_worker_in_flight";
+    /// Handler run time in seconds (a histogram, not a count of the summary).
+    pub const HANDLER_DURATION: &str = "sqs_worker_handler_duration_seconds";
 }

@@ -180,3 +180,46 @@ fn dlq_copy_fits_the_maximum_message_size() {
     let out = dlq_message(&bare, "missing_key", &detail, false, limit);
     assert!(out.attributes.is_empty());
 }
+
+/// Every count of the summary has the metric `sqs_worker_<field>_total`, and every such
+/// metric is a count of the summary: counted through a run, each bump shows in both.
+#[test]
+fn every_summary_count_has_the_metric_of_its_name() {
+    use summary::names;
+    let metrics = [
+        names::RECEIVED,
+        names::PROCESSED,
+        names::DUPLICATES_SKIPPED,
+        names::BUSY_DEFERRED,
+        names::RETRIED,
+        names::SENT_TO_DLQ,
+        names::DEAD_LETTERED,
+        names::DELETE_FAILURES,
+        names::LEASE_LOST,
+        names::RECEIVE_ERRORS,
+        names::DATABASE_ERRORS,
+        names::HEARTBEATS,
+        names::HEARTBEAT_FAILURES,
+        names::RELEASED_AT_SHUTDOWN,
+    ];
+    // Not counts: a gauge set at shutdown and a duration.
+    let not_counted = ["abandoned_at_shutdown", "active_millis"];
+    let summary = serde_json::to_value(RunSummary::default()).unwrap();
+    let mut fields: Vec<String> = summary
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| !not_counted.contains(&k.as_str()))
+        .map(|k| format!("sqs_worker_{k}_total"))
+        .collect();
+    let mut metrics: Vec<String> = metrics.iter().map(|m| m.to_string()).collect();
+    fields.sort();
+    metrics.sort();
+    assert_eq!(fields, metrics);
+    // And the counters bump the field that names their metric.
+    let counters = Counters::new("q");
+    counters.sent_to_dlq.add(2);
+    counters.dead_lettered.add(3);
+    let snapshot = counters.snapshot();
+    assert_eq!((snapshot.sent_to_dlq, snapshot.dead_lettered), (2, 3));
+}

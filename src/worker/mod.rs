@@ -1,12 +1,28 @@
 //! The poll loop: receive, claim, run, settle, delete — with bounded concurrency, backoff,
 //! batched deletes and a graceful shutdown.
 //!
-//! Shape of a run: `pollers` tasks long-poll SQS, each first taking semaphore permits so that
-//! at most `concurrency` messages are in flight (no unbounded buffering). A receive batch is
-//! claimed in one statement; each claimed event runs in its own task holding one permit.
-//! Outcomes that end in a delete go through one *acker* task that batches checkpoint
-//! completion and DeleteMessageBatch. Shutdown: tell (cancel the long polls), then wait for
-//! handlers under a deadline; a handler is never cancelled mid-step by a shutdown.
+//! Shape of a run: `pollers` tasks long-poll SQS (`poll.rs`), each first taking semaphore
+//! permits so that at most `concurrency` messages are in flight (no unbounded buffering). A
+//! receive batch is claimed in one store call and each delivery routed by its outcome
+//! (`batch.rs`, with the pure choice in `claim.rs`); each claimed event runs in its own task
+//! holding one permit (`run.rs`, under the `heartbeat.rs`; FIFO groups in `fifo.rs`) and is
+//! settled by one function per outcome (`settle.rs`, `dlq.rs`). Outcomes that end in a delete
+//! go through one *acker* task (`acker.rs`) that batches checkpoint completion and
+//! DeleteMessageBatch. Shutdown (`shutdown.rs`): tell (cancel the long polls), then wait for
+//! handlers under a deadline; a handler is never cancelled mid-step by a shutdown. The
+//! service and Lambda share all of it (`core.rs`) and differ only in `settlement.rs`.
+//!
+//! Words, one per transition:
+//! - *claim*: take an event's lease in the store; *renew*: extend it (with the messages'
+//!   visibility, by the heartbeat); *release*: give a lease back (the run counts as an
+//!   attempt), *release unstarted*: give back a claim that never ran (it does not count).
+//! - *show after*: make messages visible again after a delay (0: at once).
+//! - *hand back*: release and show after, for work this worker will not finish: a claimed
+//!   event not started (`run::hand_back`), messages received but not claimed
+//!   (`poll::hand_back_received`), a retryable failure (`settle::hand_back_failed`).
+//! - *settle*: end a delivery's stay (complete and delete, DLQ, `dead_letters`, hand back).
+//! - *worker id*: this process's name (`--worker-id`); *lease token*: `worker_id#n`, one per
+//!   claim statement, written to the rows it claimed. Nothing is called "owner".
 
 mod acker;
 mod batch;

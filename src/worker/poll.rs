@@ -127,7 +127,7 @@ async fn receive(
         _ = stop.cancelled() => {
             let grace = (config.wait_time + Duration::from_secs(5)).min(config.shutdown_timeout);
             if let Ok(Ok(messages)) = tokio::time::timeout(grace, receive).await {
-                release_unstarted(shared, &messages).await;
+                hand_back_received(shared, &messages).await;
             }
             None
         }
@@ -155,7 +155,7 @@ fn start_batch(
 }
 
 /// Make messages received during shutdown visible again at once, for another worker.
-pub(super) async fn release_unstarted(shared: &Shared, messages: &[ReceivedMessage]) {
+pub(super) async fn hand_back_received(shared: &Shared, messages: &[ReceivedMessage]) {
     if messages.is_empty() {
         return;
     }

@@ -71,7 +71,7 @@ pub(super) async fn settle_retryable(
     let backoff = shared.backoff(done.attempts);
     let delay = retry_after.map_or(backoff, |after| after.max(backoff));
     let key = &done.identity.key;
-    retry_later(shared, done.lease_token, key, error, &done.receipts, delay).await;
+    hand_back_failed(shared, done.lease_token, key, error, &done.receipts, delay).await;
     Some(delay)
 }
 
@@ -90,7 +90,7 @@ pub(super) async fn settle_permanent(
     }
     if !send_to_dlq(shared, done.message, reason, error).await {
         let delay = shared.backoff(done.attempts);
-        retry_later(shared, done.lease_token, key, error, &done.receipts, delay).await;
+        hand_back_failed(shared, done.lease_token, key, error, &done.receipts, delay).await;
         return Some(delay);
     }
     let marked = shared
@@ -151,7 +151,7 @@ pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Opt
     tracing::warn!("stopped at the shutdown deadline; handing the message back");
     let reason = "stopped at the shutdown deadline";
     if shared
-        .release_lease(done.lease_token, &done.identity.key, reason)
+        .release(done.lease_token, &done.identity.key, reason)
         .await
     {
         shared
@@ -165,7 +165,7 @@ pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Opt
 
 /// Retryable outcome: give the lease back, then hide the message(s) for `delay` — unless
 /// the lease was taken over meanwhile: the message is then the new holder's.
-pub(super) async fn retry_later(
+pub(super) async fn hand_back_failed(
     shared: &Shared,
     lease_token: &str,
     key: &str,
@@ -180,7 +180,7 @@ pub(super) async fn retry_later(
         retry_in_secs = sqs::visibility_seconds(delay),
         "handler failed; retrying after a backoff"
     );
-    if shared.release_lease(lease_token, key, error).await {
+    if shared.release(lease_token, key, error).await {
         shared.show_after(receipts, delay).await;
     }
 }

@@ -144,7 +144,7 @@ impl Shared {
     /// True only when the lease was ours and is now released: otherwise the message belongs
     /// to the event's new holder (or its ownership cannot be told, the database failing), and
     /// the caller must leave it alone. A failure is logged; the lease then expires on its own.
-    pub(super) async fn release_lease(&self, lease_token: &str, key: &str, reason: &str) -> bool {
+    pub(super) async fn release(&self, lease_token: &str, key: &str, reason: &str) -> bool {
         match self
             .store
             .release(&self.scope, lease_token, key, reason)

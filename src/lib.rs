@@ -57,6 +57,7 @@ pub mod message;
 pub mod redrive;
 pub mod sqs;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod worker;
 

@@ -24,10 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::checkpoint::{
-    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms,
-    NewDeadLetter,
-};
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
 use crate::sqs::{
@@ -35,6 +31,10 @@ use crate::sqs::{
     SqsQueue,
 };
 use crate::startup::{self, StartupError, Verdict};
+use crate::store::{
+    self, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Lease, NewDeadLetter,
+    PostgresStore, StoreError,
+};
 use crate::telemetry::{self, Readiness};
 
 /// How a worker runs. Built by the CLI from flags, or directly by library users.
@@ -287,7 +287,7 @@ pub fn retry_delay(attempt: u32, base: Duration, max: Duration, jitter: f64) -> 
 pub struct WorkerBuilder {
     config: Option<WorkerConfig>,
     client: Option<aws_sdk_sqs::Client>,
-    pool: Option<PgPool>,
+    store: Option<Arc<dyn CheckpointStore>>,
     handler: Option<Arc<dyn Handler>>,
     shutdown: Option<CancellationToken>,
     readiness: Option<Arc<Readiness>>,
@@ -306,9 +306,16 @@ impl WorkerBuilder {
         self
     }
 
-    /// The pool of the checkpoint database, already migrated (required).
+    /// The pool of the checkpoint database, already migrated: a shortcut for
+    /// [`WorkerBuilder::store`] with a [`PostgresStore`].
     pub fn pool(mut self, pool: PgPool) -> Self {
-        self.pool = Some(pool);
+        self.store = Some(PostgresStore::shared(pool));
+        self
+    }
+
+    /// The checkpoint store (required, or [`WorkerBuilder::pool`]).
+    pub fn store(mut self, store: Arc<dyn CheckpointStore>) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -342,7 +349,7 @@ impl WorkerBuilder {
         let mut worker = Worker::new(
             self.config.ok_or_else(|| missing("a config"))?,
             self.client.ok_or_else(|| missing("an SQS client"))?,
-            self.pool.ok_or_else(|| missing("a database pool"))?,
+            self.store.ok_or_else(|| missing("a checkpoint store"))?,
             self.handler.ok_or_else(|| missing("a handler"))?,
         );
         if let Some(token) = self.shutdown {
@@ -359,7 +366,7 @@ impl WorkerBuilder {
 pub struct Worker {
     config: WorkerConfig,
     sqs: SqsQueue,
-    store: CheckpointStore,
+    store: Arc<dyn CheckpointStore>,
     handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
     readiness: Option<Arc<Readiness>>,
@@ -376,18 +383,18 @@ impl Worker {
         WorkerBuilder::default()
     }
 
-    /// A worker for `config.queue_url`, checkpointing in `pool` (already migrated).
+    /// A worker for `config.queue_url`, checkpointing in `store` (already migrated).
     pub fn new(
         config: WorkerConfig,
         client: aws_sdk_sqs::Client,
-        pool: PgPool,
+        store: Arc<dyn CheckpointStore>,
         handler: Arc<dyn Handler>,
     ) -> Self {
         let sqs = SqsQueue::new(client, config.queue_url.clone());
         Self {
             config,
             sqs,
-            store: CheckpointStore::new(pool),
+            store,
             handler,
             shutdown: CancellationToken::new(),
             readiness: None,
@@ -505,7 +512,7 @@ impl Worker {
 pub(crate) struct CoreParts {
     pub(crate) config: WorkerConfig,
     pub(crate) sqs: SqsQueue,
-    pub(crate) store: CheckpointStore,
+    pub(crate) store: Arc<dyn CheckpointStore>,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) readiness: Option<Arc<Readiness>>,
 }
@@ -591,7 +598,7 @@ impl Core {
             sqs,
             dlq,
             max_receive_count,
-            store: store.with_own_pool(bookkeeping_connections(&config)),
+            store: store.own_connections(bookkeeping_connections(&config)),
             handler_store: store,
             handler,
             scope,
@@ -749,10 +756,10 @@ pub(crate) struct Shared {
     /// to the DLQ at its next receive.
     max_receive_count: Option<u32>,
     /// The worker's own statements, on a pool of their own (see
-    /// [`CheckpointStore::with_own_pool`]).
-    store: CheckpointStore,
+    /// [`CheckpointStore::own_connections`]).
+    store: Arc<dyn CheckpointStore>,
     /// The store handlers' steps write through: the pool the worker was given.
-    handler_store: CheckpointStore,
+    handler_store: Arc<dyn CheckpointStore>,
     handler: Arc<dyn Handler>,
     scope: String,
     owner: String,
@@ -888,7 +895,7 @@ impl Shared {
     async fn release_lease(&self, lease_token: &str, key: &str, reason: &str) -> bool {
         match self
             .store
-            .release(&self.scope, lease_token, key, reason)
+            .release(&Lease::new(&self.scope, key, lease_token), reason)
             .await
         {
             Ok(true) => true,
@@ -1595,9 +1602,7 @@ async fn start_waiting(
     match shared
         .store
         .start_run(
-            &shared.scope,
-            lease_token,
-            &key,
+            &Lease::new(&shared.scope, &key, lease_token),
             lease,
             shared.run_limit(lease),
         )
@@ -1866,7 +1871,11 @@ async fn hand_back(
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
     // The claim never ran: it does not count as an attempt. A lease taken over meanwhile
     // means the message is another holder's: leave it.
-    match shared.store.unclaim(&shared.scope, lease_token, &key).await {
+    match shared
+        .store
+        .unclaim(&Lease::new(&shared.scope, &key, lease_token))
+        .await
+    {
         Ok(true) => {}
         Ok(false) => return,
         Err(error) => {
@@ -1946,8 +1955,7 @@ async fn run_claimed(
     let markers = parsed.markers;
     let cancel = CancellationToken::new();
     let mut job = Job {
-        scope: shared.scope.clone(),
-        key: identity.key.clone(),
+        lease: Lease::new(&shared.scope, &identity.key, lease_token),
         message_id: message.message_id.clone(),
         body: identity.body,
         raw_body: message.body.clone(),
@@ -1960,8 +1968,7 @@ async fn run_claimed(
         redrive_count: markers.redrive_count,
         final_pass: markers.final_pass,
         store: shared.handler_store.clone(),
-        owner: lease_token.to_owned(),
-        recorded: checkpoint::parse_steps(&claim.steps),
+        recorded: store::parse_steps(&claim.steps),
         next_step: 0,
         lease_lost: false,
         cancel: cancel.clone(),
@@ -2118,7 +2125,10 @@ async fn run_claimed(
             }
             match shared
                 .store
-                .mark_failed(&shared.scope, lease_token, &identity.key, &error)
+                .mark_failed(
+                    &Lease::new(&shared.scope, &identity.key, lease_token),
+                    &error,
+                )
                 .await
             {
                 Ok(true) => {}
@@ -2308,11 +2318,10 @@ async fn renew(shared: &Shared, watch: &Watch<'_>) -> Result<(), String> {
         .chain(waiting.iter().flat_map(|(_, receipts)| receipts))
         .map(|r| (r.clone(), shared.lease))
         .collect();
+    let watched = Lease::new(&shared.scope, watch.key, watch.lease_token);
     let (visibility, lease, companions) = tokio::join!(
         shared.sqs.change_visibility_batch(&changes),
-        shared
-            .store
-            .renew_lease(&shared.scope, watch.lease_token, watch.key, shared.lease),
+        shared.store.renew_lease(&watched, shared.lease),
         shared.store.renew_leases(
             &shared.scope,
             watch.lease_token,
@@ -2454,7 +2463,7 @@ async fn retry_later(
 async fn still_held(shared: &Shared, lease_token: &str, key: &str) -> bool {
     match shared
         .store
-        .renew_lease(&shared.scope, lease_token, key, shared.lease)
+        .renew_lease(&Lease::new(&shared.scope, key, lease_token), shared.lease)
         .await
     {
         Ok(true) => true,
@@ -2993,10 +3002,10 @@ async fn retry_database<T, F, Fut>(
     what: &str,
     budget: Duration,
     mut call: F,
-) -> Result<T, CheckpointError>
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CheckpointError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let give_up_at = Instant::now() + budget;
     let mut delay = Duration::from_millis(100);

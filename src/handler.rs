@@ -607,6 +607,7 @@ pub trait Handler: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::unreachable::UnreachableStore;
 
     fn reason_of(error: HandlerError) -> String {
         match error {
@@ -642,6 +643,38 @@ mod tests {
         }
         let value = step_output_json("s", &serde_json::json!({"n": null, "x": [1.5]})).unwrap();
         assert_eq!(value["x"][0], 1.5);
+    }
+
+    #[tokio::test]
+    async fn step_tx_on_a_store_without_postgres_transactions_is_refused() {
+        let mut job = Job {
+            lease: Lease::new("s", "k", "w#1"),
+            message_id: "m".into(),
+            body: "{}".into(),
+            raw_body: "{}".into(),
+            json: None,
+            attributes: HashMap::new(),
+            attempt: 1,
+            redrive_count: 0,
+            final_pass: false,
+            store: Arc::new(UnreachableStore),
+            recorded: Vec::new(),
+            next_step: 0,
+            lease_lost: false,
+            cancel: CancellationToken::new(),
+            unrecorded_effect: None,
+        };
+        let error = job
+            .step_tx("write", |_tx| Box::pin(async { Ok(1) }))
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("checkpoint store is unreachable"),
+            "{error}"
+        );
+        assert_eq!(reason_of(error), STEP_TX_UNSUPPORTED);
     }
 
     #[test]

@@ -40,6 +40,8 @@ use serde_json::Value;
 
 pub mod postgres;
 mod types;
+#[cfg(test)]
+pub(crate) mod unreachable;
 
 pub use postgres::PostgresStore;
 pub use types::{

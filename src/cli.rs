@@ -10,7 +10,6 @@ use comfy_table::{CellAlignment, ContentArrangement, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Checkpoint, CheckpointStore, DeadLetter};
 use crate::config::{
     CheckpointsPruneArgs, CheckpointsShowArgs, CheckpointsStaleArgs, DeadLetterIdArgs,
     DeadLettersListArgs, DlqPeekArgs, KeyArgs, LambdaArgs, OutputFormat, RedriveArgs, RunArgs,
@@ -21,6 +20,9 @@ use crate::message::{self, KeySpec};
 use crate::redrive::{self, Action, Filter, Outcome, RedriveError, RedriveOptions};
 use crate::sqs::{self, OutgoingMessage, SqsError, SqsQueue};
 use crate::startup::{self, StartupError, Verdict};
+use crate::store::{
+    Checkpoint, CheckpointStore, DeadLetter, DeadLetters, PostgresStore, Retention,
+};
 use crate::telemetry::{self, Readiness};
 use crate::worker::{RunSummary, Worker, WorkerError};
 
@@ -157,7 +159,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
     };
     // The handlers' steps: one connection per running handler at most, opened only when a
     // step asks (a `step_tx` holds one through its transaction). The worker's own statements
-    // get a small pool of their own (`CheckpointStore::with_own_pool`).
+    // get a small pool of their own (`CheckpointStore::own_connections`).
     let pool = connect_migrated(
         &args.database.database_url,
         (config.concurrency as u32).clamp(2, 64),
@@ -167,7 +169,8 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
     .await?;
     let client = crate::sqs::client_from_env().await;
     config.startup_timeout = deadline.saturating_duration_since(std::time::Instant::now());
-    let mut worker = Worker::new(config, client, pool, handler).with_shutdown(shutdown.clone());
+    let mut worker = Worker::new(config, client, PostgresStore::shared(pool), handler)
+        .with_shutdown(shutdown.clone());
     if let Some(readiness) = readiness {
         worker = worker.with_readiness(readiness);
     }
@@ -192,7 +195,7 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     )
     .await?;
     let client = crate::sqs::client_from_env().await;
-    let worker = LambdaWorker::new(config, client, pool, handler);
+    let worker = LambdaWorker::new(config, client, PostgresStore::shared(pool), handler);
     let Some(path) = args.event else {
         // Boxed: the runtime's service stack makes a future too deep to lay out inline.
         return Box::pin(worker.run())
@@ -229,7 +232,7 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
         );
     }
     let pool = connect(&args.database.database_url, 1).await?;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let started = Instant::now();
     // Progress on stderr: one updating line on a terminal, a line per 20 statements otherwise.
     let terminal = std::io::stderr().is_terminal();
@@ -280,7 +283,7 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
 
 /// `sqs-worker checkpoints stale`.
 pub async fn stale_checkpoints(args: CheckpointsStaleArgs) -> anyhow::Result<()> {
-    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
     let stale = store
         .list_stale(args.scope.as_deref(), args.older_than, args.limit)
         .await?;
@@ -346,7 +349,7 @@ pub async fn stale_checkpoints(args: CheckpointsStaleArgs) -> anyhow::Result<()>
 /// `sqs-worker checkpoints show`.
 pub async fn show_checkpoint(args: CheckpointsShowArgs) -> anyhow::Result<()> {
     let pool = connect(&args.database.database_url, 1).await?;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let Some(checkpoint) = store.find(&args.scope, &args.key).await? else {
         bail!(
             "no checkpoint for key {:?} in scope {:?}; the event was never claimed there (check --scope: it defaults to the queue name)",
@@ -460,7 +463,7 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         .run(&pool)
         .await
         .context("applying migrations failed")?;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let options = RedriveOptions {
         dlq_url: args.dlq_url.clone(),
         to: args.to.clone(),
@@ -760,7 +763,7 @@ fn human_age(secs: u64) -> String {
 
 /// `sqs-worker dead-letters list` (and `export`, as JSON lines).
 pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyhow::Result<()> {
-    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
     let letters = store
         .list_dead_letters(args.scope.as_deref(), args.limit)
         .await?;
@@ -798,7 +801,7 @@ pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyho
 
 /// `sqs-worker dead-letters show`.
 pub async fn dead_letter_show(args: DeadLetterIdArgs) -> anyhow::Result<()> {
-    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
     let letter = find_dead_letter(&store, args.id).await?;
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&letter)?),
@@ -830,7 +833,7 @@ pub async fn dead_letter_show(args: DeadLetterIdArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn find_dead_letter(store: &CheckpointStore, id: i64) -> anyhow::Result<DeadLetter> {
+async fn find_dead_letter(store: &dyn CheckpointStore, id: i64) -> anyhow::Result<DeadLetter> {
     store
         .find_dead_letter(id)
         .await?
@@ -842,7 +845,7 @@ async fn find_dead_letter(store: &CheckpointStore, id: i64) -> anyhow::Result<De
 /// `requeue_generation`, a later pass than any seen, so its failed checkpoint is claimed once
 /// more.
 pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
-    let store = CheckpointStore::new(connect(&args.database.database_url, 1).await?);
+    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
     let letter = find_dead_letter(&store, args.id).await?;
     let mut attributes = HashMap::new();
     if let Some(recorded) = letter.attributes.as_object() {

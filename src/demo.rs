@@ -16,6 +16,7 @@ use crate::config::DemoArgs;
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::KeySpec;
 use crate::sqs::{OutgoingMessage, SqsQueue};
+use crate::store::PostgresStore;
 use crate::worker::{Worker, WorkerConfig};
 
 /// The demo's handler: "charges" an order. An order with `"flaky": true` fails its first
@@ -136,7 +137,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     config.wait_time = Duration::from_secs(2);
     config.exit_when_idle = Some(Duration::from_secs(5));
     let handler = Arc::new(SampleHandler::default());
-    let summary = Worker::new(config, client, pool, handler.clone())
+    let summary = Worker::new(config, client, PostgresStore::shared(pool), handler.clone())
         .with_shutdown(shutdown)
         .run()
         .await?;

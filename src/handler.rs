@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,7 +24,7 @@ use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{CheckpointStore, RecordedStep};
+use crate::store::{CheckpointStore, Lease, PostgresStore, RecordedStep};
 
 /// How long [`Job::step_effect`] waits before each further attempt to record a step after a
 /// database error. Short on purpose: the whole wait runs inside the handler timeout, and a
@@ -118,8 +119,7 @@ impl HandlerError {
 /// One event to handle, and the record of its completed steps.
 #[derive(Debug, Clone)]
 pub struct Job {
-    pub(crate) scope: String,
-    pub(crate) key: String,
+    pub(crate) lease: Lease,
     pub(crate) message_id: String,
     pub(crate) body: String,
     pub(crate) raw_body: String,
@@ -128,8 +128,7 @@ pub struct Job {
     pub(crate) attempt: u32,
     pub(crate) redrive_count: u32,
     pub(crate) final_pass: bool,
-    pub(crate) store: CheckpointStore,
-    pub(crate) owner: String,
+    pub(crate) store: Arc<dyn CheckpointStore>,
     pub(crate) recorded: Vec<RecordedStep>,
     pub(crate) next_step: usize,
     pub(crate) lease_lost: bool,
@@ -142,12 +141,12 @@ pub struct Job {
 impl Job {
     /// The checkpoint scope (by default the queue name).
     pub fn scope(&self) -> &str {
-        &self.scope
+        &self.lease.scope
     }
 
     /// The idempotency key of the event.
     pub fn key(&self) -> &str {
-        &self.key
+        &self.lease.key
     }
 
     /// The SQS MessageId of this delivery.
@@ -234,14 +233,7 @@ impl Job {
         let value = step_output_json(name, &output)?;
         let recorded = self
             .store
-            .record_step(
-                &self.scope,
-                &self.key,
-                &self.owner,
-                self.next_step,
-                name,
-                &value,
-            )
+            .record_step(&self.lease, self.next_step, name, &value)
             .await
             .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
         self.after_record(recorded, name, value)?;
@@ -258,6 +250,9 @@ impl Job {
     ///
     /// The closure returns a boxed future ([`StepFuture`]) because it borrows the
     /// transaction; it may also borrow from the handler (`&self`, local variables).
+    ///
+    /// The transaction is the PostgreSQL store's ([`CheckpointStore::postgres`]): on any other
+    /// store the step fails, before `run`, with the permanent reason [`STEP_TX_UNSUPPORTED`].
     ///
     /// ```no_run
     /// # async fn example(job: &mut sqs_worker::Job) -> Result<(), sqs_worker::HandlerError> {
@@ -287,6 +282,16 @@ impl Job {
         if let Some(output) = self.replay(name)? {
             return Ok(output);
         }
+        let Some(store) = self.store.postgres() else {
+            return Err(HandlerError::permanent_with_reason(
+                STEP_TX_UNSUPPORTED,
+                format!(
+                    "step {name:?} asks for a PostgreSQL transaction (Job::step_tx), but the \
+                     checkpoint store is {}; use Job::step, or the PostgreSQL store",
+                    self.store.kind()
+                ),
+            ));
+        };
         if let Some(effect) = &self.unrecorded_effect {
             return Err(HandlerError::retryable(format!(
                 "step {name:?} cannot run in the checkpoint's transaction: the earlier step \
@@ -294,9 +299,8 @@ impl Job {
             )));
         }
         let index = self.next_step;
-        let transaction = self
-            .store
-            .begin_step(&self.scope, &self.key, &self.owner, index)
+        let transaction = store
+            .begin_step(&self.lease, index)
             .await
             .map_err(|e| HandlerError::retryable(format!("could not start step {name:?}: {e}")))?;
         let Some(transaction) = transaction else {
@@ -306,17 +310,12 @@ impl Job {
         // On any error below the transaction is dropped, which rolls it back.
         let output = run(&mut transaction).await?;
         let value = step_output_json(name, &output)?;
-        let recorded = CheckpointStore::record_step_in(
-            &mut transaction,
-            &self.scope,
-            &self.key,
-            &self.owner,
-            index,
-            name,
-            &value,
-        )
-        .await
-        .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
+        let recorded =
+            PostgresStore::record_step_in(&mut transaction, &self.lease, index, name, &value)
+                .await
+                .map_err(|e| {
+                    HandlerError::retryable(format!("could not record step {name:?}: {e}"))
+                })?;
         if !recorded {
             return Err(self.lose_lease(name));
         }
@@ -380,7 +379,7 @@ impl Job {
         loop {
             match self
                 .store
-                .record_step(&self.scope, &self.key, &self.owner, index, name, &value)
+                .record_step(&self.lease, index, name, &value)
                 .await
             {
                 Ok(true) => {
@@ -415,10 +414,10 @@ impl Job {
 
     /// True when the checkpoint holds step `index` under `name` and our lease still holds.
     async fn step_is_recorded(&self, index: usize, name: &str) -> bool {
-        match self.store.find(&self.scope, &self.key).await {
+        match self.store.find(&self.lease.scope, &self.lease.key).await {
             Ok(Some(checkpoint)) => {
                 checkpoint.status == "in_progress"
-                    && checkpoint.lease_owner.as_deref() == Some(self.owner.as_str())
+                    && checkpoint.lease_owner.as_deref() == Some(self.lease.token.as_str())
                     && checkpoint.steps.get(index).and_then(|s| s["name"].as_str()) == Some(name)
             }
             Ok(None) => false,
@@ -524,6 +523,9 @@ impl Job {
 /// Reason code of a step whose name or output PostgreSQL cannot store.
 pub const UNSTORABLE_STEP_OUTPUT: &str = "unstorable_step_output";
 
+/// Reason code of a [`Job::step_tx`] on a checkpoint store without PostgreSQL transactions.
+pub const STEP_TX_UNSUPPORTED: &str = "step_tx_unsupported";
+
 /// A step's output as the JSON the checkpoint stores, or a permanent error when it cannot be
 /// stored. PostgreSQL's `jsonb` (like `text`) refuses the NUL character, so an output holding
 /// one would fail its record on every attempt: that is refused here, before any statement,
@@ -605,6 +607,7 @@ pub trait Handler: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::unreachable::UnreachableStore;
 
     fn reason_of(error: HandlerError) -> String {
         match error {
@@ -640,6 +643,38 @@ mod tests {
         }
         let value = step_output_json("s", &serde_json::json!({"n": null, "x": [1.5]})).unwrap();
         assert_eq!(value["x"][0], 1.5);
+    }
+
+    #[tokio::test]
+    async fn step_tx_on_a_store_without_postgres_transactions_is_refused() {
+        let mut job = Job {
+            lease: Lease::new("s", "k", "w#1"),
+            message_id: "m".into(),
+            body: "{}".into(),
+            raw_body: "{}".into(),
+            json: None,
+            attributes: HashMap::new(),
+            attempt: 1,
+            redrive_count: 0,
+            final_pass: false,
+            store: Arc::new(UnreachableStore),
+            recorded: Vec::new(),
+            next_step: 0,
+            lease_lost: false,
+            cancel: CancellationToken::new(),
+            unrecorded_effect: None,
+        };
+        let error = job
+            .step_tx("write", |_tx| Box::pin(async { Ok(1) }))
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("checkpoint store is unreachable"),
+            "{error}"
+        );
+        assert_eq!(reason_of(error), STEP_TX_UNSUPPORTED);
     }
 
     #[test]

@@ -19,14 +19,13 @@ use std::time::{Duration, Instant, SystemTime};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::MessageAttributeValue;
-use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::checkpoint::CheckpointStore;
 use crate::handler::Handler;
 use crate::sqs::{ReceivedMessage, SqsQueue};
+use crate::store::CheckpointStore;
 use crate::worker::{
     BatchContext, BatchTokens, Core, CoreParts, HANDLER_STOP_GRACE, Mode, Shared, WorkerConfig,
     handle_batch,
@@ -36,7 +35,7 @@ use crate::worker::{
 pub struct LambdaWorker {
     config: WorkerConfig,
     client: aws_sdk_sqs::Client,
-    store: CheckpointStore,
+    store: Arc<dyn CheckpointStore>,
     handler: Arc<dyn Handler>,
     change_visibility: bool,
     /// One core per event source queue (normally one), started at its first record.
@@ -48,13 +47,13 @@ impl LambdaWorker {
     pub fn new(
         config: WorkerConfig,
         client: aws_sdk_sqs::Client,
-        pool: PgPool,
+        store: Arc<dyn CheckpointStore>,
         handler: Arc<dyn Handler>,
     ) -> Self {
         Self {
             config,
             client,
-            store: CheckpointStore::new(pool),
+            store,
             handler,
             change_visibility: true,
             cores: tokio::sync::Mutex::new(HashMap::new()),

@@ -1,12 +1,13 @@
 //! sqs-worker: an SQS consumer with exactly-once effects per event.
 //!
-//! SQS delivers at least once. Each event is claimed in a PostgreSQL checkpoint row keyed by
+//! SQS delivers at least once. Each event is claimed in a checkpoint store (PostgreSQL) under
 //! an idempotency key taken from the payload; complete events are skipped, unfinished ones are
 //! taken over when their lease expires, and two deliveries racing on two workers run once.
 //!
 //! Codemap:
 //! - [`worker`]: the poll loop ([`Worker`], [`WorkerConfig`], [`RunSummary`]).
-//! - [`checkpoint`]: the checkpoint store, the only SQL ([`CheckpointStore`]).
+//! - [`store`]: the checkpoint store's contract ([`CheckpointStore`], [`Lease`]) and
+//!   [`PostgresStore`], the only SQL.
 //! - [`sqs`]: the only code that talks to SQS.
 //! - [`message`]: pure parsing — keys, redrive markers.
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
@@ -18,7 +19,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use sqs_worker::{Handler, HandlerError, Job, Worker, WorkerConfig};
+//! use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker, WorkerConfig};
 //! use sqs_worker::message::KeySpec;
 //!
 //! struct ChargeOrder;
@@ -34,19 +35,20 @@
 //! }
 //!
 //! # async fn example() -> anyhow::Result<()> {
-//! let pool = sqs_worker::connect_database("postgres://localhost/app", 8).await?;
-//! sqs_worker::MIGRATOR.run(&pool).await?;
+//! let store = PostgresStore::connect("postgres://localhost/app", 8).await?;
+//! sqs_worker::MIGRATOR.run(store.pool()).await?;
 //! let mut config = WorkerConfig::new("https://sqs.eu-west-1.amazonaws.com/123/orders");
 //! config.key = KeySpec::new(vec!["/order_id".into()]).map_err(anyhow::Error::msg)?;
 //! let client = sqs_worker::sqs::client_from_env().await;
-//! let summary = Worker::new(config, client, pool, Arc::new(ChargeOrder)).run().await?;
+//! let summary = Worker::new(config, client, Arc::new(store), Arc::new(ChargeOrder))
+//!     .run()
+//!     .await?;
 //! println!("{summary:?}");
 //! # Ok(())
 //! # }
 //! ```
 #![warn(missing_docs)]
 
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -57,11 +59,12 @@ pub mod message;
 pub mod redrive;
 pub mod sqs;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod worker;
 
-pub use checkpoint::CheckpointStore;
 pub use handler::{Handler, HandlerError, Job};
+pub use store::{CheckpointStore, Lease, postgres::PostgresStore};
 pub use worker::{RunSummary, Worker, WorkerConfig};
 
 /// The embedded migrations in `migrations/`; `sqs-worker migrate` and tests apply them.

@@ -13,9 +13,9 @@ use aws_sdk_sqs::types::MessageAttributeValue;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore, NewDeadLetter, RedriveCounts};
 use crate::message::{self, Envelope, KeySpec};
 use crate::sqs::{self, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue};
+use crate::store::{CheckpointStore, NewDeadLetter, RedriveCounts, StoreError};
 
 /// What can stop a redrive.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +23,9 @@ pub enum RedriveError {
     /// An SQS call failed.
     #[error(transparent)]
     Sqs(#[from] SqsError),
-    /// The checkpoint database failed.
+    /// The checkpoint store failed.
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(#[from] StoreError),
     /// The options cannot work.
     #[error("{0}")]
     Config(String),
@@ -186,7 +186,7 @@ pub struct RedriveReport {
 /// Redrive a DLQ. `on_outcome` hears about every message as it is settled (for progress).
 pub async fn redrive(
     client: aws_sdk_sqs::Client,
-    store: &CheckpointStore,
+    store: &dyn CheckpointStore,
     options: &RedriveOptions,
     mut on_outcome: impl FnMut(&Outcome),
 ) -> Result<RedriveReport, RedriveError> {
@@ -257,7 +257,7 @@ fn hold_for(options: &RedriveOptions) -> Duration {
 
 /// One redrive run's state while it scans the DLQ.
 struct Scan<'a> {
-    store: &'a CheckpointStore,
+    store: &'a dyn CheckpointStore,
     options: &'a RedriveOptions,
     dlq: SqsQueue,
     target: SqsQueue,
@@ -289,7 +289,7 @@ impl<'a> Scan<'a> {
     /// Check the options, find the target queue and open the audit row.
     async fn start(
         client: aws_sdk_sqs::Client,
-        store: &'a CheckpointStore,
+        store: &'a dyn CheckpointStore,
         options: &'a RedriveOptions,
     ) -> Result<Scan<'a>, RedriveError> {
         let dlq = SqsQueue::new(client, options.dlq_url.clone());

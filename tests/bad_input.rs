@@ -14,7 +14,8 @@ use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use common::*;
 use sqs_worker::message::{self, KeySpec};
-use sqs_worker::{CheckpointStore, Handler, HandlerError, Job, Worker};
+use sqs_worker::store::Retention;
+use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker};
 
 /// SQS's classic limit, set on the test queues so LocalStack enforces it (its default is
 /// 1 MiB): body plus every attribute's name, data type and value.
@@ -287,7 +288,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(25),
     )
     .await;
@@ -302,7 +303,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
     assert_eq!(messages_in(&client, &queue.url).await, 0);
 
     // Handled: once each (the retried one twice), checkpoint complete under the key.
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let calls = calls.lock().unwrap().clone();
     let mut runs: HashMap<String, Vec<u32>> = HashMap::new();
     for (key, attempt) in &calls {

@@ -108,7 +108,7 @@ async fn chaos_worker_process() {
     let mut worker = Worker::new(
         config,
         client,
-        pool,
+        pg(&pool),
         Arc::new(ChaosHandler {
             runs: dir.join("runs.log"),
             crash,

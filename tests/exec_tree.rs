@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sqs_worker::CheckpointStore;
+use sqs_worker::PostgresStore;
+use sqs_worker::store::Retention;
 
 /// A handler whose effect comes from a background subshell 3 s later, recording the PIDs of
 /// the shell, the subshell and its `sleep` (one line each) so the test can look for them.
@@ -145,7 +146,7 @@ async fn a_killed_worker_takes_its_handler_tree_with_it() {
         ["effect"],
         "exactly one effect, by the takeover"
     );
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find(queue_name(&queue.url), "tree-1")
         .await
         .unwrap()

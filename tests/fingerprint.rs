@@ -23,7 +23,7 @@ async fn drain(
     let mut config = worker_config(&queue.url);
     config.key = key;
     config.scope = Some("fp".into());
-    let worker = Worker::new(config, client.clone(), pool.clone(), handler);
+    let worker = Worker::new(config, client.clone(), pg(pool), handler);
     let summaries =
         run_until_drained(&client, &queue.url, vec![worker], Duration::from_secs(30)).await;
     (summaries[0].clone(), calls_per_key(&calls))

@@ -13,7 +13,8 @@ use common::*;
 use sqlx::PgPool;
 use sqs_worker::handlers::HttpHandler;
 use sqs_worker::message::{self, KeySpec};
-use sqs_worker::{CheckpointStore, RunSummary, Worker, WorkerConfig};
+use sqs_worker::store::Retention;
+use sqs_worker::{PostgresStore, RunSummary, Worker, WorkerConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -238,7 +239,7 @@ async fn each_event_is_posted_once_with_its_headers() {
 
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "one POST per event: {requests:#?}");
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     for (body, message_id, content_type) in [
         (json_body, &json_id, "application/json"),
         (text_body, &text_id, "text/plain; charset=utf-8"),
@@ -303,7 +304,7 @@ async fn a_503_is_retried_with_the_same_idempotency_key() {
         .map(|r| r.header("x-sqs-worker-attempt").unwrap())
         .collect();
     assert_eq!(attempts, ["1", "2"]);
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("retry", "r1")
         .await
         .unwrap()
@@ -361,7 +362,7 @@ async fn a_400_goes_to_the_dlq_after_one_post() {
         detail.contains("400") && detail.contains("amount must be positive"),
         "{detail}"
     );
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("perm", "bad-1")
         .await
         .unwrap()
@@ -427,7 +428,7 @@ async fn run_until_retried(
         .build()
         .unwrap();
     let running = tokio::spawn(worker.run());
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     wait_until(
         "the delivery to be retried",
         Duration::from_secs(40),
@@ -466,7 +467,7 @@ async fn connection_refused_is_retryable() {
     assert!(summary.retried >= 2, "{summary:?}");
     assert_eq!((summary.sent_to_dlq, summary.processed), (0, 0));
 
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("down", "unreachable")
         .await
         .unwrap()
@@ -500,7 +501,7 @@ async fn an_untrusted_https_certificate_is_retryable() {
     let summary = run_until_retried(&client, &pool, config, http_handler(&url), "tls", 1).await;
     assert_eq!((summary.sent_to_dlq, summary.processed), (0, 0));
 
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("tls", "tls")
         .await
         .unwrap()
@@ -558,7 +559,7 @@ async fn a_recorded_delivery_is_not_posted_again() {
     assert_eq!(summary.processed, 1, "{summary:?}");
     assert_eq!(server.requests().len(), 1, "no second POST");
 
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("once", "d1")
         .await
         .unwrap()
@@ -612,7 +613,7 @@ async fn an_unrecordable_delivery_is_not_posted_again() {
     .await;
     assert_eq!((summary.processed, summary.retried), (1, 0), "{summary:?}");
     assert_eq!(server.requests().len(), 1, "no second POST");
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("unrecorded", "u1")
         .await
         .unwrap()
@@ -642,7 +643,7 @@ async fn a_briefly_failing_record_is_retried() {
     .await;
     assert_eq!((summary.processed, summary.retried), (1, 0), "{summary:?}");
     assert_eq!(server.requests().len(), 1);
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("blip", "b1")
         .await
         .unwrap()
@@ -697,7 +698,7 @@ async fn the_binary_delivers_with_http_url_and_extra_headers() {
         request.header("idempotency-key"),
         Some("bin:na%C3%AFve%2507%20key:1")
     );
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("bin", "naïve%07 key:1")
         .await
         .unwrap()

@@ -7,7 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sqs_worker::CheckpointStore;
+use sqs_worker::PostgresStore;
+use sqs_worker::store::Retention;
 
 fn noop_run(database_url: &str, queue_url: &str, idle: &str) -> tokio::process::Command {
     let mut command = sqs_worker_command(database_url);
@@ -36,7 +37,7 @@ async fn a_drained_worker_exits_within_the_idle_period_and_two_seconds() {
     for i in 0..3 {
         send(&client, &queue.url, &format!(r#"{{"id":"idle-{i}"}}"#)).await;
     }
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let scope = queue_name(&queue.url).to_owned();
     let mut worker = noop_run(&database_url, &queue.url, "3").spawn().unwrap();
     // The moment the last event is complete (polled every 100 ms).
@@ -98,7 +99,7 @@ async fn in_flight_and_delayed_messages_are_waited_for() {
     .expect("the worker exits")
     .unwrap();
     assert!(status.success(), "{status}");
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let scope = queue_name(&queue.url);
     for key in ["hidden", "delayed"] {
         let checkpoint = store.find(scope, key).await.unwrap();

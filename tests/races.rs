@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use common::*;
 use sqs_worker::message::{self, KeySpec};
 use sqs_worker::sqs::string_attribute as attribute;
-use sqs_worker::{CheckpointStore, Handler, HandlerError, Job, Worker, WorkerConfig};
+use sqs_worker::store::{Claims, DeadLetters, Retention};
+use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker, WorkerConfig};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -108,7 +109,7 @@ async fn a_mismatched_delivery_never_rides_along() {
         Worker::new(
             keyed(&queue.url, "ride"),
             client.clone(),
-            pool,
+            pg(&pool),
             effects.clone(),
         ),
         &stop,
@@ -162,7 +163,7 @@ echo "$SQS_WORKER_MESSAGE_ID" >> "$LOG""#;
         serde_json::json!({"batchItemFailures": []}),
         "m-1 went to the DLQ, m-2 completed"
     );
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("lam", "s1")
         .await
         .unwrap()
@@ -204,7 +205,7 @@ async fn a_fifo_event_whose_lease_expired_while_waiting_does_not_run() {
     let summaries = run_until_drained(
         &client,
         &queue_url,
-        vec![Worker::new(config, client.clone(), pool, handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(40),
     )
     .await;
@@ -268,7 +269,12 @@ async fn a_hanging_renewal_stops_the_handler_at_its_lease_end() {
     run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool, effects.clone())],
+        vec![Worker::new(
+            config,
+            client.clone(),
+            pg(&pool),
+            effects.clone(),
+        )],
         Duration::from_secs(40),
     )
     .await;
@@ -293,7 +299,7 @@ async fn riders_are_kept_hidden_while_their_event_runs() {
     config.visibility_timeout = Some(Duration::from_secs(2));
     let stop = CancellationToken::new();
     let worker = start(
-        Worker::new(config, client.clone(), pool, effects.clone()),
+        Worker::new(config, client.clone(), pg(&pool), effects.clone()),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"k1"}"#).await;
@@ -327,7 +333,7 @@ async fn a_zero_retry_after_still_backs_off() {
     });
     let stop = CancellationToken::new();
     let worker = start(
-        Worker::new(keyed(&queue.url, "ra"), client.clone(), pool, handler),
+        Worker::new(keyed(&queue.url, "ra"), client.clone(), pg(&pool), handler),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"z1"}"#).await;
@@ -355,16 +361,11 @@ async fn a_mismatch_that_cannot_reach_the_dlq_leaves_the_event_alone() {
     });
     let stop = CancellationToken::new();
     let worker = start(
-        Worker::new(
-            keyed(&queue.url, "mm"),
-            client.clone(),
-            pool.clone(),
-            handler,
-        ),
+        Worker::new(keyed(&queue.url, "mm"), client.clone(), pg(&pool), handler),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"m1","v":1}"#).await;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     wait_until("the first attempt", Duration::from_secs(20), || {
         let store = store.clone();
         async move {
@@ -408,14 +409,14 @@ async fn a_duplicate_of_an_event_running_elsewhere_is_not_pushed_into_the_dlq() 
     };
     let stop = CancellationToken::new();
     let a = start(
-        Worker::new(config("a"), client.clone(), pool.clone(), effects.clone()),
+        Worker::new(config("a"), client.clone(), pg(&pool), effects.clone()),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"b1"}"#).await;
     wait_for_start(|| effects.started()).await;
     // Worker A has no free slot: worker B receives the duplicate.
     let b = start(
-        Worker::new(config("b"), client.clone(), pool, effects.clone()),
+        Worker::new(config("b"), client.clone(), pg(&pool), effects.clone()),
         &stop,
     );
     send(&client, &queue.url, r#"{"id":"b1"}"#).await;
@@ -452,10 +453,10 @@ async fn one_redrive_run_redrives_each_event_once() {
     config.wait_time = Duration::from_millis(200);
     let stop = CancellationToken::new();
     let worker = start(
-        Worker::new(config, client.clone(), pool.clone(), handler),
+        Worker::new(config, client.clone(), pg(&pool), handler),
         &stop,
     );
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let mut options = sqs_worker::redrive::RedriveOptions {
         dlq_url: dlq_url.clone(),
         to: None,
@@ -565,7 +566,7 @@ async fn stale_task_case(ending: Ending) {
     config.max_handler_time = Duration::from_secs(30);
     let stop = CancellationToken::new();
     let worker = start(
-        Worker::new(config, client.clone(), pool.clone(), held.clone()),
+        Worker::new(config, client.clone(), pg(&pool), held.clone()),
         &stop,
     );
     let mut send = client
@@ -596,8 +597,8 @@ async fn stale_task_case(ending: Ending) {
         1,
         "{ending:?}: the new holder has the message"
     );
-    let store = CheckpointStore::new(pool);
-    let request = sqs_worker::checkpoint::ClaimRequest {
+    let store = PostgresStore::new(pool);
+    let request = sqs_worker::store::ClaimRequest {
         key: "t1".into(),
         payload_sha256: message::body_sha256(r#"{"id":"t1"}"#),
         message_id: "taken".into(),
@@ -615,10 +616,7 @@ async fn stale_task_case(ending: Ending) {
         .await
         .unwrap();
     assert!(
-        matches!(
-            outcome["t1"],
-            sqs_worker::checkpoint::ClaimOutcome::Claimed(_)
-        ),
+        matches!(outcome["t1"], sqs_worker::store::ClaimOutcome::Claimed(_)),
         "{ending:?}: the takeover: {outcome:?}"
     );
     // The stale task ends; the worker stops receiving at once, so what happens to the
@@ -664,7 +662,7 @@ async fn stale_task_case(ending: Ending) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_claim_recognises_its_own_lease() {
     let (pool, _) = fresh_database().await;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let request = claim_request("c1");
     let lease = Duration::from_secs(30);
     let first = store
@@ -675,10 +673,8 @@ async fn a_retried_claim_recognises_its_own_lease() {
         .claim_batch("s", "w#1", &terms(lease), &[request])
         .await
         .unwrap();
-    let (
-        sqs_worker::checkpoint::ClaimOutcome::Claimed(a),
-        sqs_worker::checkpoint::ClaimOutcome::Claimed(b),
-    ) = (&first["c1"], &again["c1"])
+    let (sqs_worker::store::ClaimOutcome::Claimed(a), sqs_worker::store::ClaimOutcome::Claimed(b)) =
+        (&first["c1"], &again["c1"])
     else {
         panic!("both claimed: {first:?} then {again:?}");
     };
@@ -690,7 +686,7 @@ async fn a_retried_claim_recognises_its_own_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_completion_recognises_its_own_commit() {
     let (pool, _) = fresh_database().await;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     store
         .claim_batch(
             "s",
@@ -723,7 +719,7 @@ async fn a_retried_completion_recognises_its_own_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_and_claims_lock_rows_in_one_order() {
     let (pool, _) = fresh_database().await;
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let lease = Duration::from_secs(30);
     store
         .claim_batch("s", "w#1", &terms(lease), &[claim_request("d2")])
@@ -769,16 +765,16 @@ async fn completions_and_claims_lock_rows_in_one_order() {
     );
 }
 
-fn terms(lease: Duration) -> sqs_worker::checkpoint::ClaimTerms {
-    sqs_worker::checkpoint::ClaimTerms {
+fn terms(lease: Duration) -> sqs_worker::store::ClaimTerms {
+    sqs_worker::store::ClaimTerms {
         lease,
         run_limit: lease,
         accept_mismatch: false,
     }
 }
 
-fn claim_request(key: &str) -> sqs_worker::checkpoint::ClaimRequest {
-    sqs_worker::checkpoint::ClaimRequest {
+fn claim_request(key: &str) -> sqs_worker::store::ClaimRequest {
+    sqs_worker::store::ClaimRequest {
         key: key.into(),
         payload_sha256: "h".into(),
         message_id: format!("m-{key}"),
@@ -796,7 +792,7 @@ fn claim_request(key: &str) -> sqs_worker::checkpoint::ClaimRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_checkpoints_are_listed_and_can_be_marked_failed() {
     let (pool, database_url) = fresh_database().await;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     store
         .claim_batch(
             "s",

@@ -9,7 +9,8 @@ use common::*;
 use sqs_worker::message::{self, Envelope, KeySpec};
 use sqs_worker::redrive::{Action, RedriveOptions, redrive};
 use sqs_worker::sqs::string_attribute as attribute;
-use sqs_worker::{CheckpointStore, HandlerError, Worker};
+use sqs_worker::store::{DeadLetters, Retention};
+use sqs_worker::{HandlerError, PostgresStore, Worker};
 
 async fn send_with_markers(client: &aws_sdk_sqs::Client, url: &str, body: &str, count: &str) {
     client
@@ -45,7 +46,7 @@ async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;
@@ -53,7 +54,7 @@ async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
     // Each keyed event ran once: no retry, no backoff loop.
     let counts = calls_per_key(&calls);
     assert_eq!((counts["fp1"], counts["fp2"], counts.len()), (1, 1, 2));
-    assert_eq!(summaries[0].dead_lettered, 3);
+    assert_eq!(summaries[0].sent_to_dlq, 3);
     assert_eq!((summaries[0].retried, summaries[0].sent_to_dlq), (0, 0));
     assert_eq!(
         messages_in(&client, &dlq_url).await,
@@ -62,7 +63,7 @@ async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
     );
     assert_eq!(messages_in(&client, &queue.url).await, 0);
 
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let letters = store.list_dead_letters(Some("final"), 10).await.unwrap();
     let mut seen: Vec<(String, String, i32)> = letters
         .iter()
@@ -141,7 +142,7 @@ async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
         vec![Worker::new(
             config.clone(),
             client.clone(),
-            pool.clone(),
+            pg(&pool),
             handler.clone(),
         )],
         Duration::from_secs(40),
@@ -159,7 +160,7 @@ async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
     let runs_before_redrive = calls.lock().unwrap().len();
     assert_eq!(runs_before_redrive, 4, "two receives each before the DLQ");
 
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let report = redrive(
         client.clone(),
         &store,
@@ -178,11 +179,11 @@ async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(summaries[0].dead_lettered, 2);
+    assert_eq!(summaries[0].sent_to_dlq, 2);
     assert_eq!(
         calls.lock().unwrap().len(),
         runs_before_redrive + 2,
@@ -230,13 +231,13 @@ async fn a_redrive_after_a_fix_completes_the_events() {
         vec![Worker::new(
             config.clone(),
             client.clone(),
-            pool.clone(),
+            pg(&pool),
             broken,
         )],
         Duration::from_secs(30),
     )
     .await;
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     assert_eq!(
         store.find("orders", "f1").await.unwrap().unwrap().status,
         "failed"
@@ -258,7 +259,7 @@ async fn a_redrive_after_a_fix_completes_the_events() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), fixed)],
+        vec![Worker::new(config, client.clone(), pg(&pool), fixed)],
         Duration::from_secs(30),
     )
     .await;
@@ -288,14 +289,14 @@ async fn complete_events_in_the_dlq_are_deleted_not_redriven() {
     run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;
     send(&client, &dlq_url, r#"{"id":"done1"}"#).await;
     send(&client, &dlq_url, r#"{"id":"other"}"#).await;
 
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let mut dry = redrive_options(&dlq_url, 3);
     dry.dry_run = true;
     let mut lines = Vec::new();
@@ -384,7 +385,7 @@ async fn hostile_redrive_counts_are_recorded_not_redriven() {
             .await
             .unwrap();
     }
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let mut outcomes = Vec::new();
     let report = redrive(client.clone(), &store, &redrive_options(&dlq_url, 3), |o| {
         outcomes.push((o.key.clone(), o.action.clone()))
@@ -588,7 +589,7 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;
@@ -672,10 +673,10 @@ async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
         let mut config = worker_config(&queue.url);
         config.key = KeySpec::new(vec!["/id".into()]).unwrap();
         config.scope = Some("dup".into());
-        let worker = Worker::new(config, client.clone(), pool.clone(), handler.clone());
+        let worker = Worker::new(config, client.clone(), pg(&pool), handler.clone());
         run_until_drained(&client, &queue.url, vec![worker], Duration::from_secs(30))
     };
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
 
     // The final pass fails once: one dead letter.
     send_with_markers(&client, &queue.url, r#"{"id":"dup1"}"#, "3").await;
@@ -690,7 +691,7 @@ async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
         "the failed handler did not run again"
     );
     assert_eq!(summaries[0].duplicates_skipped, 1);
-    assert_eq!(summaries[0].dead_lettered, 0);
+    assert_eq!(summaries[0].sent_to_dlq, 0);
     let letters = store.list_dead_letters(Some("dup"), 10).await.unwrap();
     assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
     assert_eq!(messages_in(&client, &dlq_url).await, 0);
@@ -756,7 +757,7 @@ async fn tables_keep_their_columns_with_wide_characters() {
     run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool, handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use common::*;
-use sqs_worker::checkpoint::CheckpointStore;
+use sqs_worker::PostgresStore;
 use sqs_worker::message::KeySpec;
+use sqs_worker::store::{DeadLetters, Retention};
 use sqs_worker::{HandlerError, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +30,7 @@ async fn a_handler_running_three_visibility_timeouts_runs_once() {
             config.scope = Some("beat".into());
             config.visibility_timeout = Some(Duration::from_secs(2));
             config.worker_id = Some(format!("w{i}"));
-            Worker::new(config, client.clone(), pool.clone(), handler.clone())
+            Worker::new(config, client.clone(), pg(&pool), handler.clone())
         })
         .collect();
     let summaries = run_until_drained(&client, &queue.url, workers, Duration::from_secs(60)).await;
@@ -40,7 +41,7 @@ async fn a_handler_running_three_visibility_timeouts_runs_once() {
     assert!(heartbeats >= 4, "{summaries:?}");
     assert_eq!(summaries.iter().map(|s| s.processed).sum::<u64>(), 1);
     assert_eq!(summaries.iter().map(|s| s.received).sum::<u64>(), 1);
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("beat", "long-1")
         .await
         .unwrap()
@@ -96,7 +97,7 @@ async fn sigterm_past_the_deadline_hands_unfinished_messages_back_at_once() {
         sent_at.elapsed()
     );
 
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     for i in 0..3 {
         let checkpoint = store
             .find("handback", &format!("h{i}"))
@@ -117,7 +118,7 @@ async fn sigterm_past_the_deadline_hands_unfinished_messages_back_at_once() {
     run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool, handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(20),
     )
     .await;
@@ -192,7 +193,7 @@ async fn fifo_groups_run_in_order_and_a_failure_holds_its_group() {
     let summaries = run_until_drained(
         &client,
         &queue_url,
-        vec![Worker::new(config, client.clone(), pool, handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(60),
     )
     .await;
@@ -252,7 +253,7 @@ async fn shutdown_hands_back_unstarted_fifo_messages_for_another_worker() {
     let (slow, slow_calls) = RecordingHandler::new(Duration::from_secs(60), |_| Ok(()));
     let stop = CancellationToken::new();
     let first = tokio::spawn(
-        Worker::new(config(), client.clone(), pool.clone(), slow)
+        Worker::new(config(), client.clone(), pg(&pool), slow)
             .with_shutdown(stop.clone())
             .run(),
     );
@@ -285,7 +286,7 @@ async fn shutdown_hands_back_unstarted_fifo_messages_for_another_worker() {
     run_until_drained(
         &client,
         &queue_url,
-        vec![Worker::new(config(), client.clone(), pool, handler)],
+        vec![Worker::new(config(), client.clone(), pg(&pool), handler)],
         Duration::from_secs(20),
     )
     .await;
@@ -338,7 +339,7 @@ async fn metrics_count_a_known_run() {
     .await;
     assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_owned()));
 
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let complete = |key: &'static str| {
         let store = store.clone();
         async move {
@@ -478,7 +479,7 @@ async fn lambda_event_reports_only_retryable_failures() {
     done.sort();
     assert_eq!(done, ["a", "d"], "a ran once (its duplicate was skipped)");
 
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let status = |key: &'static str| {
         let store = store.clone();
         async move { store.find("lam", key).await.unwrap().unwrap() }
@@ -527,7 +528,7 @@ async fn a_delivery_of_an_event_running_here_rides_along() {
     config.scope = Some("ride".into());
     let stop = CancellationToken::new();
     let worker = tokio::spawn(
-        Worker::new(config, client.clone(), pool, handler)
+        Worker::new(config, client.clone(), pg(&pool), handler)
             .with_shutdown(stop.clone())
             .run(),
     );
@@ -592,7 +593,7 @@ async fn a_final_pass_delivered_twice_runs_its_handler_once() {
         ["f"],
         "the handler ran once"
     );
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let letters = store.list_dead_letters(Some("lam"), 10).await.unwrap();
     assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
     assert_eq!(

@@ -11,7 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use sqs_worker::CheckpointStore;
+use sqs_worker::PostgresStore;
+use sqs_worker::store::Retention;
 
 struct Ended {
     code: Option<i32>,
@@ -243,7 +244,7 @@ async fn a_worker_started_during_an_outage_runs_once_it_ends() {
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find(queue_name(&queue.url), "late")
         .await
         .unwrap();

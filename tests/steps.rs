@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use common::*;
 use serde_json::json;
 use sqs_worker::message::{self, Envelope, KeySpec};
+use sqs_worker::store::Retention;
 use sqs_worker::worker::PayloadMismatch;
-use sqs_worker::{CheckpointStore, Handler, HandlerError, Job, Worker};
+use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker};
 use tokio_util::sync::CancellationToken;
 
 type Counts = Arc<Mutex<HashMap<String, usize>>>;
@@ -96,12 +97,12 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
                 counts,
                 stall_at: Some(3),
             };
-            Worker::new(config, client, pool, Arc::new(handler))
+            Worker::new(config, client, pg(&pool), Arc::new(handler))
                 .run()
                 .await
         });
     }
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     wait_until(
         "steps 1 and 2 to be recorded",
         Duration::from_secs(30),
@@ -131,7 +132,12 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool, Arc::new(handler))],
+        vec![Worker::new(
+            config,
+            client.clone(),
+            pg(&pool),
+            Arc::new(handler),
+        )],
         Duration::from_secs(40),
     )
     .await;
@@ -226,7 +232,7 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
         vec![Worker::new(
             config,
             client.clone(),
-            pool.clone(),
+            pg(&pool),
             Arc::new(handler),
         )],
         Duration::from_secs(30),
@@ -240,7 +246,7 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
         .await
         .unwrap();
     assert_eq!(rows, 1);
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("tx", "tx1")
         .await
         .unwrap()
@@ -302,7 +308,7 @@ async fn only_the_lease_holder_records_steps() {
     let slow = Worker::new(
         stalled,
         client.clone(),
-        pool.clone(),
+        pg(&pool),
         Arc::new(Named {
             name: "A",
             slow_step_two: Duration::from_secs(5),
@@ -311,7 +317,7 @@ async fn only_the_lease_holder_records_steps() {
     );
     let stop = CancellationToken::new();
     let slow = tokio::spawn(slow.with_shutdown(stop.clone()).run());
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     wait_until("A to record step one", Duration::from_secs(20), || {
         let store = store.clone();
         async move {
@@ -326,7 +332,7 @@ async fn only_the_lease_holder_records_steps() {
     let fast = Worker::new(
         config("B", 2),
         client.clone(),
-        pool.clone(),
+        pg(&pool),
         Arc::new(Named {
             name: "B",
             slow_step_two: Duration::ZERO,
@@ -418,7 +424,7 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
     let old = Worker::new(
         old_config,
         client.clone(),
-        pool.clone(),
+        pg(&pool),
         Arc::new(Plan {
             steps: &["a", "b"],
             fail_after: true,
@@ -427,7 +433,7 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
     );
     let stop = CancellationToken::new();
     let old = tokio::spawn(old.with_shutdown(stop.clone()).run());
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     wait_until(
         "the old handler to record a, b and fail",
         Duration::from_secs(20),
@@ -453,7 +459,7 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
     let new = Worker::new(
         config,
         client.clone(),
-        pool.clone(),
+        pg(&pool),
         Arc::new(Plan {
             steps: &["a", "c"],
             fail_after: false,
@@ -502,7 +508,7 @@ async fn a_key_reused_with_another_payload_is_dead_lettered() {
 
     send(&client, &queue.url, r#"{"id":"k","amount":100}"#).await;
     let drain = |config: sqs_worker::WorkerConfig| {
-        let worker = Worker::new(config, client.clone(), pool.clone(), handler.clone());
+        let worker = Worker::new(config, client.clone(), pg(&pool), handler.clone());
         run_until_drained(&client, &queue.url, vec![worker], Duration::from_secs(30))
     };
     drain(config.clone()).await;
@@ -515,7 +521,7 @@ async fn a_key_reused_with_another_payload_is_dead_lettered() {
         1,
         "the handler ran for the first payload only"
     );
-    let checkpoint = CheckpointStore::new(pool.clone())
+    let checkpoint = PostgresStore::new(pool.clone())
         .find("payload", "k")
         .await
         .unwrap()
@@ -616,7 +622,7 @@ async fn sns_and_eventbridge_envelopes_are_unwrapped() {
             vec![Worker::new(
                 config,
                 client.clone(),
-                pool.clone(),
+                pg(&pool),
                 Arc::new(Seen(seen.clone())),
             )],
             Duration::from_secs(30),

@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sqs_worker::checkpoint::{ClaimOutcome, ClaimRequest, ClaimTerms};
 use sqs_worker::message::{self, KeySpec, Pass};
-use sqs_worker::{CheckpointStore, HandlerError, Worker};
+use sqs_worker::store::{ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Retention};
+use sqs_worker::{HandlerError, Lease, PostgresStore, Worker};
 
 fn key_spec(pointer: &str) -> KeySpec {
     KeySpec::new(vec![pointer.to_owned()]).unwrap()
@@ -31,7 +31,7 @@ async fn processed_once_and_a_later_duplicate_is_skipped() {
         vec![Worker::new(
             config.clone(),
             client.clone(),
-            pool.clone(),
+            pg(&pool),
             handler.clone(),
         )],
         Duration::from_secs(30),
@@ -40,7 +40,7 @@ async fn processed_once_and_a_later_duplicate_is_skipped() {
     assert_eq!(summaries[0].processed, 1);
     assert_eq!(calls_per_key(&calls)["evt_1"], 1);
 
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let checkpoint = store.find("orders", "evt_1").await.unwrap().unwrap();
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 1);
@@ -53,7 +53,7 @@ async fn processed_once_and_a_later_duplicate_is_skipped() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;
@@ -105,7 +105,7 @@ async fn webhook_race_runs_each_event_once() {
             // Short leases so deliveries deferred behind a busy lease come back quickly.
             config.visibility_timeout = Some(Duration::from_secs(3));
             config.worker_id = Some(format!("racer-{i}"));
-            Worker::new(config, client.clone(), pool.clone(), handler.clone())
+            Worker::new(config, client.clone(), pg(&pool), handler.clone())
         })
         .collect();
     let summaries = run_until_drained(&client, &queue.url, workers, Duration::from_secs(60)).await;
@@ -131,7 +131,7 @@ async fn webhook_race_runs_each_event_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_of_one_key_have_one_winner() {
     let (pool, _) = fresh_database().await;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     for round in 0..25 {
         let key = format!("race-{round}");
         let request = |message_id: &str| ClaimRequest {
@@ -189,7 +189,7 @@ async fn retryable_failures_back_off_then_succeed() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(40),
     )
     .await;
@@ -213,7 +213,7 @@ async fn retryable_failures_back_off_then_succeed() {
     }
     assert_eq!(summaries[0].retried, 2);
     assert_eq!(summaries[0].processed, 1);
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("retry", "r1")
         .await
         .unwrap()
@@ -247,7 +247,7 @@ async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool.clone(), handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(30),
     )
     .await;
@@ -288,7 +288,7 @@ async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
         "the handler's error travels with the message"
     );
 
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     assert_eq!(
         store.find("perm", "p1").await.unwrap().unwrap().status,
         "failed"
@@ -356,7 +356,7 @@ async fn exec_handler_gets_body_and_environment() {
             r#"x2 attempt=1 final=false body={"id":"x2","note":"poison"}"#,
         ]
     );
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     assert_eq!(
         store.find("exec", "x1").await.unwrap().unwrap().status,
         "complete"
@@ -420,7 +420,7 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
         .args(["-9", &handler_pid])
         .status();
 
-    let store = CheckpointStore::new(pool.clone());
+    let store = PostgresStore::new(pool.clone());
     let held = store.find("kill", "k1").await.unwrap().unwrap();
     assert_eq!(held.status, "in_progress");
     // The lease owner is the worker id plus the number of its claim statement.
@@ -434,7 +434,7 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
     let summaries = run_until_drained(
         &client,
         &queue.url,
-        vec![Worker::new(config, client.clone(), pool, handler)],
+        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
         Duration::from_secs(40),
     )
     .await;
@@ -455,7 +455,7 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
     let (pool, _) = fresh_database().await;
-    let store = CheckpointStore::new(pool);
+    let store = PostgresStore::new(pool);
     let lease = Duration::from_secs(30);
     let request = |reclaim_failed, requeue_generation, redrive_count| ClaimRequest {
         key: "f1".into(),
@@ -481,7 +481,12 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
         claim(request(false, 0, 0)).await,
         ClaimOutcome::Claimed(_)
     ));
-    assert!(store.mark_failed("s", "w", "f1", "boom").await.unwrap());
+    assert!(
+        store
+            .mark_failed(&Lease::new("s", "f1", "w"), "boom")
+            .await
+            .unwrap()
+    );
     assert_eq!(
         claim(request(false, 0, 0)).await,
         ClaimOutcome::Failed {
@@ -496,7 +501,7 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
     assert!(again.resumed);
     assert!(
         store
-            .mark_failed("s", "w", "f1", "boom again")
+            .mark_failed(&Lease::new("s", "f1", "w"), "boom again")
             .await
             .unwrap()
     );
@@ -528,7 +533,12 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
             .unwrap()
             .is_empty()
     );
-    assert!(!store.mark_failed("s", "intruder", "f1", "x").await.unwrap());
+    assert!(
+        !store
+            .mark_failed(&Lease::new("s", "f1", "intruder"), "x")
+            .await
+            .unwrap()
+    );
     assert_eq!(
         store
             .complete_batch("s", &[("f1".into(), "w".into())])
@@ -598,7 +608,7 @@ async fn sigterm_lets_the_running_handler_finish_then_exits_zero() {
         std::fs::read_to_string(&log).unwrap(),
         "started\nfinished\n"
     );
-    let checkpoint = CheckpointStore::new(pool)
+    let checkpoint = PostgresStore::new(pool)
         .find("term", "t1")
         .await
         .unwrap()

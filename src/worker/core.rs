@@ -7,7 +7,7 @@ use super::*;
 pub(crate) struct CoreParts {
     pub(crate) config: WorkerConfig,
     pub(crate) sqs: SqsQueue,
-    pub(crate) store: CheckpointStore,
+    pub(crate) store: Arc<dyn CheckpointStore>,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) readiness: Option<Arc<Readiness>>,
 }
@@ -134,7 +134,7 @@ fn new_shared(
         dlq: policy.map(|p| sqs.sibling(p.dlq_url)),
         fifo: sqs.url().ends_with(".fifo"),
         sqs,
-        store: store.with_own_pool(bookkeeping_connections(&config)),
+        store: store.own_connections(bookkeeping_connections(&config)),
         handler_store: store,
         handler,
         scope,

@@ -111,9 +111,7 @@ pub(super) async fn start_waiting(
     match shared
         .store
         .start_run(
-            &shared.scope,
-            lease_token,
-            &key,
+            &Lease::new(&shared.scope, &key, lease_token),
             lease,
             shared.run_limit(lease),
         )

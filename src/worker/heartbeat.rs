@@ -205,11 +205,10 @@ pub(super) async fn renew(shared: &Shared, watch: &Watch<'_>) -> Result<(), Stri
         .chain(waiting.iter().flat_map(|(_, receipts)| receipts))
         .map(|r| (r.clone(), shared.lease))
         .collect();
+    let watched = Lease::new(&shared.scope, watch.key, watch.lease_token);
     let (visibility, lease, companions) = tokio::join!(
         shared.sqs.change_visibility_batch(&changes),
-        shared
-            .store
-            .renew_lease(&shared.scope, watch.lease_token, watch.key, shared.lease),
+        shared.store.renew_lease(&watched, shared.lease),
         shared.store.renew_leases(
             &shared.scope,
             watch.lease_token,

@@ -62,10 +62,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::checkpoint::{
-    self, CheckpointError, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms,
-    NewDeadLetter,
-};
 use crate::handler::{Handler, HandlerError, Job};
 use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
 use crate::sqs::{
@@ -73,6 +69,10 @@ use crate::sqs::{
     SqsQueue,
 };
 use crate::startup::{self, StartupError, Verdict};
+use crate::store::{
+    self, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Lease, NewDeadLetter,
+    PostgresStore, StoreError,
+};
 
 use acker::*;
 use batch::*;

@@ -23,10 +23,10 @@ pub(super) async fn retry_database<T, F, Fut>(
     what: &str,
     budget: Duration,
     mut call: F,
-) -> Result<T, CheckpointError>
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CheckpointError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let give_up_at = Instant::now() + budget;
     let mut delay = Duration::from_millis(100);

@@ -22,7 +22,11 @@ pub(super) async fn hand_back(
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
     // The claim never ran: it does not count as an attempt. A lease taken over meanwhile
     // means the message is another holder's: leave it.
-    match shared.store.unclaim(&shared.scope, lease_token, &key).await {
+    match shared
+        .store
+        .unclaim(&Lease::new(&shared.scope, &key, lease_token))
+        .await
+    {
         Ok(true) => {}
         Ok(false) => return,
         Err(error) => {
@@ -178,8 +182,7 @@ fn new_job(
     cancel: &CancellationToken,
 ) -> Job {
     Job {
-        scope: shared.scope.clone(),
-        key: identity.key.clone(),
+        lease: Lease::new(&shared.scope, &identity.key, lease_token),
         message_id: message.message_id.clone(),
         body: std::mem::take(&mut identity.body),
         raw_body: message.body.clone(),
@@ -192,8 +195,7 @@ fn new_job(
         redrive_count: markers.redrive_count,
         final_pass: markers.final_pass,
         store: shared.handler_store.clone(),
-        owner: lease_token.to_owned(),
-        recorded: checkpoint::parse_steps(&claim.steps),
+        recorded: store::parse_steps(&claim.steps),
         next_step: 0,
         lease_lost: false,
         cancel: cancel.clone(),

@@ -8,7 +8,7 @@ use super::*;
 pub struct WorkerBuilder {
     pub(super) config: Option<WorkerConfig>,
     pub(super) client: Option<aws_sdk_sqs::Client>,
-    pub(super) pool: Option<PgPool>,
+    pub(super) store: Option<Arc<dyn CheckpointStore>>,
     pub(super) handler: Option<Arc<dyn Handler>>,
     pub(super) shutdown: Option<CancellationToken>,
     pub(super) readiness: Option<Arc<Readiness>>,
@@ -27,9 +27,16 @@ impl WorkerBuilder {
         self
     }
 
-    /// The pool of the checkpoint database, already migrated (required).
+    /// The pool of the checkpoint database, already migrated: a shortcut for
+    /// [`WorkerBuilder::store`] with a [`PostgresStore`].
     pub fn pool(mut self, pool: PgPool) -> Self {
-        self.pool = Some(pool);
+        self.store = Some(PostgresStore::shared(pool));
+        self
+    }
+
+    /// The checkpoint store (required, or [`WorkerBuilder::pool`]).
+    pub fn store(mut self, store: Arc<dyn CheckpointStore>) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -63,7 +70,7 @@ impl WorkerBuilder {
         let mut worker = Worker::new(
             self.config.ok_or_else(|| missing("a config"))?,
             self.client.ok_or_else(|| missing("an SQS client"))?,
-            self.pool.ok_or_else(|| missing("a database pool"))?,
+            self.store.ok_or_else(|| missing("a checkpoint store"))?,
             self.handler.ok_or_else(|| missing("a handler"))?,
         );
         if let Some(token) = self.shutdown {
@@ -80,7 +87,7 @@ impl WorkerBuilder {
 pub struct Worker {
     pub(super) config: WorkerConfig,
     pub(super) sqs: SqsQueue,
-    pub(super) store: CheckpointStore,
+    pub(super) store: Arc<dyn CheckpointStore>,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) shutdown: CancellationToken,
     pub(super) readiness: Option<Arc<Readiness>>,
@@ -92,18 +99,18 @@ impl Worker {
         WorkerBuilder::default()
     }
 
-    /// A worker for `config.queue_url`, checkpointing in `pool` (already migrated).
+    /// A worker for `config.queue_url`, checkpointing in `store` (already migrated).
     pub fn new(
         config: WorkerConfig,
         client: aws_sdk_sqs::Client,
-        pool: PgPool,
+        store: Arc<dyn CheckpointStore>,
         handler: Arc<dyn Handler>,
     ) -> Self {
         let sqs = SqsQueue::new(client, config.queue_url.clone());
         Self {
             config,
             sqs,
-            store: CheckpointStore::new(pool),
+            store,
             handler,
             shutdown: CancellationToken::new(),
             readiness: None,

@@ -95,7 +95,7 @@ pub(super) async fn settle_permanent(
     }
     let marked = shared
         .store
-        .mark_failed(&shared.scope, done.lease_token, key, error)
+        .mark_failed(&Lease::new(&shared.scope, key, done.lease_token), error)
         .await;
     match marked {
         Ok(true) => {}
@@ -190,7 +190,7 @@ pub(super) async fn hand_back_failed(
 pub(super) async fn still_held(shared: &Shared, lease_token: &str, key: &str) -> bool {
     match shared
         .store
-        .renew_lease(&shared.scope, lease_token, key, shared.lease)
+        .renew_lease(&Lease::new(&shared.scope, key, lease_token), shared.lease)
         .await
     {
         Ok(true) => true,

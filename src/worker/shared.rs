@@ -11,10 +11,10 @@ pub(crate) struct Shared {
     /// to the DLQ at its next receive.
     pub(super) max_receive_count: Option<u32>,
     /// The worker's own statements, on a pool of their own (see
-    /// [`CheckpointStore::with_own_pool`]).
-    pub(super) store: CheckpointStore,
+    /// [`CheckpointStore::own_connections`]).
+    pub(super) store: Arc<dyn CheckpointStore>,
     /// The store handlers' steps write through: the pool the worker was given.
-    pub(super) handler_store: CheckpointStore,
+    pub(super) handler_store: Arc<dyn CheckpointStore>,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) scope: String,
     /// This worker's name (`--worker-id`): the first part of its lease tokens.
@@ -147,7 +147,7 @@ impl Shared {
     pub(super) async fn release(&self, lease_token: &str, key: &str, reason: &str) -> bool {
         match self
             .store
-            .release(&self.scope, lease_token, key, reason)
+            .release(&Lease::new(&self.scope, key, lease_token), reason)
             .await
         {
             Ok(true) => true,

@@ -525,3 +525,8 @@ pub async fn invoke_lambda(
         )
     })
 }
+
+/// The checkpoint store on `pool`, as workers take it.
+pub fn pg(pool: &PgPool) -> Arc<dyn sqs_worker::CheckpointStore> {
+    sqs_worker::PostgresStore::shared(pool.clone())
+}

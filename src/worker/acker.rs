@@ -4,7 +4,7 @@ use super::*;
 
 pub(super) enum AckKind {
     /// Mark the checkpoint complete (fenced by the lease token), then delete the receipts.
-    Complete { key: String, lease_token: String },
+    Complete { lease: Lease },
     /// Just delete the receipts.
     Delete,
 }
@@ -160,7 +160,7 @@ pub(super) async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
     let keys: Vec<(String, String)> = batch
         .iter()
         .filter_map(|r| match &r.kind {
-            AckKind::Complete { key, lease_token } => Some((key.clone(), lease_token.clone())),
+            AckKind::Complete { lease } => Some((lease.key.clone(), lease.token.clone())),
             AckKind::Delete => None,
         })
         .collect();
@@ -189,8 +189,8 @@ pub(super) async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
         // before its checkpoint says complete or failed.
         let result = match (&request.kind, &completed) {
             (AckKind::Delete, _) => AckResult::Done,
-            (AckKind::Complete { key, lease_token }, Ok(done))
-                if done.contains(&(key.clone(), lease_token.clone())) =>
+            (AckKind::Complete { lease }, Ok(done))
+                if done.contains(&(lease.key.clone(), lease.token.clone())) =>
             {
                 AckResult::Done
             }

@@ -32,6 +32,8 @@ pub(super) struct ClaimedEvent {
     pub(super) claim: Claim,
     pub(super) siblings: Vec<ReceivedMessage>,
     pub(super) permit: Option<OwnedSemaphorePermit>,
+    /// The lease this batch's claim took on the event.
+    pub(super) lease: Lease,
     /// Deliveries that arrive while it runs ride along (registered when claimed).
     pub(super) riders: Riders,
 }
@@ -71,6 +73,7 @@ pub(crate) async fn handle_batch(
     #[cfg(feature = "failpoints")]
     fail::fail_point!("sqs_worker::claimed");
     let mut routed = Routed {
+        lease_token: lease_token.clone(),
         lease,
         permits,
         ..Routed::default()
@@ -83,9 +86,9 @@ pub(crate) async fn handle_batch(
     }
     let tokens = &context.tokens;
     if shared.fifo {
-        start_groups(shared, tracker, routed, lease_token, tokens);
+        start_groups(shared, tracker, routed, tokens);
     } else {
-        start_events(shared, tracker, routed.claimed, lease_token, lease, tokens);
+        start_events(shared, tracker, routed.claimed, lease, tokens);
     }
 }
 
@@ -179,6 +182,7 @@ async fn claim(
 /// Where a batch's deliveries went, once each has a fate.
 #[derive(Default)]
 pub(super) struct Routed {
+    pub(super) lease_token: String,
     pub(super) lease: Duration,
     /// The batch's permits not yet given to a task.
     pub(super) permits: Vec<OwnedSemaphorePermit>,
@@ -232,7 +236,9 @@ impl Routed {
     fn run(&mut self, shared: &Shared, parsed: Parsed, claim: Claim, siblings: Vec<Parsed>) {
         let identity = parsed.identity.as_ref().expect("a running event has a key");
         let riders = shared.start_running(identity);
+        let lease = Lease::new(&shared.scope, &identity.key, &self.lease_token);
         self.claimed.push(ClaimedEvent {
+            lease,
             parsed,
             claim,
             siblings: siblings.into_iter().map(|s| s.message).collect(),
@@ -274,7 +280,6 @@ fn start_events(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     claimed: Vec<ClaimedEvent>,
-    lease_token: String,
     lease: Duration,
     tokens: &BatchTokens,
 ) {
@@ -283,9 +288,9 @@ fn start_events(
     tracker.spawn(async move {
         let nothing_waits = Waiting::default();
         join_all(
-            claimed.into_iter().map(|event| {
-                run_event(&shared, event, &lease_token, lease, &tokens, &nothing_waits)
-            }),
+            claimed
+                .into_iter()
+                .map(|event| run_event(&shared, event, lease, &tokens, &nothing_waits)),
         )
         .await;
     });

@@ -11,7 +11,6 @@ pub(super) fn start_groups(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     routed: Routed,
-    lease_token: String,
     tokens: &BatchTokens,
 ) {
     let mut groups: Vec<(String, Vec<ClaimedEvent>)> = Vec::new();
@@ -25,11 +24,10 @@ pub(super) fn start_groups(
     let lease = routed.lease;
     for (group, events) in groups {
         let shared = shared.clone();
-        let lease_token = lease_token.clone();
         let tokens = tokens.clone();
         let blocked = routed.blocked_from.get(&group).copied();
         tracker.spawn(async move {
-            run_group(&shared, events, &lease_token, lease, &tokens, blocked).await;
+            run_group(&shared, events, lease, &tokens, blocked).await;
         });
     }
 }
@@ -44,7 +42,6 @@ pub(super) fn start_groups(
 pub(super) async fn run_group(
     shared: &Arc<Shared>,
     events: Vec<ClaimedEvent>,
-    lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
     blocked: Option<(usize, Duration)>,
@@ -81,7 +78,7 @@ pub(super) async fn run_group(
         if hold.is_none() && turn > 0 {
             // Chaos and race tests widen the gap between a group's events here.
             pause_at("sqs_worker::fifo_next").await;
-            if !start_waiting(shared, &event, lease_token, lease).await {
+            if !start_waiting(shared, &event, lease).await {
                 hold = Some((lease, "an earlier message of its group was taken over"));
                 // Its lease is another holder's: nothing of it is handed back here.
                 shared.finish_running(&key, &event.riders);
@@ -89,11 +86,10 @@ pub(super) async fn run_group(
             }
         }
         if let Some((back_in, reason)) = hold {
-            hand_back(shared, &event, lease_token, reason, back_in).await;
+            hand_back(shared, &event, reason, back_in).await;
             continue;
         }
-        if let Some(back_in) = run_event(shared, event, lease_token, lease, tokens, &waiting).await
-        {
+        if let Some(back_in) = run_event(shared, event, lease, tokens, &waiting).await {
             hold = Some((back_in, "an earlier message of its group did not complete"));
         }
     }
@@ -101,20 +97,11 @@ pub(super) async fn run_group(
 
 /// Confirm that a waiting FIFO event's lease is still this claim's, and renew it with its
 /// messages' visibility for a run starting now. False when it was taken over.
-pub(super) async fn start_waiting(
-    shared: &Shared,
-    event: &ClaimedEvent,
-    lease_token: &str,
-    lease: Duration,
-) -> bool {
+pub(super) async fn start_waiting(shared: &Shared, event: &ClaimedEvent, lease: Duration) -> bool {
     let key = event.parsed.key();
     match shared
         .store
-        .start_run(
-            &Lease::new(&shared.scope, &key, lease_token),
-            lease,
-            shared.run_limit(lease),
-        )
+        .start_run(&event.lease, lease, shared.run_limit(lease))
         .await
     {
         Ok(true) => {

@@ -7,8 +7,7 @@ use super::*;
 /// deliveries riding along with it, and a FIFO group's events waiting their turn under the
 /// same claim (their leases and messages too, so none of them runs late or elsewhere).
 pub(super) struct Watch<'a> {
-    pub(super) lease_token: &'a str,
-    pub(super) key: &'a str,
+    pub(super) lease: &'a Lease,
     pub(super) receipts: &'a [String],
     pub(super) riders: &'a Riders,
     pub(super) waiting: &'a Waiting,
@@ -205,13 +204,12 @@ pub(super) async fn renew(shared: &Shared, watch: &Watch<'_>) -> Result<(), Stri
         .chain(waiting.iter().flat_map(|(_, receipts)| receipts))
         .map(|r| (r.clone(), shared.lease))
         .collect();
-    let watched = Lease::new(&shared.scope, watch.key, watch.lease_token);
     let (visibility, lease, companions) = tokio::join!(
         shared.sqs.change_visibility_batch(&changes),
-        shared.store.renew_lease(&watched, shared.lease),
+        shared.store.renew_lease(watch.lease, shared.lease),
         shared.store.renew_leases(
             &shared.scope,
-            watch.lease_token,
+            &watch.lease.token,
             &waiting_keys,
             shared.lease
         ),

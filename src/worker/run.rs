@@ -10,7 +10,6 @@ pub(super) const SHUTTING_DOWN: &str = "shutting down before it started";
 pub(super) async fn hand_back(
     shared: &Shared,
     event: &ClaimedEvent,
-    lease_token: &str,
     reason: &str,
     back_in: Duration,
 ) {
@@ -22,11 +21,7 @@ pub(super) async fn hand_back(
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
     // The claim never ran: it does not count as an attempt. A lease taken over meanwhile
     // means the message is another holder's: leave it.
-    match shared
-        .store
-        .unclaim(&Lease::new(&shared.scope, &key, lease_token))
-        .await
-    {
+    match shared.store.unclaim(&event.lease).await {
         Ok(true) => {}
         Ok(false) => return,
         Err(error) => {
@@ -52,7 +47,6 @@ pub(super) async fn hand_back(
 pub(super) async fn run_event(
     shared: &Arc<Shared>,
     event: ClaimedEvent,
-    lease_token: &str,
     lease: Duration,
     tokens: &BatchTokens,
     waiting: &Waiting,
@@ -67,7 +61,7 @@ pub(super) async fn run_event(
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.increment(1.0);
     let riders = event.riders.clone();
-    let settled = run_claimed(shared, event, lease_token, lease, tokens, waiting)
+    let settled = run_claimed(shared, event, lease, tokens, waiting)
         .instrument(span)
         .await;
     shared.finish_running(&key, &riders);
@@ -88,8 +82,7 @@ pub(super) enum Ended {
 pub(super) async fn run_claimed(
     shared: &Arc<Shared>,
     event: ClaimedEvent,
-    lease_token: &str,
-    lease: Duration,
+    lease_time: Duration,
     tokens: &BatchTokens,
     waiting: &Waiting,
 ) -> Option<Duration> {
@@ -99,6 +92,7 @@ pub(super) async fn run_claimed(
         claim,
         siblings,
         permit,
+        lease,
         riders,
     } = event;
     let mut identity = parsed.identity.expect("claimed messages have a key");
@@ -115,18 +109,17 @@ pub(super) async fn run_claimed(
         &mut identity,
         &markers,
         &claim,
-        lease_token,
+        &lease,
         &cancel,
     );
     let ended = {
         let watch = Watch {
-            lease_token,
-            key: &identity.key,
+            lease: &lease,
             receipts: &receipts,
             riders: &riders,
             waiting,
         };
-        run_handler(shared, job, &cancel, &watch, lease, tokens).await
+        run_handler(shared, job, &cancel, &watch, lease_time, tokens).await
     };
     // The handler is done: the slot may serve the next message while this one settles (the
     // acker's queue bounds what waits for settling).
@@ -138,7 +131,7 @@ pub(super) async fn run_claimed(
     let done = Finished {
         message: &message,
         identity: &identity,
-        lease_token,
+        lease: &lease,
         receipts,
         duplicates,
         attempts: claim.attempts,
@@ -178,11 +171,11 @@ fn new_job(
     identity: &mut EventIdentity,
     markers: &RedriveMarkers,
     claim: &Claim,
-    lease_token: &str,
+    lease: &Lease,
     cancel: &CancellationToken,
 ) -> Job {
     Job {
-        lease: Lease::new(&shared.scope, &identity.key, lease_token),
+        lease: lease.clone(),
         message_id: message.message_id.clone(),
         body: std::mem::take(&mut identity.body),
         raw_body: message.body.clone(),

@@ -9,7 +9,7 @@ use super::*;
 pub(super) struct Finished<'a> {
     pub(super) message: &'a ReceivedMessage,
     pub(super) identity: &'a EventIdentity,
-    pub(super) lease_token: &'a str,
+    pub(super) lease: &'a Lease,
     /// The event's message and every delivery that shares its fate.
     pub(super) receipts: Vec<String>,
     /// Deliveries beyond the event's own message (same batch, or rode along).
@@ -23,8 +23,7 @@ pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Opti
     #[cfg(feature = "failpoints")]
     fail::fail_point!("sqs_worker::handled");
     let complete = AckKind::Complete {
-        key: done.identity.key.clone(),
-        lease_token: done.lease_token.to_owned(),
+        lease: done.lease.clone(),
     };
     match shared.ack(complete).with_receipts(done.receipts).await {
         AckResult::Done => {
@@ -70,8 +69,7 @@ pub(super) async fn settle_retryable(
     // again and again, through maxReceiveCount into the DLQ.
     let backoff = shared.backoff(done.attempts);
     let delay = retry_after.map_or(backoff, |after| after.max(backoff));
-    let key = &done.identity.key;
-    hand_back_failed(shared, done.lease_token, key, error, &done.receipts, delay).await;
+    hand_back_failed(shared, done.lease, error, &done.receipts, delay).await;
     Some(delay)
 }
 
@@ -84,19 +82,15 @@ pub(super) async fn settle_permanent(
 ) -> Option<Duration> {
     // Only the lease holder may send the event to the DLQ and delete its message: a task
     // whose lease was taken over meanwhile leaves both to the new holder.
-    let key = &done.identity.key;
-    if !still_held(shared, done.lease_token, key).await {
+    if !still_held(shared, done.lease).await {
         return Some(shared.lease);
     }
     if !send_to_dlq(shared, done.message, reason, error).await {
         let delay = shared.backoff(done.attempts);
-        hand_back_failed(shared, done.lease_token, key, error, &done.receipts, delay).await;
+        hand_back_failed(shared, done.lease, error, &done.receipts, delay).await;
         return Some(delay);
     }
-    let marked = shared
-        .store
-        .mark_failed(&Lease::new(&shared.scope, key, done.lease_token), error)
-        .await;
+    let marked = shared.store.mark_failed(done.lease, error).await;
     match marked {
         Ok(true) => {}
         Ok(false) => {
@@ -135,7 +129,7 @@ pub(super) async fn settle_final_pass(
     let failure = FinalFailure {
         key: &done.identity.key,
         fingerprint: &done.identity.fingerprint,
-        lease_token: Some(done.lease_token),
+        lease_token: Some(&done.lease.token),
         mark_checkpoint: true,
         reason,
         error: &error.to_string(),
@@ -150,10 +144,7 @@ pub(super) async fn settle_final_pass(
 pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Option<Duration> {
     tracing::warn!("stopped at the shutdown deadline; handing the message back");
     let reason = "stopped at the shutdown deadline";
-    if shared
-        .release(done.lease_token, &done.identity.key, reason)
-        .await
-    {
+    if shared.release(done.lease, reason).await {
         shared
             .counters
             .released_at_shutdown
@@ -167,8 +158,7 @@ pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Opt
 /// the lease was taken over meanwhile: the message is then the new holder's.
 pub(super) async fn hand_back_failed(
     shared: &Shared,
-    lease_token: &str,
-    key: &str,
+    lease: &Lease,
     error: &str,
     receipts: &[String],
     delay: Duration,
@@ -180,19 +170,15 @@ pub(super) async fn hand_back_failed(
         retry_in_secs = sqs::visibility_seconds(delay),
         "handler failed; retrying after a backoff"
     );
-    if shared.release(lease_token, key, error).await {
+    if shared.release(lease, error).await {
         shared.show_after(receipts, delay).await;
     }
 }
 
-/// Whether `lease_token` still holds `key`'s lease (renewing it for a moment): asked before
+/// Whether `lease` is still held (renewing it for a moment): asked before
 /// an outcome that cannot be taken back, such as a DLQ send.
-pub(super) async fn still_held(shared: &Shared, lease_token: &str, key: &str) -> bool {
-    match shared
-        .store
-        .renew_lease(&Lease::new(&shared.scope, key, lease_token), shared.lease)
-        .await
-    {
+pub(super) async fn still_held(shared: &Shared, lease: &Lease) -> bool {
+    match shared.store.renew_lease(lease, shared.lease).await {
         Ok(true) => true,
         Ok(false) => {
             shared.counters.lease_lost.add(1);

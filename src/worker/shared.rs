@@ -144,12 +144,8 @@ impl Shared {
     /// True only when the lease was ours and is now released: otherwise the message belongs
     /// to the event's new holder (or its ownership cannot be told, the database failing), and
     /// the caller must leave it alone. A failure is logged; the lease then expires on its own.
-    pub(super) async fn release(&self, lease_token: &str, key: &str, reason: &str) -> bool {
-        match self
-            .store
-            .release(&Lease::new(&self.scope, key, lease_token), reason)
-            .await
-        {
+    pub(super) async fn release(&self, lease: &Lease, reason: &str) -> bool {
+        match self.store.release(lease, reason).await {
             Ok(true) => true,
             Ok(false) => {
                 self.counters.lease_lost.add(1);

@@ -12,8 +12,14 @@
 //! - [`message`]: pure parsing — keys, redrive markers.
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
 //! - [`handlers`]: built-in handlers (exec, http, noop).
-//! - [`redrive`]: operator tooling — redrive a DLQ with markers, peek at it.
-//! - [`config`], [`cli`], [`demo`], [`telemetry`]: the binary's glue.
+//! - [`lambda`]: the Lambda adapter ([`LambdaWorker`]) over the worker's core.
+//! - [`redrive`]: operator tooling as library calls — redrive a DLQ with markers, peek at it.
+//! - [`telemetry`]: logs, metrics and `/readyz` over what the worker reports.
+//! - [`startup`]: start-up retries and what a failure at start means.
+//!
+//! Dependencies run one way: `message`, `sqs`, `store` → `handler` → `worker` → `lambda`,
+//! `redrive` → `telemetry`. The binary's options, subcommands and demo (`src/cli/`) are not
+//! part of the library.
 //!
 //! A handler in Rust, run by a worker:
 //!
@@ -49,9 +55,6 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod cli;
-pub mod config;
-pub mod demo;
 pub mod handler;
 pub mod handlers;
 pub mod lambda;
@@ -64,6 +67,7 @@ pub mod telemetry;
 pub mod worker;
 
 pub use handler::{Handler, HandlerError, Job};
+pub use lambda::LambdaWorker;
 pub use store::{CheckpointStore, Lease, postgres::PostgresStore};
 pub use worker::{RunSummary, Worker, WorkerConfig};
 

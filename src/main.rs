@@ -1,13 +1,16 @@
 //! The `sqs-worker` binary: parse options, start logging, wire the shutdown signal and
-//! dispatch. Everything a test needs lives in the library.
+//! dispatch to `cli`. Everything a test needs lives in the library.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sqs_worker::config::{CheckpointsCommand, Cli, Command, DeadLettersCommand, DlqCommand};
-use sqs_worker::{cli, demo, telemetry};
+use cli::args::{CheckpointsCommand, Cli, Command, DeadLettersCommand, DlqCommand};
+use cli::demo;
+use sqs_worker::telemetry;
 use tokio_util::sync::CancellationToken;
+
+mod cli;
 
 /// Exit 0 on success; on failure one line on stderr (no backtrace, even with
 /// RUST_BACKTRACE set: these are operators' errors, not bugs) and exit 2 for what an operator

@@ -183,6 +183,13 @@ pub struct RedriveReport {
     pub elapsed_secs: f64,
 }
 
+/// Who runs a redrive, for its audit row when the operator names nobody: `user@host`.
+pub fn default_operator() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = crate::worker::host_name().unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
 /// Redrive a DLQ. `on_outcome` hears about every message as it is settled (for progress).
 pub async fn redrive(
     client: aws_sdk_sqs::Client,

@@ -12,12 +12,12 @@ use anyhow::Context;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DemoArgs;
-use crate::handler::{Handler, HandlerError, Job};
-use crate::message::KeySpec;
-use crate::sqs::{OutgoingMessage, SqsQueue};
-use crate::store::PostgresStore;
-use crate::worker::{Worker, WorkerConfig};
+use super::args::DemoArgs;
+use sqs_worker::handler::{Handler, HandlerError, Job};
+use sqs_worker::message::KeySpec;
+use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
+use sqs_worker::store::PostgresStore;
+use sqs_worker::worker::{Worker, WorkerConfig};
 
 /// The demo's handler: "charges" an order. An order with `"flaky": true` fails its first
 /// attempt, as a payment gateway timing out would.
@@ -76,7 +76,7 @@ fn lookup_hint(database_url: &str, key: &str) -> String {
 
 /// Run the demo and print its summary on stdout.
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = crate::sqs::local_client(&args.endpoint_url).await;
+    let client = sqs_worker::sqs::local_client(&args.endpoint_url).await;
     let queue = SqsQueue::lookup(client.clone(), &args.queue_name)
         .await
         .with_context(|| {
@@ -86,7 +86,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
             )
         })?;
     let pool = crate::cli::connect(&args.database_url, 8).await?;
-    crate::MIGRATOR
+    sqs_worker::MIGRATOR
         .run(&pool)
         .await
         .context("applying migrations failed")?;

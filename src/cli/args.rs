@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sqs_worker::telemetry::LogFormat;
 
-use crate::handler::Handler;
-use crate::handlers::{ExecHandler, HttpHandler, HttpHeader, NoopHandler};
-use crate::message::{Envelope, KeySpec};
-use crate::worker::{PayloadMismatch, WorkerConfig};
+use sqs_worker::handler::Handler;
+use sqs_worker::handlers::{ExecHandler, HttpHandler, HttpHeader, NoopHandler};
+use sqs_worker::message::{Envelope, KeySpec};
+use sqs_worker::worker::{PayloadMismatch, WorkerConfig};
 
 /// An SQS consumer with exactly-once effects per event: checkpoints in PostgreSQL, retries
 /// with backoff, a DLQ for poison messages.
@@ -34,15 +35,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Output formats for commands a person or a script reads.

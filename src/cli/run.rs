@@ -1,0 +1,118 @@
+//! `run`, `lambda` and `send`: the worker as a service, as a Lambda handler, and a message
+//! sent by hand.
+
+use super::*;
+
+/// `sqs-worker run`.
+pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
+    let deadline = std::time::Instant::now() + args.processing.startup_timeout;
+    let mut config = args.worker_config().map_err(OperatorError)?;
+    let handler = args.handler.build_handler().map_err(OperatorError)?;
+    // The endpoints come first, so that /readyz answers 503 while the start waits out an
+    // outage; they outlive the worker's drain by a little and stop when this returns.
+    let endpoints = CancellationToken::new();
+    let _stop_endpoints = endpoints.clone().drop_guard();
+    let readiness = match args.metrics_addr {
+        Some(addr) => {
+            let prometheus = telemetry::install_recorder()?;
+            let readiness = Arc::new(Readiness::new());
+            telemetry::serve(addr, prometheus, readiness.clone(), endpoints).await?;
+            Some(readiness)
+        }
+        None => None,
+    };
+    // The handlers' steps: one connection per running handler at most, opened only when a
+    // step asks (a `step_tx` holds one through its transaction). The worker's own statements
+    // get a small pool of their own (`CheckpointStore::own_connections`).
+    let pool = connect_migrated(
+        &args.database.database_url,
+        (config.concurrency as u32).clamp(2, 64),
+        !args.processing.no_migrate,
+        deadline,
+    )
+    .await?;
+    let client = sqs_worker::sqs::client_from_env().await;
+    config.startup_timeout = deadline.saturating_duration_since(std::time::Instant::now());
+    let mut worker = Worker::new(config, client, PostgresStore::shared(pool), handler)
+        .with_shutdown(shutdown.clone());
+    if let Some(readiness) = readiness {
+        worker = worker.with_readiness(readiness);
+    }
+    let summary = worker.run().await?;
+    // One JSON line on stdout for scripts and benchmarks (logs are on stderr).
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(summary)
+}
+
+/// `sqs-worker lambda`: serve the Lambda runtime API, or run one local invocation on an
+/// event file and print the batch response.
+pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + args.processing.startup_timeout;
+    let mut config = args.processing.worker_config("").map_err(OperatorError)?;
+    config.concurrency = args.concurrency as usize;
+    let handler = args.handler.build_handler().map_err(OperatorError)?;
+    let pool = connect_migrated(
+        &args.database.database_url,
+        (config.concurrency as u32).clamp(2, 64),
+        !args.processing.no_migrate,
+        deadline,
+    )
+    .await?;
+    let client = sqs_worker::sqs::client_from_env().await;
+    let worker = LambdaWorker::new(config, client, PostgresStore::shared(pool), handler);
+    let Some(path) = args.event else {
+        // Boxed: the runtime's service stack makes a future too deep to lay out inline.
+        return Box::pin(worker.run())
+            .await
+            .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"));
+    };
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the event from stdin")?
+    } else {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the event file {}", path.display()))?
+    };
+    let event: aws_lambda_events::event::sqs::SqsEvent =
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not an SQS event (a JSON object with a Records array)",
+                path.display()
+            )
+        })?;
+    let deadline = std::time::SystemTime::now() + args.event_timeout;
+    let response = worker.local().handle(event, deadline).await;
+    println!("{}", serde_json::to_string(&response)?);
+    Ok(())
+}
+
+pub(super) fn key_spec(args: &KeyArgs) -> anyhow::Result<KeySpec> {
+    Ok(KeySpec::new(args.keys.clone()).map_err(OperatorError)?)
+}
+
+/// `sqs-worker send`: one message per line of standard input.
+pub async fn send(args: SendArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let queue = SqsQueue::new(sqs::client_from_env().await, args.queue_url.clone());
+    let fifo = queue.url().ends_with(".fifo");
+    let mut sent = 0;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let message_id = queue
+            .send(OutgoingMessage {
+                // FIFO queues need a deduplication id unless content-based deduplication is on.
+                deduplication_id: fifo.then(|| message::body_sha256(&line)),
+                body: line,
+                attributes: HashMap::new(),
+                message_group_id: args.group_id.clone(),
+                delay: None,
+            })
+            .await?;
+        println!("{message_id}");
+        sent += 1;
+    }
+    eprintln!("sent {sent} message(s) to {}", queue.name());
+    Ok(())
+}

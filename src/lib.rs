@@ -71,17 +71,4 @@ pub use lambda::LambdaWorker;
 pub use store::{CheckpointStore, Lease, postgres::PostgresStore};
 pub use worker::{RunSummary, Worker, WorkerConfig};
 
-/// The embedded migrations in `migrations/`; `sqs-worker migrate` and tests apply them.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
-
-/// Connect to the checkpoint database.
-pub async fn connect_database(
-    url: &str,
-    max_connections: u32,
-) -> Result<sqlx::PgPool, sqlx::Error> {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect(url)
-        .await
-}
+pub use store::postgres::{MIGRATOR, connect_database};

@@ -33,17 +33,15 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Wrap a pool whose database has been migrated with [`crate::MIGRATOR`].
+    /// Wrap a pool whose database has been migrated with [`MIGRATOR`].
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
 
     /// Connect to the database at `url` with a pool of at most `max_connections` (see
-    /// [`crate::connect_database`]). The database must be migrated with [`crate::MIGRATOR`].
+    /// [`connect_database`]). The database must be migrated with [`MIGRATOR`].
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        Ok(Self::new(
-            crate::connect_database(url, max_connections).await?,
-        ))
+        Ok(Self::new(connect_database(url, max_connections).await?))
     }
 
     /// A store on `pool`, as workers take one (`Arc<dyn CheckpointStore>`).
@@ -84,4 +82,19 @@ impl CheckpointStore for PostgresStore {
     fn postgres(&self) -> Option<&PostgresStore> {
         Some(self)
     }
+}
+
+/// The embedded migrations in `migrations/`; `sqs-worker migrate` and tests apply them.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Connect to the checkpoint database.
+pub async fn connect_database(
+    url: &str,
+    max_connections: u32,
+) -> Result<sqlx::PgPool, sqlx::Error> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
 }

@@ -35,7 +35,42 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         .await
         .context("applying migrations failed")?;
     let store = PostgresStore::new(pool);
-    let options = RedriveOptions {
+    let options = redrive_options(&args)?;
+    let mut progress = RedriveProgress::start(&client, &options).await;
+    let report =
+        redrive::redrive(client, &store, &options, |outcome| progress.heard(outcome)).await;
+    progress.bar.finish_and_clear();
+    let report = match report {
+        Ok(report) => report,
+        Err(RedriveError::Config(problem)) => return Err(OperatorError(problem).into()),
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context(
+                "redrive stopped; nothing was lost (a message leaves the DLQ only after it \
+                 was sent). Check AWS credentials, region and AWS_ENDPOINT_URL, then run it \
+                 again",
+            ));
+        }
+    };
+    match args.format {
+        OutputFormat::Json => {
+            let messages = progress.outcomes;
+            let value = serde_json::json!({ "summary": report, "messages": messages });
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        OutputFormat::Table => print_redrive(&report, &progress.outcomes),
+    }
+    if report.counts.failed > 0 {
+        bail!(
+            "{} message(s) could not be sent and stay in the DLQ; run the redrive again",
+            report.counts.failed
+        );
+    }
+    Ok(())
+}
+
+/// The library's redrive options from the command line.
+fn redrive_options(args: &RedriveArgs) -> anyhow::Result<RedriveOptions> {
+    Ok(RedriveOptions {
         dlq_url: args.dlq_url.clone(),
         to: args.to.clone(),
         max_redrives: args.max_redrives,
@@ -56,31 +91,51 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             .operator
             .clone()
             .unwrap_or_else(redrive::default_operator),
-    };
+    })
+}
 
-    // Progress on stderr: a bar with rate and ETA on a terminal (its length is the DLQ's
-    // approximate depth), one line per message otherwise.
-    let terminal = std::io::stderr().is_terminal();
-    let bar = if terminal && !options.dry_run {
-        let depth = SqsQueue::new(client.clone(), options.dlq_url.clone())
-            .message_counts()
-            .await
-            .ok()
-            .map(|counts| counts.visible);
-        let length = match (depth, options.limit) {
-            (Some(depth), Some(limit)) => Some(depth.min(limit)),
-            (depth, limit) => depth.or(limit),
+/// Progress on stderr while a redrive runs: a bar with rate and ETA on a terminal (its
+/// length is the DLQ's approximate depth), one line per message otherwise; a dry run keeps
+/// every outcome for its table instead.
+struct RedriveProgress {
+    bar: ProgressBar,
+    terminal: bool,
+    dry_run: bool,
+    outcomes: Vec<Outcome>,
+    tally: HashMap<&'static str, u64>,
+}
+
+impl RedriveProgress {
+    async fn start(client: &aws_sdk_sqs::Client, options: &RedriveOptions) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = if terminal && !options.dry_run {
+            let depth = SqsQueue::new(client.clone(), options.dlq_url.clone())
+                .message_counts()
+                .await
+                .ok()
+                .map(|counts| counts.visible);
+            let length = match (depth, options.limit) {
+                (Some(depth), Some(limit)) => Some(depth.min(limit)),
+                (depth, limit) => depth.or(limit),
+            };
+            progress_bar(
+                length,
+                "{spinner} {pos}/{len} examined · {msg} · {per_sec} · ETA {eta}",
+            )
+        } else {
+            ProgressBar::hidden()
         };
-        progress_bar(
-            length,
-            "{spinner} {pos}/{len} examined · {msg} · {per_sec} · ETA {eta}",
-        )
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut tally: HashMap<&'static str, u64> = HashMap::new();
-    let report = redrive::redrive(client, &store, &options, |outcome| {
+        RedriveProgress {
+            bar,
+            terminal,
+            dry_run: options.dry_run,
+            outcomes: Vec::new(),
+            tally: HashMap::new(),
+        }
+    }
+
+    /// One message settled.
+    fn heard(&mut self, outcome: &Outcome) {
         let kind = match outcome.action {
             Action::Redriven { .. } => "redriven",
             Action::AlreadyComplete => "already done",
@@ -88,18 +143,20 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             Action::FilteredOut => "filtered out",
             Action::Failed { .. } => "failed",
         };
-        *tally.entry(kind).or_default() += 1;
-        if options.dry_run {
-            outcomes.push(outcome.clone());
-        } else if terminal {
-            bar.inc(1);
-            bar.set_message(format!(
+        *self.tally.entry(kind).or_default() += 1;
+        if self.dry_run {
+            self.outcomes.push(outcome.clone());
+        } else if self.terminal {
+            let count = |kind: &str| self.tally.get(kind).copied().unwrap_or(0);
+            let message = format!(
                 "{} redriven · {} already done · {} exhausted · {} failed",
-                tally.get("redriven").unwrap_or(&0),
-                tally.get("already done").unwrap_or(&0),
-                tally.get("exhausted").unwrap_or(&0),
-                tally.get("failed").unwrap_or(&0),
-            ));
+                count("redriven"),
+                count("already done"),
+                count("exhausted"),
+                count("failed"),
+            );
+            self.bar.inc(1);
+            self.bar.set_message(message);
         } else {
             eprintln!(
                 "{} key={} {}",
@@ -108,87 +165,61 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
                 describe_action(&outcome.action)
             );
         }
-    })
-    .await;
-    bar.finish_and_clear();
-    let report = match report {
-        Ok(report) => report,
-        Err(RedriveError::Config(problem)) => return Err(OperatorError(problem).into()),
-        Err(error) => {
-            return Err(anyhow::Error::new(error).context(
-                "redrive stopped; nothing was lost (a message leaves the DLQ only after it \
-                 was sent). Check AWS credentials, region and AWS_ENDPOINT_URL, then run it \
-                 again",
-            ));
-        }
-    };
+    }
+}
 
-    match args.format {
-        OutputFormat::Json => {
-            let value = serde_json::json!({ "summary": report, "messages": outcomes });
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        }
-        OutputFormat::Table => {
-            if options.dry_run {
-                let mut table = table(&["MESSAGE ID", "KEY", "REDRIVES", "CHECKPOINT", "WOULD"]);
-                align_right(&mut table, &[2]);
-                for o in &outcomes {
-                    table.add_row(vec![
-                        o.message_id.clone(),
-                        o.key.clone(),
-                        o.previous_redrive_count
-                            .map(|c| c.to_string())
-                            .unwrap_or_else(|| "?".into()),
-                        o.checkpoint_status.clone().unwrap_or_else(|| "-".into()),
-                        describe_action(&o.action),
-                    ]);
-                }
-                println!("{}\n", table.trim_fmt());
-            }
-            println!(
-                "redrive #{} to {}{}",
-                report.audit_id,
-                report.target_url,
-                if options.dry_run {
-                    " (dry run: nothing changed)"
-                } else {
-                    ""
-                }
-            );
-            let verb = if options.dry_run { "would be " } else { "" };
-            let lines = [
-                ("examined".to_owned(), report.examined),
-                (format!("{verb}redriven"), report.counts.redriven),
-                (
-                    format!("already done ({verb}deleted)"),
-                    report.counts.skipped_complete,
-                ),
-                (
-                    format!("exhausted ({verb}recorded)"),
-                    report.counts.exhausted,
-                ),
-                ("filtered out (kept)".to_owned(), report.filtered_out),
-                ("send failures (kept)".to_owned(), report.counts.failed),
-            ];
-            let mut summary = table(&[]);
-            align_right(&mut summary, &[1]);
-            for (label, count) in lines {
-                summary.add_row(vec![label, count.to_string()]);
-            }
-            summary.add_row(vec![
-                "seconds".to_owned(),
-                format!("{:.1}", report.elapsed_secs),
+/// The redrive's report as tables: a dry run's per-message plan, then the counts.
+fn print_redrive(report: &RedriveReport, outcomes: &[Outcome]) {
+    if report.dry_run {
+        let mut table = table(&["MESSAGE ID", "KEY", "REDRIVES", "CHECKPOINT", "WOULD"]);
+        align_right(&mut table, &[2]);
+        for o in outcomes {
+            table.add_row(vec![
+                o.message_id.clone(),
+                o.key.clone(),
+                o.previous_redrive_count
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                o.checkpoint_status.clone().unwrap_or_else(|| "-".into()),
+                describe_action(&o.action),
             ]);
-            println!("{}", summary.trim_fmt());
         }
+        println!("{}\n", table.trim_fmt());
     }
-    if report.counts.failed > 0 {
-        bail!(
-            "{} message(s) could not be sent and stay in the DLQ; run the redrive again",
-            report.counts.failed
-        );
+    let dry_run_note = if report.dry_run {
+        " (dry run: nothing changed)"
+    } else {
+        ""
+    };
+    println!(
+        "redrive #{} to {}{dry_run_note}",
+        report.audit_id, report.target_url
+    );
+    let verb = if report.dry_run { "would be " } else { "" };
+    let lines = [
+        ("examined".to_owned(), report.examined),
+        (format!("{verb}redriven"), report.counts.redriven),
+        (
+            format!("already done ({verb}deleted)"),
+            report.counts.skipped_complete,
+        ),
+        (
+            format!("exhausted ({verb}recorded)"),
+            report.counts.exhausted,
+        ),
+        ("filtered out (kept)".to_owned(), report.filtered_out),
+        ("send failures (kept)".to_owned(), report.counts.failed),
+    ];
+    let mut summary = table(&[]);
+    align_right(&mut summary, &[1]);
+    for (label, count) in lines {
+        summary.add_row(vec![label, count.to_string()]);
     }
-    Ok(())
+    summary.add_row(vec![
+        "seconds".to_owned(),
+        format!("{:.1}", report.elapsed_secs),
+    ]);
+    println!("{}", summary.trim_fmt());
 }
 
 pub(super) async fn redrive_native(

@@ -27,7 +27,9 @@ use crate::cli::args::{
 };
 use sqs_worker::lambda::LambdaWorker;
 use sqs_worker::message::{self, KeySpec};
-use sqs_worker::redrive::{self, Action, Filter, Outcome, RedriveError, RedriveOptions};
+use sqs_worker::redrive::{
+    self, Action, Filter, Outcome, RedriveError, RedriveOptions, RedriveReport,
+};
 use sqs_worker::sqs::{self, OutgoingMessage, SqsError, SqsQueue};
 use sqs_worker::startup::{self, StartupError, Verdict};
 use sqs_worker::store::{

@@ -17,7 +17,7 @@ use sqs_worker::handler::{Handler, HandlerError, Job};
 use sqs_worker::message::KeySpec;
 use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
 use sqs_worker::store::PostgresStore;
-use sqs_worker::worker::{Worker, WorkerConfig};
+use sqs_worker::worker::{RunSummary, Worker, WorkerConfig};
 
 /// The demo's handler: "charges" an order. An order with `"flaky": true` fails its first
 /// attempt, as a payment gateway timing out would.
@@ -90,27 +90,10 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         .run(&pool)
         .await
         .context("applying migrations failed")?;
-
     // Fresh order ids per run, so a second demo shows the same story instead of all skips.
     let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let orders = args.orders as usize;
-    let mut bodies: Vec<(String, Option<Duration>)> = Vec::new();
-    for i in 1..=orders {
-        let order = serde_json::json!({
-            "order_id": format!("demo-{run_id}-{i:03}"),
-            "amount_cents": 1000 + i * 25,
-            "flaky": i == 2,
-        });
-        bodies.push((order.to_string(), None));
-    }
-    // Duplicate deliveries of some orders (same key, new MessageId), arriving a little later
-    // as redeliveries do.
-    let duplicates = (orders / 3).max(1);
-    for i in 0..duplicates {
-        let (body, _) = bodies[i * 3 % orders].clone();
-        bodies.push((body, Some(Duration::from_secs(3))));
-    }
-    bodies.push(("this is not JSON {".to_owned(), None));
+    let (bodies, duplicates) = demo_messages(&run_id, orders);
     for (body, delay) in &bodies {
         queue
             .send(OutgoingMessage {
@@ -128,43 +111,14 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         bodies.len(),
         queue.url()
     );
-
-    let mut config = WorkerConfig::new(queue.url());
-    config.scope = Some("demo".into());
-    config.key = KeySpec::new(vec!["/order_id".into()]).map_err(anyhow::Error::msg)?;
-    config.backoff_base = Duration::from_secs(1);
-    // Short polls: after the idle period the worker lets in-flight polls finish before exit.
-    config.wait_time = Duration::from_secs(2);
-    config.exit_when_idle = Some(Duration::from_secs(5));
     let handler = Arc::new(SampleHandler::default());
-    let summary = Worker::new(config, client, PostgresStore::shared(pool), handler.clone())
+    let store = PostgresStore::shared(pool);
+    let summary = Worker::new(demo_config(queue.url())?, client, store, handler.clone())
         .with_shutdown(shutdown)
         .run()
         .await?;
-
-    println!();
-    println!("demo summary (scope \"demo\", queue {})", args.queue_name);
-    println!("  {:<34} {:>5}", "messages sent", bodies.len());
-    println!("  {:<34} {:>5}", "messages received", summary.received);
-    println!(
-        "  {:<34} {:>5}",
-        "orders processed (charged once)", summary.processed
-    );
-    println!(
-        "  {:<34} {:>5}",
-        "duplicate deliveries skipped", summary.duplicates_skipped
-    );
-    println!("  {:<34} {:>5}", "retried after a failure", summary.retried);
-    println!(
-        "  {:<34} {:>5}",
-        format!("sent to {}-dlq", args.queue_name),
-        summary.sent_to_dlq
-    );
-    println!(
-        "  {:<34} {:>5}",
-        "charges made by the handler",
-        handler.charges.load(Ordering::Relaxed)
-    );
+    let charges = handler.charges.load(Ordering::Relaxed);
+    print_summary(&args, bodies.len(), &summary, charges);
     println!();
     println!("look one up with the binary just built (no second build):");
     println!(
@@ -172,6 +126,57 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         lookup_hint(&args.database_url, &format!("demo-{run_id}-001"))
     );
     Ok(())
+}
+
+/// The demo's messages: `orders` orders (the second one flaky), a duplicate delivery of
+/// every third (same key, new MessageId, arriving a little later as redeliveries do), and
+/// one that is not JSON. Returns them with the number of duplicates.
+fn demo_messages(run_id: &str, orders: usize) -> (Vec<(String, Option<Duration>)>, usize) {
+    let mut bodies: Vec<(String, Option<Duration>)> = (1..=orders)
+        .map(|i| {
+            let order = serde_json::json!({
+                "order_id": format!("demo-{run_id}-{i:03}"),
+                "amount_cents": 1000 + i * 25,
+                "flaky": i == 2,
+            });
+            (order.to_string(), None)
+        })
+        .collect();
+    let duplicates = (orders / 3).max(1);
+    for i in 0..duplicates {
+        let (body, _) = bodies[i * 3 % orders].clone();
+        bodies.push((body, Some(Duration::from_secs(3))));
+    }
+    bodies.push(("this is not JSON {".to_owned(), None));
+    (bodies, duplicates)
+}
+
+/// The worker's config for the demo: keyed by order id, quick retries, exit when idle.
+fn demo_config(queue_url: &str) -> anyhow::Result<WorkerConfig> {
+    let mut config = WorkerConfig::new(queue_url);
+    config.scope = Some("demo".into());
+    config.key = KeySpec::new(vec!["/order_id".into()]).map_err(anyhow::Error::msg)?;
+    config.backoff_base = Duration::from_secs(1);
+    // Short polls: after the idle period the worker lets in-flight polls finish before exit.
+    config.wait_time = Duration::from_secs(2);
+    config.exit_when_idle = Some(Duration::from_secs(5));
+    Ok(config)
+}
+
+fn print_summary(args: &DemoArgs, sent: usize, summary: &RunSummary, charges: u64) {
+    let line = |label: &str, count: u64| println!("  {label:<34} {count:>5}");
+    println!();
+    println!("demo summary (scope \"demo\", queue {})", args.queue_name);
+    line("messages sent", sent as u64);
+    line("messages received", summary.received);
+    line("orders processed (charged once)", summary.processed);
+    line("duplicate deliveries skipped", summary.duplicates_skipped);
+    line("retried after a failure", summary.retried);
+    line(
+        &format!("sent to {}-dlq", args.queue_name),
+        summary.sent_to_dlq,
+    );
+    line("charges made by the handler", charges);
 }
 
 #[cfg(test)]

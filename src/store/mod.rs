@@ -114,7 +114,7 @@ pub trait Claims: Send + Sync {
 
     /// Give back a claim whose handler never started, taking back the attempt it counted.
     /// False when the lease was not ours.
-    async fn unclaim(&self, lease: &Lease) -> Result<bool, StoreError>;
+    async fn release_unstarted(&self, lease: &Lease) -> Result<bool, StoreError>;
 
     /// Heartbeat: the lease ends `duration` from now. False when it is no longer ours.
     async fn renew_lease(&self, lease: &Lease, duration: Duration) -> Result<bool, StoreError>;

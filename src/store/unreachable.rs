@@ -51,7 +51,7 @@ impl Claims for UnreachableStore {
     async fn release(&self, _: &Lease, _: &str) -> Result<bool, StoreError> {
         unreachable!()
     }
-    async fn unclaim(&self, _: &Lease) -> Result<bool, StoreError> {
+    async fn release_unstarted(&self, _: &Lease) -> Result<bool, StoreError> {
         unreachable!()
     }
     async fn renew_lease(&self, _: &Lease, _: Duration) -> Result<bool, StoreError> {

@@ -21,7 +21,7 @@ pub(super) async fn hand_back(
     tracing::info!(message_id = %event.parsed.message.message_id, %key, reason, "handing the message back unstarted");
     // The claim never ran: it does not count as an attempt. A lease taken over meanwhile
     // means the message is another holder's: leave it.
-    match shared.store.unclaim(&event.lease).await {
+    match shared.store.release_unstarted(&event.lease).await {
         Ok(true) => {}
         Ok(false) => return,
         Err(error) => {

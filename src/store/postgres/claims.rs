@@ -308,7 +308,7 @@ impl Claims for PostgresStore {
         Ok(result.rows_affected() == 1)
     }
 
-    async fn unclaim(&self, lease: &Lease) -> Result<bool, StoreError> {
+    async fn release_unstarted(&self, lease: &Lease) -> Result<bool, StoreError> {
         let result = sqlx::query!(
             r#"
             update checkpoints

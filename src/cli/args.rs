@@ -248,7 +248,8 @@ pub struct ProcessingArgs {
     #[arg(long, env = "SQS_WORKER_BACKOFF_MAX", default_value = "900", value_parser = parse_seconds)]
     pub backoff_max: Duration,
 
-    /// This worker's name as a lease owner. [default: host-pid-random]
+    /// This worker's name, the first part of its lease tokens (`<worker-id>#<n>`, shown as
+    /// a checkpoint's lease owner). [default: host-pid-random]
     #[arg(long, env = "SQS_WORKER_WORKER_ID")]
     pub worker_id: Option<String>,
 

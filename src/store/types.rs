@@ -186,7 +186,7 @@ pub struct Checkpoint {
     pub status: String,
     /// Completed steps.
     pub steps: Value,
-    /// The worker holding the lease, if any.
+    /// The lease token (`worker_id#n`) of the claim holding or completing the event, if any.
     pub lease_owner: Option<String>,
     /// When that lease ends.
     pub lease_expires_at: Option<DateTime<Utc>>,

@@ -44,7 +44,8 @@ pub struct WorkerConfig {
     /// How long to keep trying to reach the queue at start while SQS is unreachable (a
     /// queue that cannot work, such as a wrong URL, fails at once).
     pub startup_timeout: Duration,
-    /// This worker's lease-owner name; `None` makes one from host, pid and a random suffix.
+    /// This worker's name, the first part of its lease tokens (`worker_id#n`); `None` makes
+    /// one from host, pid and a random suffix.
     pub worker_id: Option<String>,
 }
 

@@ -17,14 +17,14 @@ pub(super) enum AckResult {
 }
 
 pub(super) struct AckRequest {
-    pub(super) kind: AckKind,
+    kind: AckKind,
     pub(super) receipts: Vec<String>,
-    pub(super) reply: Option<oneshot::Sender<AckResult>>,
+    reply: Option<oneshot::Sender<AckResult>>,
 }
 
 pub(super) struct PendingAck<'a> {
-    pub(super) shared: &'a Shared,
-    pub(super) kind: AckKind,
+    shared: &'a Shared,
+    kind: AckKind,
 }
 
 impl PendingAck<'_> {
@@ -97,9 +97,9 @@ impl Shared {
 
 /// Most receipts settled together: one completion statement for all their events, then
 /// DeleteMessageBatch calls of 10 in parallel.
-pub(super) const ACK_BATCH: usize = 50;
+const ACK_BATCH: usize = 50;
 /// How long the acker waits for more requests before settling what it has.
-pub(super) const ACK_LINGER: Duration = Duration::from_millis(5);
+const ACK_LINGER: Duration = Duration::from_millis(5);
 /// Settlements in flight at once, so deletes overlap receives as in a bare loop.
 pub(super) const ACK_PARALLEL: usize = 4;
 
@@ -156,7 +156,7 @@ pub(super) async fn run_acker(
     while settling.join_next().await.is_some() {}
 }
 
-pub(super) async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
+async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
     let keys: Vec<(String, String)> = batch
         .iter()
         .filter_map(|r| match &r.kind {
@@ -216,7 +216,7 @@ pub(super) async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
 /// DeleteMessageBatch in chunks of 10, all at once: one round trip's wait, not several.
 /// Returns the receipts that were not deleted; each failure is logged and counted, never
 /// dropped silently.
-pub(super) async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec<String> {
+async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec<String> {
     join_all(receipts.chunks(10).map(|chunk| delete_chunk(shared, chunk)))
         .await
         .into_iter()
@@ -225,7 +225,7 @@ pub(super) async fn delete_receipts(shared: &Shared, receipts: &[String]) -> Vec
 }
 
 /// One DeleteMessageBatch (at most 10 receipts).
-pub(super) async fn delete_chunk(shared: &Shared, receipts: &[String]) -> Vec<String> {
+async fn delete_chunk(shared: &Shared, receipts: &[String]) -> Vec<String> {
     if receipts.is_empty() {
         return Vec::new();
     }

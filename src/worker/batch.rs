@@ -185,11 +185,11 @@ pub(super) struct Routed {
     pub(super) lease_token: String,
     pub(super) lease: Duration,
     /// The batch's permits not yet given to a task.
-    pub(super) permits: Vec<OwnedSemaphorePermit>,
+    permits: Vec<OwnedSemaphorePermit>,
     /// Events to run.
     pub(super) claimed: Vec<ClaimedEvent>,
     /// Busy deliveries and when they come back.
-    pub(super) busy: Vec<(String, Duration)>,
+    busy: Vec<(String, Duration)>,
     /// FIFO: the first position in each group that did not get its claim, and about when it
     /// is visible again; later messages of that group must wait for it.
     pub(super) blocked_from: HashMap<String, (usize, Duration)>,
@@ -296,7 +296,7 @@ fn start_events(
     });
 }
 
-pub(super) fn spawn_mismatch(
+fn spawn_mismatch(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     parsed: Parsed,
@@ -312,7 +312,7 @@ pub(super) fn spawn_mismatch(
 
 /// A delivery of an event already complete or failed: delete it, at info level
 /// (duplicates are normal).
-pub(super) async fn skip_duplicate(shared: &Shared, parsed: Parsed) {
+async fn skip_duplicate(shared: &Shared, parsed: Parsed) {
     shared.counters.duplicates_skipped.add(1);
     tracing::info!(
         message_id = %parsed.message.message_id,
@@ -328,7 +328,7 @@ pub(super) async fn skip_duplicate(shared: &Shared, parsed: Parsed) {
 /// the same payload), comes back in a moment when this process is claiming or settling the
 /// event, and otherwise when the holder's run must have ended. `None` when it needs no
 /// visibility change (it rides along, or went the mismatch way).
-pub(super) fn busy_delivery(
+fn busy_delivery(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     parsed: Parsed,
@@ -375,4 +375,4 @@ pub(super) fn busy_delivery(
 }
 
 /// When a delivery of an event this worker is claiming or settling comes back.
-pub(super) const OWN_CLAIM_RETRY: Duration = Duration::from_secs(1);
+const OWN_CLAIM_RETRY: Duration = Duration::from_secs(1);

@@ -16,8 +16,8 @@ pub(crate) struct CoreParts {
 /// one queue and the task that batches completions and deletes.
 pub(crate) struct Core {
     pub(crate) shared: Arc<Shared>,
-    pub(super) acker: tokio::task::JoinHandle<()>,
-    pub(super) acker_stop: CancellationToken,
+    acker: tokio::task::JoinHandle<()>,
+    acker_stop: CancellationToken,
 }
 
 impl Core {
@@ -69,7 +69,7 @@ impl Core {
 /// its own, so several may be out at once), the acker's settlements, renewals, releases and
 /// the probe — as many as the shared pool used to give them (half the concurrency), and at
 /// least a claim per poller plus the acker's.
-pub(super) fn bookkeeping_connections(config: &WorkerConfig) -> u32 {
+fn bookkeeping_connections(config: &WorkerConfig) -> u32 {
     (config.concurrency / 2)
         .max(config.pollers + ACK_PARALLEL + 2)
         .min(32) as u32
@@ -84,7 +84,7 @@ pub(crate) fn host_name() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-pub(super) fn default_worker_id() -> String {
+fn default_worker_id() -> String {
     let host = host_name().unwrap_or_else(|| "worker".into());
     format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }

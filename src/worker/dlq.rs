@@ -71,7 +71,7 @@ pub(super) enum FirstPayload {
 /// A message that should have gone to the DLQ but could not be sent there (no DLQ, a
 /// failed send): it comes back after a backoff that grows with its receive count, so that
 /// a DLQ outage does not spin it.
-pub(super) async fn retry_unsent(shared: &Shared, message: &ReceivedMessage) {
+async fn retry_unsent(shared: &Shared, message: &ReceivedMessage) {
     shared.counters.retried.add(1);
     shared
         .change_visibility(&[(
@@ -143,7 +143,7 @@ pub(super) async fn dead_letter_mismatch(
 }
 
 /// The DLQ detail of a payload mismatch, and the fields that differ when they are known.
-pub(super) fn mismatch_detail(
+fn mismatch_detail(
     key: &str,
     first_fingerprint: &str,
     first_fields: Option<&str>,

@@ -39,7 +39,7 @@ pub(super) fn start_groups(
 /// handed back behind it. Once one message is held, the rest of the group waits until
 /// shortly after it is visible again: SQS itself blocks a group while a message is in
 /// flight, and the extra second keeps the order even where a broker does not.
-pub(super) async fn run_group(
+async fn run_group(
     shared: &Arc<Shared>,
     events: Vec<ClaimedEvent>,
     lease: Duration,
@@ -97,7 +97,7 @@ pub(super) async fn run_group(
 
 /// Confirm that a waiting FIFO event's lease is still this claim's, and renew it with its
 /// messages' visibility for a run starting now. False when it was taken over.
-pub(super) async fn start_waiting(shared: &Shared, event: &ClaimedEvent, lease: Duration) -> bool {
+async fn start_waiting(shared: &Shared, event: &ClaimedEvent, lease: Duration) -> bool {
     let key = event.parsed.key();
     match shared
         .store

@@ -85,7 +85,7 @@ fn handler_result(
 }
 
 /// A heartbeat's clock: when the lease ends, when the run must end, and the next renewal.
-pub(super) struct Beat {
+struct Beat {
     lease_until: tokio::time::Instant,
     hard_deadline: tokio::time::Instant,
     /// `None` once renewals have stopped (off, or one failed).
@@ -148,16 +148,16 @@ impl Beat {
 }
 
 /// A heartbeat's renewal, running beside the handler.
-pub(super) type Renewal<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+type Renewal<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
-pub(super) async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
 
-pub(super) fn heartbeat_failed(shared: &Shared, cancel: &CancellationToken, problem: &str) {
+fn heartbeat_failed(shared: &Shared, cancel: &CancellationToken, problem: &str) {
     shared.counters.heartbeat_failures.add(1);
     tracing::warn!(
         %problem,
@@ -172,7 +172,7 @@ pub(super) fn heartbeat_failed(shared: &Shared, cancel: &CancellationToken, prob
 pub(crate) const HANDLER_STOP_GRACE: Duration = Duration::from_millis(1500);
 
 /// Tell the handler to stop, give it `grace` to do so, then abort its task.
-pub(super) async fn stop_handler(
+async fn stop_handler(
     cancel: &CancellationToken,
     task: &mut tokio::task::JoinHandle<Result<(), HandlerError>>,
     grace: Duration,
@@ -186,7 +186,7 @@ pub(super) async fn stop_handler(
 /// One heartbeat: visibility and leases, renewed concurrently. It fails when the event's
 /// own lease or messages could not be extended; a rider or a waiting companion that could
 /// not be is dropped from the watch (a waiting event whose lease was taken will not start).
-pub(super) async fn renew(shared: &Shared, watch: &Watch<'_>) -> Result<(), String> {
+async fn renew(shared: &Shared, watch: &Watch<'_>) -> Result<(), String> {
     // Race tests make a renewal hang here.
     pause_at("sqs_worker::renew").await;
     let riders: Vec<String> = watch

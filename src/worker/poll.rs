@@ -27,7 +27,7 @@ pub(super) async fn probe_database(shared: Arc<Shared>, stop: CancellationToken)
 
 /// Hold a poller while the database is unreachable (see `Shared::database_up`). Returns
 /// false if the worker is stopping.
-pub(super) async fn wait_for_database(shared: &Shared, stop: &CancellationToken) -> bool {
+async fn wait_for_database(shared: &Shared, stop: &CancellationToken) -> bool {
     while !shared.database_up() {
         tokio::select! {
             _ = stop.cancelled() => return false,
@@ -155,7 +155,7 @@ fn start_batch(
 }
 
 /// Make messages received during shutdown visible again at once, for another worker.
-pub(super) async fn hand_back_received(shared: &Shared, messages: &[ReceivedMessage]) {
+async fn hand_back_received(shared: &Shared, messages: &[ReceivedMessage]) {
     if messages.is_empty() {
         return;
     }
@@ -169,10 +169,10 @@ pub(super) async fn hand_back_received(shared: &Shared, messages: &[ReceivedMess
 }
 
 /// How long a poller waits for more free slots before receiving fewer than 10 messages.
-pub(super) const PERMIT_GATHER: Duration = Duration::from_millis(20);
+const PERMIT_GATHER: Duration = Duration::from_millis(20);
 /// The longest pause between receives while SQS answers with errors: short, so a worker is
 /// back within seconds of an outage's end (the SDK retries each call too).
-pub(super) const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the database is pinged while it answers, and while it does not.
-pub(super) const PROBE_EVERY: Duration = Duration::from_secs(2);
-pub(super) const PROBE_EVERY_WHILE_DOWN: Duration = Duration::from_secs(1);
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+const PROBE_EVERY_WHILE_DOWN: Duration = Duration::from_secs(1);

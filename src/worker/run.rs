@@ -79,7 +79,7 @@ pub(super) enum Ended {
 }
 
 /// Run a claimed event's handler under its heartbeat, then settle it by how it ended.
-pub(super) async fn run_claimed(
+async fn run_claimed(
     shared: &Arc<Shared>,
     event: ClaimedEvent,
     lease_time: Duration,

@@ -5,8 +5,8 @@ use super::*;
 
 /// Registers a claim statement's keys while it runs (see `Shared::claimed_elsewhere_here`).
 pub(super) struct Claiming<'a> {
-    pub(super) shared: &'a Shared,
-    pub(super) keys: Vec<String>,
+    shared: &'a Shared,
+    keys: Vec<String>,
 }
 
 impl<'a> Claiming<'a> {
@@ -42,8 +42,8 @@ impl Drop for Claiming<'_> {
 /// fast events settle (a full scan per insert would not).
 #[derive(Default)]
 pub(super) struct RecentlySettled {
-    pub(super) at: HashMap<String, Instant>,
-    pub(super) order: std::collections::VecDeque<(Instant, String)>,
+    at: HashMap<String, Instant>,
+    order: std::collections::VecDeque<(Instant, String)>,
 }
 
 impl RecentlySettled {
@@ -93,4 +93,4 @@ pub(super) enum RideAlong {
 
 /// How long a settled event is remembered for `OWN_CLAIM_RETRY`: far longer than a claim
 /// statement takes.
-pub(super) const RECENTLY_SETTLED: Duration = Duration::from_secs(5);
+const RECENTLY_SETTLED: Duration = Duration::from_secs(5);

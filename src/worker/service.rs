@@ -7,10 +7,10 @@ use super::*;
 #[derive(Default)]
 pub struct WorkerBuilder {
     pub(super) config: Option<WorkerConfig>,
-    pub(super) client: Option<aws_sdk_sqs::Client>,
+    client: Option<aws_sdk_sqs::Client>,
     pub(super) store: Option<Arc<dyn CheckpointStore>>,
     pub(super) handler: Option<Arc<dyn Handler>>,
-    pub(super) shutdown: Option<CancellationToken>,
+    shutdown: Option<CancellationToken>,
     pub(super) readiness: Option<Arc<Readiness>>,
 }
 
@@ -89,7 +89,7 @@ pub struct Worker {
     pub(super) sqs: SqsQueue,
     pub(super) store: Arc<dyn CheckpointStore>,
     pub(super) handler: Arc<dyn Handler>,
-    pub(super) shutdown: CancellationToken,
+    shutdown: CancellationToken,
     pub(super) readiness: Option<Arc<Readiness>>,
 }
 

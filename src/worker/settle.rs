@@ -156,7 +156,7 @@ pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Opt
 
 /// Retryable outcome: give the lease back, then hide the message(s) for `delay` — unless
 /// the lease was taken over meanwhile: the message is then the new holder's.
-pub(super) async fn hand_back_failed(
+async fn hand_back_failed(
     shared: &Shared,
     lease: &Lease,
     error: &str,
@@ -177,7 +177,7 @@ pub(super) async fn hand_back_failed(
 
 /// Whether `lease` is still held (renewing it for a moment): asked before
 /// an outcome that cannot be taken back, such as a DLQ send.
-pub(super) async fn still_held(shared: &Shared, lease: &Lease) -> bool {
+async fn still_held(shared: &Shared, lease: &Lease) -> bool {
     match shared.store.renew_lease(lease, shared.lease).await {
         Ok(true) => true,
         Ok(false) => {

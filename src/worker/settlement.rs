@@ -27,7 +27,7 @@ impl Mode {
         }
     }
 
-    pub(super) fn is_lambda(&self) -> bool {
+    fn is_lambda(&self) -> bool {
         matches!(self, Mode::Lambda { .. })
     }
 

@@ -57,7 +57,7 @@ pub(super) async fn lambda_queue_setup(
 }
 
 /// What a failed SQS call at start means, in a line that says what to fix.
-pub(super) fn judge_queue_error(error: &SqsError, queue_url: &str) -> Verdict {
+fn judge_queue_error(error: &SqsError, queue_url: &str) -> Verdict {
     let why = &error.message;
     match error.kind {
         SqsErrorKind::Unreachable => {

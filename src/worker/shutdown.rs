@@ -6,7 +6,7 @@ use super::*;
 /// After the drain deadline, how long stopped handlers get to hand their messages back
 /// (release the lease, visibility 0). ECS's 30 s stopTimeout leaves 5 s over the default
 /// 25 s drain.
-pub(super) const HAND_BACK_GRACE: Duration = Duration::from_secs(3);
+const HAND_BACK_GRACE: Duration = Duration::from_secs(3);
 
 /// The drain after a stop: in-flight long polls and handlers share one deadline that starts
 /// now, so the whole drain stays within --shutdown-timeout (below the orchestrator's stop
@@ -132,7 +132,7 @@ pub(super) async fn exit_when_idle(shared: Arc<Shared>, idle: Duration, stop: Ca
 }
 
 /// How often an idle worker with `--exit-when-idle` asks the queue what it still holds.
-pub(super) const QUEUE_LOOK_EVERY: Duration = Duration::from_secs(1);
+const QUEUE_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// The long-poll wait: the configured one, or with `--exit-when-idle` no longer than the idle
 /// period has left (at least 1 s), so the polls in flight when the worker goes idle end

@@ -44,8 +44,8 @@ pub struct RunSummary {
 
 /// One count: kept for the run summary and mirrored to the `metrics` facade.
 pub(super) struct Count {
-    pub(super) value: AtomicU64,
-    pub(super) metric: metrics::Counter,
+    value: AtomicU64,
+    metric: metrics::Counter,
 }
 
 impl Count {
@@ -61,7 +61,7 @@ impl Count {
         self.metric.increment(n as u64);
     }
 
-    pub(super) fn get(&self) -> u64 {
+    fn get(&self) -> u64 {
         self.value.load(Ordering::Relaxed)
     }
 }

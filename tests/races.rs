@@ -149,14 +149,28 @@ echo "$SQS_WORKER_MESSAGE_ID" >> "$LOG""#;
     let none = serde_json::json!({});
     let stored = r#"{"id":"s1","v":2}"#;
     let first = serde_json::json!({"Records": [lambda_record(&arn, "m-0", stored, none.clone())]});
-    let response = invoke_lambda(&database_url, &log, &first, "30", handler).await;
+    let response = invoke_lambda(
+        sqs_worker_command(&database_url),
+        &log,
+        &first,
+        "30",
+        handler,
+    )
+    .await;
     assert_eq!(response["batchItemFailures"].as_array().unwrap().len(), 1);
 
     let second = serde_json::json!({"Records": [
         lambda_record(&arn, "m-1", r#"{"id":"s1","v":1}"#, none.clone()),
         lambda_record(&arn, "m-2", stored, none.clone()),
     ]});
-    let response = invoke_lambda(&database_url, &log, &second, "30", handler).await;
+    let response = invoke_lambda(
+        sqs_worker_command(&database_url),
+        &log,
+        &second,
+        "30",
+        handler,
+    )
+    .await;
     assert_eq!(
         response,
         serde_json::json!({"batchItemFailures": []}),

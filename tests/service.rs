@@ -417,7 +417,14 @@ async fn invoke(
     event: &serde_json::Value,
     timeout_secs: &str,
 ) -> serde_json::Value {
-    invoke_lambda(database_url, log, event, timeout_secs, LAMBDA_HANDLER).await
+    invoke_lambda(
+        sqs_worker_command(database_url),
+        log,
+        event,
+        timeout_secs,
+        LAMBDA_HANDLER,
+    )
+    .await
 }
 
 /// `lambda --event`: duplicates are skipped, only retryable failures are reported, a

@@ -65,7 +65,13 @@ pub fn worker_on(
     client: Client,
     handler: Arc<dyn Handler>,
 ) -> Worker {
-    Worker::new(config, client, store.pool().clone(), handler)
+    Worker::builder()
+        .config(config)
+        .sqs_client(client)
+        .pool(store.pool().clone())
+        .shared_handler(handler)
+        .build()
+        .expect("a worker from all its parts")
 }
 
 /// A claim of `key` with payload hash `h` and message id `m-<key>`, first pass: the store

@@ -322,6 +322,17 @@ impl TestEnv {
         &self.address.url
     }
 
+    /// The database's URL with its host and port replaced by `addr`: the same database
+    /// through a [`super::Proxy`].
+    pub fn database_url_via(&self, addr: std::net::SocketAddr) -> String {
+        let (scheme, rest) = self.address.url.split_once("://").expect("a URL");
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(split);
+        let user = authority.rsplit_once('@').map_or("", |(user, _)| user);
+        let at = if user.is_empty() { "" } else { "@" };
+        format!("{scheme}://{user}{at}{addr}{path}")
+    }
+
     /// The PostgreSQL pool, for tests of PostgreSQL itself (their own tables, triggers,
     /// edited rows). Panics for another store.
     pub fn pool(&self) -> &PgPool {

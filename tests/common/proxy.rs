@@ -62,3 +62,38 @@ impl Proxy {
         self.up.store(true, Ordering::SeqCst);
     }
 }
+
+/// PostgreSQL's address, from DATABASE_URL (port 5432 unless it says otherwise): where a
+/// database proxy forwards to.
+pub fn database_server() -> SocketAddr {
+    let url = super::admin_database_url();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?']).next().unwrap();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    resolve(host_port, 5432)
+}
+
+/// LocalStack's address, from AWS_ENDPOINT_URL: where an SQS proxy forwards to.
+pub fn sqs_server() -> SocketAddr {
+    let url = super::endpoint();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    resolve(after_scheme.split('/').next().unwrap(), 80)
+}
+
+/// `host[:port]` as a socket address (the first one it resolves to).
+fn resolve(host_port: &str, default_port: u16) -> SocketAddr {
+    use std::net::ToSocketAddrs;
+    let with_port = if host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("cannot resolve {with_port}"))
+}

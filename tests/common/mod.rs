@@ -18,7 +18,6 @@ mod env;
 mod handlers;
 mod http_server;
 mod lambda;
-mod legacy;
 mod proxy;
 mod queues;
 
@@ -26,7 +25,6 @@ pub use env::*;
 pub use handlers::*;
 pub use http_server::*;
 pub use lambda::*;
-pub use legacy::*;
 pub use proxy::*;
 pub use queues::*;
 

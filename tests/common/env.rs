@@ -29,6 +29,9 @@ pub enum StoreKind {
 }
 
 /// The checkpoint store the tests talk to: the one place in the tests that names its type.
+/// Once `CheckpointStore` is a trait, this names its implementation (or a boxed one when
+/// there are several), and a `pub use sqs_worker::CheckpointStore as _;` beside it keeps
+/// its methods callable in every test file through `use common::*`.
 pub type Store = sqs_worker::CheckpointStore;
 
 /// Where a test's store lives, as plain data: for a worker in another runtime or another
@@ -110,16 +113,15 @@ pub fn sqs_worker_command(database_url: &str) -> tokio::process::Command {
     command
 }
 
-/// Create a fresh, migrated store of `kind`: its store (10 connections), its address, and
-/// the name to drop it by.
-async fn create_store(kind: StoreKind) -> (Store, StoreAddress, String) {
+/// Create a fresh, migrated store of `kind` called `name` (made by [`unique`]): the store
+/// on 10 connections, and its address.
+async fn create_store(kind: StoreKind, name: &str) -> (Store, StoreAddress) {
     match kind {
         StoreKind::Postgres => {
             let admin_url = admin_database_url();
             let mut admin = sqlx::PgConnection::connect(&admin_url)
                 .await
                 .expect("PostgreSQL must be running (see README: localstack/up checks it)");
-            let name = unique("sqsw_test");
             // Identifiers cannot be bound parameters; the name is generated from [a-z_].
             sqlx::query(&format!("create database {name}"))
                 .execute(&mut admin)
@@ -138,12 +140,13 @@ async fn create_store(kind: StoreKind) -> (Store, StoreAddress, String) {
             };
             let store = address.connect(10).await.unwrap();
             sqs_worker::MIGRATOR.run(store.pool()).await.unwrap();
-            (store, address, name)
+            (store, address)
         }
     }
 }
 
-/// Remove a store made by [`create_store`], whoever is still connected to it.
+/// Remove a store made by [`create_store`], whoever is still connected to it (and nothing
+/// if it was never made).
 async fn drop_store(kind: StoreKind, name: &str) -> Result<(), sqlx::Error> {
     match kind {
         StoreKind::Postgres => {
@@ -157,7 +160,8 @@ async fn drop_store(kind: StoreKind, name: &str) -> Result<(), sqlx::Error> {
 }
 
 /// What a [`TestEnv`] made outside this process, removed on drop: the store and the queues.
-/// Filled as each is made, so a setup that panics halfway leaves nothing behind either.
+/// The store is noted before it is made, so a setup that panics halfway (a failed
+/// migration, LocalStack down) leaves no database behind either.
 #[derive(Default)]
 struct Leftovers {
     store: Option<(StoreKind, String)>,
@@ -249,8 +253,9 @@ impl TestEnvBuilder {
     pub async fn start(self) -> TestEnv {
         let client = sqs_client().await;
         let mut leftovers = Leftovers::default();
-        let (store, address, name) = create_store(self.store).await;
-        leftovers.store = Some((self.store, name));
+        let name = unique("sqsw_test");
+        leftovers.store = Some((self.store, name.clone()));
+        let (store, address) = create_store(self.store, &name).await;
         let mut env = TestEnv {
             client,
             store,

@@ -10,8 +10,11 @@ use sqs_worker::{Handler, HandlerError, Job};
 /// One handler call, as recorded.
 #[derive(Debug, Clone)]
 pub struct Call {
+    /// The event's idempotency key.
     pub key: String,
+    /// Which attempt this was (1 for the first).
     pub attempt: u32,
+    /// When the call started.
     pub at: Instant,
 }
 
@@ -23,6 +26,7 @@ type Behaviour = dyn Fn(&Job) -> Result<(), HandlerError> + Send + Sync;
 /// A handler that records every call, sleeps `delay`, then answers with `behaviour`: the
 /// tests' stand-in for an application handler.
 pub struct RecordingHandler {
+    /// Every call so far, in order.
     pub calls: Calls,
     delay: Duration,
     behaviour: Box<Behaviour>,

@@ -11,11 +11,15 @@ use tokio::net::{TcpListener, TcpStream};
 /// One request as the server received it.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// When it arrived.
     pub at: Instant,
+    /// `POST`, say.
     pub method: String,
+    /// The request target, e.g. `/hooks/events`.
     pub path: String,
     /// Names lowercased, in order.
     pub headers: Vec<(String, String)>,
+    /// The body, as text.
     pub body: String,
 }
 

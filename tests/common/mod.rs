@@ -2,12 +2,14 @@
 //!
 //! - `env.rs`: [`TestEnv`] — per test an SQS client, a fresh store (database) and a fresh
 //!   queue pair, all removed at the end, and the helpers that act on them; the one place
-//!   that names the store's type ([`Store`]) and builds workers on it.
+//!   that names the store's type ([`Store`]) and builds workers on it; [`RunningWorker`],
+//!   [`run_until_drained`], and the store tests' usual claims.
 //! - `queues.rs`: queue pairs, sends, counts and peeks on any queue.
 //! - `handlers.rs`: a handler that records its calls.
 //! - `http_server.rs`: a scripted HTTP server, and a bare GET for /healthz and /metrics.
 //! - `lambda.rs`: local Lambda invocations (`sqs-worker lambda --event`).
-//! - `proxy.rs`: a TCP proxy that refuses and cuts connections (outages).
+//! - `proxy.rs`: a TCP proxy that refuses and cuts connections (outages), and the addresses
+//!   of PostgreSQL and LocalStack it forwards to.
 //! - here: the environment's endpoints, names, waits, config shorthands, and [`store_tests!`].
 //!
 //! Every wait is bounded.

@@ -13,9 +13,10 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use common::*;
-use sqs_worker::message::{self, KeySpec};
-use sqs_worker::store::Retention;
-use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker};
+use sqs_worker::message;
+use sqs_worker::{Handler, HandlerError, Job};
+
+store_tests!(every_bad_input_gets_its_fate_and_spares_its_batch);
 
 /// SQS's classic limit, set on the test queues so LocalStack enforces it (its default is
 /// 1 MiB): body plus every attribute's name, data type and value.
@@ -127,6 +128,7 @@ fn padded(fields: &str, bytes: usize) -> String {
     body
 }
 
+/// Make LocalStack enforce SQS's classic size limit on the queue at `url`.
 async fn limit_message_size(client: &Client, url: &str) {
     client
         .set_queue_attributes()
@@ -137,19 +139,16 @@ async fn limit_message_size(client: &Client, url: &str) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
-    limit_message_size(&client, &queue.url).await;
-    limit_message_size(&client, &dlq_url).await;
+async fn every_bad_input_gets_its_fate_and_spares_its_batch(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let (client, queue_url, dlq_url) = (env.client(), env.queue_url(), env.dlq_url());
+    limit_message_size(client, queue_url).await;
+    limit_message_size(client, dlq_url).await;
 
     // LocalStack enforces the limit as SQS does: body + attribute names, types and values.
     let over = client
         .send_message()
-        .queue_url(&queue.url)
+        .queue_url(queue_url)
         .message_body("x".repeat(LIMIT - 8 + 1))
         .message_attributes("a", string("v"))
         .send()
@@ -257,7 +256,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
             .collect();
         let sent = client
             .send_message_batch()
-            .queue_url(&queue.url)
+            .queue_url(queue_url)
             .set_entries(Some(entries))
             .send()
             .await
@@ -267,7 +266,7 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
     for c in &big {
         client
             .send_message()
-            .queue_url(&queue.url)
+            .queue_url(queue_url)
             .message_body(&c.body)
             .set_message_attributes(c.attributes_map())
             .send()
@@ -280,19 +279,9 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
     let handler = Arc::new(Misbehaving {
         calls: calls.clone(),
     });
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("bad".into());
     // A batch whose claim failed would come back only after 60 s, far past the drain bound.
-    config.visibility_timeout = Some(Duration::from_secs(60));
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(25),
-    )
-    .await;
-    let summary = &summaries[0];
+    let config = env.config().key("/id").scope("bad").visibility(60);
+    let summary = &env.drain(config, handler, Duration::from_secs(25)).await;
     assert_eq!(summary.database_errors, 0, "{summary:?}");
     assert_eq!(
         summary.received,
@@ -300,10 +289,9 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
         "one retry: {summary:?}"
     );
     assert_eq!(summary.retried, 1, "{summary:?}");
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 
     // Handled: once each (the retried one twice), checkpoint complete under the key.
-    let store = PostgresStore::new(pool);
     let calls = calls.lock().unwrap().clone();
     let mut runs: HashMap<String, Vec<u32>> = HashMap::new();
     for (key, attempt) in &calls {
@@ -315,13 +303,13 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
             Fate::Complete { key, attempts } => {
                 let expected: Vec<u32> = (1..=*attempts as u32).collect();
                 assert_eq!(runs.get(key), Some(&expected), "runs of {key:?}");
-                let checkpoint = store.find("bad", key).await.unwrap();
+                let checkpoint = env.find_checkpoint("bad", key).await;
                 let checkpoint = checkpoint.unwrap_or_else(|| panic!("no checkpoint {key:?}"));
                 assert_eq!(checkpoint.status, "complete", "{key:?}");
                 assert_eq!(checkpoint.attempts, *attempts, "{key:?}");
             }
             Fate::Dlq { reason, key } => {
-                let checkpoint = store.find("bad", key).await.unwrap();
+                let checkpoint = env.find_checkpoint("bad", key).await;
                 let checkpoint = checkpoint.unwrap_or_else(|| panic!("no checkpoint {key:?}"));
                 assert_eq!(checkpoint.status, "failed", "{key:?}");
                 let error = checkpoint.last_error.unwrap_or_default();
@@ -340,17 +328,13 @@ async fn every_bad_input_gets_its_fate_and_spares_its_batch() {
     assert_eq!(summary.sent_to_dlq, dead_expected.len() as u64);
     // Unkeyed messages never reach the handler.
     assert_eq!(runs.len(), handled + 2, "{runs:?}");
-    let retried = store.find("bad", "retry-nul").await.unwrap().unwrap();
+    let retried = env.checkpoint("bad", "retry-nul").await;
     assert_eq!(retried.last_error.as_deref(), Some("flaky\u{FFFD}"));
 
     // The DLQ holds each dead-lettered message once, body intact, with its reason.
-    let dead = peek_all(
-        &client,
-        &dlq_url,
-        dead_expected.len(),
-        Duration::from_secs(10),
-    )
-    .await;
+    let dead = env
+        .peek_dlq(dead_expected.len(), Duration::from_secs(10))
+        .await;
     let mut found: Vec<(String, Option<String>)> = dead
         .iter()
         .map(|m| {

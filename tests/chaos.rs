@@ -28,8 +28,7 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use common::*;
 use serde::Serialize;
-use sqs_worker::message::KeySpec;
-use sqs_worker::{Handler, HandlerError, Job, Worker};
+use sqs_worker::{Handler, HandlerError, Job};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +61,8 @@ const WORKER_POINTS: &[&str] = &[];
 // ---- the worker process -------------------------------------------------------------------
 
 /// Not a test: the body of one chaos worker process, started by the test below with
-/// `CHAOS_DIR` set. Ignored so a plain `cargo test` never runs it on its own.
+/// `CHAOS_DIR` set. Ignored so a plain `cargo test` never runs it on its own. PostgreSQL
+/// only, like the test: it reaches the database through a TCP proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a worker process for chaos_kills_and_outages_lose_nothing_and_repeat_no_effect"]
 async fn chaos_worker_process() {
@@ -84,9 +84,13 @@ async fn chaos_worker_process() {
     // A worker restarted during the database outage waits for it, as a service manager
     // restarting a failed task would.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let pool = loop {
-        match sqs_worker::connect_database(&env("CHAOS_DATABASE_URL"), 8).await {
-            Ok(pool) => break pool,
+    let address = StoreAddress {
+        kind: StoreKind::Postgres,
+        url: env("CHAOS_DATABASE_URL"),
+    };
+    let store = loop {
+        match address.connect(8).await {
+            Ok(store) => break store,
             Err(error) if Instant::now() < deadline => {
                 eprintln!("cannot connect yet ({error}); trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -94,8 +98,7 @@ async fn chaos_worker_process() {
             Err(error) => panic!("cannot connect through the database proxy: {error}"),
         }
     };
-    let mut config = worker_config(&env("CHAOS_QUEUE_URL"));
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
+    let mut config = worker_config(&env("CHAOS_QUEUE_URL")).key("/id");
     config.pollers = 2;
     config.concurrency = CONCURRENCY;
     config.wait_time = Duration::from_secs(2);
@@ -105,10 +108,10 @@ async fn chaos_worker_process() {
     config.shutdown_timeout = Duration::from_secs(5);
 
     let shutdown = CancellationToken::new();
-    let mut worker = Worker::new(
+    let mut worker = worker_on(
+        &store,
         config,
         client,
-        pg(&pool),
         Arc::new(ChaosHandler {
             runs: dir.join("runs.log"),
             crash,
@@ -408,36 +411,29 @@ fn read_lines(path: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
     let started = Instant::now();
-    let client = sqs_client().await;
-    let (pool, direct_url) = fresh_database().await;
+    let env = TestEnv::builder().max_receive(20).start().await;
+    let (client, pool) = (env.client(), env.pool());
     sqlx::query("create table chaos_effects (key text not null, pid integer not null)")
-        .execute(&pool)
+        .execute(pool)
         .await
         .unwrap();
-    let queue = fresh_queue(&client, true, 20).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("chaos"));
     std::fs::create_dir_all(&dir).unwrap();
 
     // The workers reach both services only through the proxies.
-    let sqs_upstream: SocketAddr = endpoint()
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("AWS_ENDPOINT_URL is http://host:port");
-    let sqs_proxy = Proxy::start(sqs_upstream).await;
-    let db_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let database_name = direct_url.rsplit('/').next().unwrap().to_owned();
+    let sqs_proxy = Proxy::start(sqs_server()).await;
+    let db_proxy = Proxy::start(database_server()).await;
+    let database_name = env.database_url().rsplit('/').next().unwrap().to_owned();
     let metrics_addr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
     let mut fleet = Fleet {
         dir: dir.clone(),
-        queue_url: queue.url.clone(),
+        queue_url: env.queue_url().to_owned(),
         database_url: format!(
-            "postgres://postgres@{}/{database_name}?application_name={APP_NAME}",
-            db_proxy.addr
+            "{}?application_name={APP_NAME}",
+            env.database_url_via(db_proxy.addr)
         ),
         sqs_endpoint: format!("http://{}", sqs_proxy.addr),
         metrics_addr,
@@ -475,7 +471,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
     let chunks: Vec<Vec<String>> = bodies.chunks(10).map(<[String]>::to_vec).collect();
     let pause = SEND_OVER / chunks.len() as u32;
     let sender = {
-        let (client, url) = (client.clone(), queue.url.clone());
+        let (client, url) = (client.clone(), env.queue_url().to_owned());
         tokio::spawn(async move {
             for chunk in chunks {
                 send_batch(&client, &url, &chunk).await;
@@ -542,12 +538,12 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
     let done = || async {
         let (complete,): (i64,) =
             sqlx::query_as("select count(*) from checkpoints where status = 'complete'")
-                .fetch_one(&pool)
+                .fetch_one(pool)
                 .await
                 .unwrap();
         complete as usize == EVENTS
-            && messages_in(&client, &queue.url).await == 0
-            && messages_in(&client, &dlq_url).await == 0
+            && env.messages_in().await == 0
+            && env.dlq_messages_in().await == 0
     };
     let drain_deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -572,14 +568,14 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
         .map(|i| format!(r#"{{"id":"ev-{i:04}","n":{i}}}"#))
         .collect();
     for chunk in all.chunks(10) {
-        send_batch(&client, &queue.url, chunk).await;
+        send_batch(client, env.queue_url(), chunk).await;
     }
     report.resent_after_completion = EVENTS;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let resend_deadline = Instant::now() + Duration::from_secs(60);
     loop {
         fleet.restart_the_dead();
-        if messages_in(&client, &queue.url).await == 0 && done().await {
+        if env.messages_in().await == 0 && done().await {
             break;
         }
         assert!(
@@ -610,7 +606,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
     let runs = read_lines(&dir.join("runs.log"));
     let effects: Vec<(String, i64)> =
         sqlx::query_as("select key, count(*) from chaos_effects group by key")
-            .fetch_all(&pool)
+            .fetch_all(pool)
             .await
             .unwrap();
     let effect_counts: HashMap<String, i64> = effects.into_iter().collect();
@@ -621,8 +617,8 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
     report.handler_runs = runs_before_resend;
     report.handler_reruns = runs_before_resend.saturating_sub(EVENTS);
     report.handler_runs_on_resend = runs.len() - runs_before_resend;
-    report.left_in_queue = messages_in(&client, &queue.url).await;
-    report.left_in_dlq = messages_in(&client, &dlq_url).await;
+    report.left_in_queue = env.messages_in().await;
+    report.left_in_dlq = env.dlq_messages_in().await;
     let kills = report.kills_from_outside + report.kills_at_points.values().sum::<usize>();
     // Each kill can interrupt at most the events its worker had in hand; each fault at most
     // those every worker had in hand. Nothing else may run a handler twice.

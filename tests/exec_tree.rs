@@ -9,8 +9,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sqs_worker::PostgresStore;
-use sqs_worker::store::Retention;
 
 /// A handler whose effect comes from a background subshell 3 s later, recording the PIDs of
 /// the shell, the subshell and its `sleep` (one line each) so the test can look for them.
@@ -46,23 +44,11 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-fn run_command(
-    database_url: &str,
-    queue_url: &str,
-    extra: &[&str],
-    script: &str,
-) -> tokio::process::Command {
-    let mut command = sqs_worker_command(database_url);
+/// `sqs-worker run` on the test's queue, 4 s leases, `script` as the exec handler.
+fn run_command(env: &TestEnv, extra: &[&str], script: &str) -> tokio::process::Command {
+    let mut command = env.run_command();
     command
-        .args([
-            "run",
-            "--queue-url",
-            queue_url,
-            "--key",
-            "/id",
-            "--visibility-timeout",
-            "4",
-        ])
+        .args(["--key", "/id", "--visibility-timeout", "4"])
         .args(extra)
         .args(["--", "sh", "-c", script])
         .stdout(std::process::Stdio::null());
@@ -73,23 +59,16 @@ fn run_command(
 /// and its effect never happens; a takeover worker then runs the handler once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_takes_its_handler_tree_with_it() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
+    let env = TestEnv::builder().no_dlq().start().await;
     let dir = tempdir("exec-tree-kill");
     let script = grandchild_effect_script(&dir);
-    send(&client, &queue.url, r#"{"id":"tree-1"}"#).await;
+    env.send(r#"{"id":"tree-1"}"#).await;
 
     // Short polls: a long poll of the killed worker still pending in SQS would take the
     // message once more when it becomes visible (and hide it from the takeover).
-    let mut first = run_command(
-        &database_url,
-        &queue.url,
-        &["--wait-time-seconds", "1"],
-        &script,
-    )
-    .spawn()
-    .unwrap();
+    let mut first = run_command(&env, &["--wait-time-seconds", "1"], &script)
+        .spawn()
+        .unwrap();
     let pid_file = dir.join("pids");
     wait_until(
         "the handler's tree to start",
@@ -129,13 +108,7 @@ async fn a_killed_worker_takes_its_handler_tree_with_it() {
     // A takeover worker (after the 4 s lease) runs the event once.
     let status = tokio::time::timeout(
         Duration::from_secs(60),
-        run_command(
-            &database_url,
-            &queue.url,
-            &["--exit-when-idle", "2"],
-            &script,
-        )
-        .status(),
+        run_command(&env, &["--exit-when-idle", "2"], &script).status(),
     )
     .await
     .expect("the takeover worker exits")
@@ -146,11 +119,7 @@ async fn a_killed_worker_takes_its_handler_tree_with_it() {
         ["effect"],
         "exactly one effect, by the takeover"
     );
-    let checkpoint = PostgresStore::new(pool)
-        .find(queue_name(&queue.url), "tree-1")
-        .await
-        .unwrap()
-        .unwrap();
+    let checkpoint = env.checkpoint(queue_name(env.queue_url()), "tree-1").await;
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 2);
 }
@@ -159,22 +128,19 @@ async fn a_killed_worker_takes_its_handler_tree_with_it() {
 /// attempt's background effect never happens; the retry (which exits at once) completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_timeout_stops_the_whole_tree() {
-    let client = sqs_client().await;
-    let (_pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
+    let env = TestEnv::builder().no_dlq().start().await;
     let dir = tempdir("exec-tree-timeout");
     let script = format!(
         "if [ \"$SQS_WORKER_ATTEMPT\" -ge 2 ]; then echo retry >> {retries}; exit 0; fi; {}",
         grandchild_effect_script(&dir),
         retries = dir.join("retries").display(),
     );
-    send(&client, &queue.url, r#"{"id":"tree-2"}"#).await;
+    env.send(r#"{"id":"tree-2"}"#).await;
     let started = Instant::now();
     let status = tokio::time::timeout(
         Duration::from_secs(60),
         run_command(
-            &database_url,
-            &queue.url,
+            &env,
             &[
                 "--max-handler-time",
                 "1",

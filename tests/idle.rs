@@ -7,21 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sqs_worker::PostgresStore;
-use sqs_worker::store::Retention;
 
-fn noop_run(database_url: &str, queue_url: &str, idle: &str) -> tokio::process::Command {
-    let mut command = sqs_worker_command(database_url);
+/// `sqs-worker run` on the test's queue with the noop handler and `--exit-when-idle`.
+fn noop_run(env: &TestEnv, idle: &str) -> tokio::process::Command {
+    let mut command = env.run_command();
     command
-        .args([
-            "run",
-            "--queue-url",
-            queue_url,
-            "--key",
-            "/id",
-            "--handler",
-            "noop",
-        ])
+        .args(["--key", "/id", "--handler", "noop"])
         .args(["--exit-when-idle", idle])
         .stdout(std::process::Stdio::null());
     command
@@ -31,25 +22,19 @@ fn noop_run(database_url: &str, queue_url: &str, idle: &str) -> tokio::process::
 /// couple of seconds, not after the polls in flight end (it took 20 s more before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_worker_exits_within_the_idle_period_and_two_seconds() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
+    let env = TestEnv::builder().no_dlq().start().await;
     for i in 0..3 {
-        send(&client, &queue.url, &format!(r#"{{"id":"idle-{i}"}}"#)).await;
+        env.send(&format!(r#"{{"id":"idle-{i}"}}"#)).await;
     }
-    let store = PostgresStore::new(pool);
-    let scope = queue_name(&queue.url).to_owned();
-    let mut worker = noop_run(&database_url, &queue.url, "3").spawn().unwrap();
+    let scope = queue_name(env.queue_url());
+    let mut worker = noop_run(&env, "3").spawn().unwrap();
     // The moment the last event is complete (polled every 100 ms).
-    wait_until("the events to complete", Duration::from_secs(30), || {
-        let (store, scope) = (store.clone(), scope.clone());
-        async move {
-            match store.find(&scope, "idle-2").await.unwrap() {
-                Some(c) => c.status == "complete",
-                None => false,
-            }
-        }
-    })
+    env.wait_for_checkpoint(
+        "the events to complete",
+        (scope, "idle-2"),
+        Duration::from_secs(30),
+        |c| c.status == "complete",
+    )
     .await;
     let drained_at = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(40), worker.wait())
@@ -68,46 +53,41 @@ async fn a_drained_worker_exits_within_the_idle_period_and_two_seconds() {
 /// for them, handles both, and only then exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_and_delayed_messages_are_waited_for() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
+    let env = TestEnv::builder().no_dlq().start().await;
     // A "crashed worker": received with a 6 s visibility timeout, never deleted.
-    send(&client, &queue.url, r#"{"id":"hidden"}"#).await;
-    let held = client
+    env.send(r#"{"id":"hidden"}"#).await;
+    let held = env
+        .client()
         .receive_message()
-        .queue_url(&queue.url)
+        .queue_url(env.queue_url())
         .visibility_timeout(6)
         .wait_time_seconds(5)
         .send()
         .await
         .unwrap();
     assert_eq!(held.messages().len(), 1);
-    client
+    env.client()
         .send_message()
-        .queue_url(&queue.url)
+        .queue_url(env.queue_url())
         .message_body(r#"{"id":"delayed"}"#)
         .delay_seconds(4)
         .send()
         .await
         .unwrap();
 
-    let status = tokio::time::timeout(
-        Duration::from_secs(60),
-        noop_run(&database_url, &queue.url, "2").status(),
-    )
-    .await
-    .expect("the worker exits")
-    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), noop_run(&env, "2").status())
+        .await
+        .expect("the worker exits")
+        .unwrap();
     assert!(status.success(), "{status}");
-    let store = PostgresStore::new(pool);
-    let scope = queue_name(&queue.url);
+    let scope = queue_name(env.queue_url());
     for key in ["hidden", "delayed"] {
-        let checkpoint = store.find(scope, key).await.unwrap();
+        let checkpoint = env.find_checkpoint(scope, key).await;
         assert_eq!(
             checkpoint.map(|c| c.status).as_deref(),
             Some("complete"),
             "{key} was handled before the exit"
         );
     }
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 }

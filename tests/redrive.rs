@@ -6,65 +6,55 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use sqs_worker::HandlerError;
 use sqs_worker::message::{self, Envelope, KeySpec};
 use sqs_worker::redrive::{Action, RedriveOptions, redrive};
-use sqs_worker::sqs::string_attribute as attribute;
-use sqs_worker::store::{DeadLetters, Retention};
-use sqs_worker::{HandlerError, PostgresStore, Worker};
 
-async fn send_with_markers(client: &aws_sdk_sqs::Client, url: &str, body: &str, count: &str) {
-    client
-        .send_message()
-        .queue_url(url)
-        .message_body(body)
-        .message_attributes(message::ATTR_DLQ_REDRIVEN, attribute("true"))
-        .message_attributes(message::ATTR_REDRIVE_COUNT, attribute(count))
-        .message_attributes(message::ATTR_DLQ_FINAL_PASS, attribute("true"))
-        .send()
-        .await
-        .unwrap();
+store_tests!(
+    a_failing_final_pass_is_recorded_and_deleted_without_looping,
+    poison_messages_end_in_dead_letters_after_their_final_pass,
+    a_redrive_after_a_fix_completes_the_events,
+    complete_events_in_the_dlq_are_deleted_not_redriven,
+    hostile_redrive_counts_are_recorded_not_redriven,
+    dead_letters_can_be_listed_exported_and_requeued,
+    duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more,
+    tables_keep_their_columns_with_wide_characters,
+);
+
+/// Send `body` to the queue as a final pass with this redrive count.
+async fn send_final_pass(env: &TestEnv, body: &str, count: &str) {
+    let markers = final_pass_markers(count);
+    env.send_with_attributes(env.queue_url(), body, &markers)
+        .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
-    send_with_markers(&client, &queue.url, r#"{"id":"fp1"}"#, "3").await;
-    send_with_markers(&client, &queue.url, "still not json", "3").await;
+async fn a_failing_final_pass_is_recorded_and_deleted_without_looping(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    send_final_pass(&env, r#"{"id":"fp1"}"#, "3").await;
+    send_final_pass(&env, "still not json", "3").await;
     // Hostile marker value: a final pass is a final pass whatever the count says.
-    send_with_markers(&client, &queue.url, r#"{"id":"fp2"}"#, "lots").await;
+    send_final_pass(&env, r#"{"id":"fp2"}"#, "lots").await;
 
     let (handler, calls) = RecordingHandler::new(Duration::ZERO, |job| {
         assert!(job.is_final_pass());
         Err(HandlerError::retryable("the downstream is still broken"))
     });
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("final".into());
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
+    let config = env.config().key("/id").scope("final");
+    let summary = env.drain(config, handler, Duration::from_secs(30)).await;
 
     // Each keyed event ran once: no retry, no backoff loop.
     let counts = calls_per_key(&calls);
     assert_eq!((counts["fp1"], counts["fp2"], counts.len()), (1, 1, 2));
-    assert_eq!(summaries[0].sent_to_dlq, 3);
-    assert_eq!((summaries[0].retried, summaries[0].sent_to_dlq), (0, 0));
+    assert_eq!(summary.dead_lettered, 3);
+    assert_eq!((summary.retried, summary.sent_to_dlq), (0, 0));
     assert_eq!(
-        messages_in(&client, &dlq_url).await,
+        env.dlq_messages_in().await,
         0,
         "nothing went back to the DLQ"
     );
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 
-    let store = PostgresStore::new(pool);
-    let letters = store.list_dead_letters(Some("final"), 10).await.unwrap();
+    let letters = env.dead_letters(Some("final")).await;
     let mut seen: Vec<(String, String, i32)> = letters
         .iter()
         .map(|l| (l.idempotency_key.clone(), l.reason.clone(), l.redrive_count))
@@ -89,12 +79,9 @@ async fn a_failing_final_pass_is_recorded_and_deleted_without_looping() {
         "true"
     );
     assert!(fp1.error.contains("still broken"));
-    assert_eq!(fp1.queue_url, queue.url);
-    assert_eq!(
-        store.find("final", "fp1").await.unwrap().unwrap().status,
-        "failed"
-    );
-    let same = store.find_dead_letter(fp1.id).await.unwrap().unwrap();
+    assert_eq!(fp1.queue_url, env.queue_url());
+    assert_eq!(env.checkpoint("final", "fp1").await.status, "failed");
+    let same = env.store().find_dead_letter(fp1.id).await.unwrap().unwrap();
     assert_eq!(same.message_id, fp1.message_id);
 }
 
@@ -118,80 +105,54 @@ fn redrive_options(dlq_url: &str, max_redrives: u32) -> RedriveOptions {
 /// The whole operator story: poison messages reach the DLQ through maxReceiveCount, a
 /// redrive with --max-redrives 1 gives them their final pass, it fails, and they end in
 /// dead_letters with both queues empty; the handler ran a bounded number of times.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 2).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
+async fn poison_messages_end_in_dead_letters_after_their_final_pass(kind: StoreKind) {
+    let env = TestEnv::builder().store(kind).max_receive(2).start().await;
+    let dlq_url = env.dlq_url();
     for id in ["p1", "p2"] {
-        send(&client, &queue.url, &format!(r#"{{"id":"{id}"}}"#)).await;
+        env.send(&format!(r#"{{"id":"{id}"}}"#)).await;
     }
-    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |_| {
-        Err(HandlerError::retryable("bug in the handler"))
-    });
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("orders".into());
+    let (handler, calls) = RecordingHandler::failing(HandlerError::retryable("bug in the handler"));
+    let mut config = env.config().key("/id").scope("orders");
     config.backoff_base = Duration::from_millis(500);
     config.backoff_max = Duration::from_secs(1);
     // Until SQS moves both to the DLQ (third receive > maxReceiveCount 2).
-    run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(
-            config.clone(),
-            client.clone(),
-            pg(&pool),
-            handler.clone(),
-        )],
-        Duration::from_secs(40),
-    )
-    .await;
+    env.drain(config.clone(), handler.clone(), Duration::from_secs(40))
+        .await;
     wait_until(
         "both poison messages in the DLQ",
         Duration::from_secs(20),
-        || {
-            let (client, dlq_url) = (client.clone(), dlq_url.clone());
-            async move { messages_in(&client, &dlq_url).await == 2 }
-        },
+        || async { env.dlq_messages_in().await == 2 },
     )
     .await;
     let runs_before_redrive = calls.lock().unwrap().len();
     assert_eq!(runs_before_redrive, 4, "two receives each before the DLQ");
 
-    let store = PostgresStore::new(pool.clone());
     let report = redrive(
-        client.clone(),
-        &store,
-        &redrive_options(&dlq_url, 1),
+        env.client().clone(),
+        env.store().as_ref(),
+        &redrive_options(dlq_url, 1),
         |_| {},
     )
     .await
     .unwrap();
     assert_eq!(
-        report.target_url, queue.url,
+        report.target_url,
+        env.queue_url(),
         "found through ListDeadLetterSourceQueues"
     );
     assert_eq!(report.counts.redriven, 2);
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    assert_eq!(env.dlq_messages_in().await, 0);
 
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(summaries[0].sent_to_dlq, 2);
+    let summary = env.drain(config, handler, Duration::from_secs(30)).await;
+    assert_eq!(summary.dead_lettered, 2);
     assert_eq!(
         calls.lock().unwrap().len(),
         runs_before_redrive + 2,
         "one final run each"
     );
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
-    let letters = store.list_dead_letters(Some("orders"), 10).await.unwrap();
+    assert_eq!(env.messages_in().await, 0);
+    assert_eq!(env.dlq_messages_in().await, 0);
+    let letters = env.dead_letters(Some("orders")).await;
     assert_eq!(letters.len(), 2);
     assert!(
         letters
@@ -200,9 +161,9 @@ async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
     );
     // A further redrive finds nothing to do: nothing loops.
     let again = redrive(
-        client.clone(),
-        &store,
-        &redrive_options(&dlq_url, 1),
+        env.client().clone(),
+        env.store().as_ref(),
+        &redrive_options(dlq_url, 1),
         |_| {},
     )
     .await
@@ -212,41 +173,19 @@ async fn poison_messages_end_in_dead_letters_after_their_final_pass() {
 
 /// After the handler is fixed, a redrive completes the dead-lettered events — including
 /// ones whose checkpoint was marked failed by a permanent error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redrive_after_a_fix_completes_the_events() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
-    send(&client, &queue.url, r#"{"id":"f1","v":1}"#).await;
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("orders".into());
-    let (broken, _) = RecordingHandler::new(Duration::ZERO, |_| {
-        Err(HandlerError::permanent("schema v1 not supported"))
-    });
-    run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(
-            config.clone(),
-            client.clone(),
-            pg(&pool),
-            broken,
-        )],
-        Duration::from_secs(30),
-    )
-    .await;
-    let store = PostgresStore::new(pool.clone());
-    assert_eq!(
-        store.find("orders", "f1").await.unwrap().unwrap().status,
-        "failed"
-    );
+async fn a_redrive_after_a_fix_completes_the_events(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    env.send(r#"{"id":"f1","v":1}"#).await;
+    let config = env.config().key("/id").scope("orders");
+    let (broken, _) = RecordingHandler::failing(HandlerError::permanent("schema v1 not supported"));
+    env.drain(config.clone(), broken, Duration::from_secs(30))
+        .await;
+    assert_eq!(env.checkpoint("orders", "f1").await.status, "failed");
 
     let report = redrive(
-        client.clone(),
-        &store,
-        &redrive_options(&dlq_url, 3),
+        env.client().clone(),
+        env.store().as_ref(),
+        &redrive_options(env.dlq_url(), 3),
         |_| {},
     )
     .await
@@ -256,53 +195,38 @@ async fn a_redrive_after_a_fix_completes_the_events() {
         assert_eq!((job.redrive_count(), job.is_final_pass()), (1, false));
         Ok(())
     });
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), fixed)],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(summaries[0].processed, 1);
+    let summary = env.drain(config, fixed, Duration::from_secs(30)).await;
+    assert_eq!(summary.processed, 1);
     assert_eq!(calls.lock().unwrap().len(), 1);
-    let checkpoint = store.find("orders", "f1").await.unwrap().unwrap();
+    let checkpoint = env.checkpoint("orders", "f1").await;
     assert_eq!(
         (checkpoint.status.as_str(), checkpoint.attempts),
         ("complete", 2)
     );
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    assert_eq!(env.dlq_messages_in().await, 0);
 }
 
 /// An event already complete when its copy is found in the DLQ is reported as done and
 /// deleted, not redriven; a dry run reports and changes nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn complete_events_in_the_dlq_are_deleted_not_redriven() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
-    send(&client, &queue.url, r#"{"id":"done1"}"#).await;
+async fn complete_events_in_the_dlq_are_deleted_not_redriven(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let dlq_url = env.dlq_url();
+    env.send(r#"{"id":"done1"}"#).await;
     let (handler, _) = RecordingHandler::succeeding();
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("orders".into());
-    run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
-    send(&client, &dlq_url, r#"{"id":"done1"}"#).await;
-    send(&client, &dlq_url, r#"{"id":"other"}"#).await;
+    let config = env.config().key("/id").scope("orders");
+    env.drain(config, handler, Duration::from_secs(30)).await;
+    env.send_to(dlq_url, r#"{"id":"done1"}"#).await;
+    env.send_to(dlq_url, r#"{"id":"other"}"#).await;
 
-    let store = PostgresStore::new(pool.clone());
-    let mut dry = redrive_options(&dlq_url, 3);
+    let client = env.client().clone();
+    let mut dry = redrive_options(dlq_url, 3);
     dry.dry_run = true;
     let mut lines = Vec::new();
-    let report = redrive(client.clone(), &store, &dry, |o| lines.push(o.clone()))
-        .await
-        .unwrap();
+    let report = redrive(client.clone(), env.store().as_ref(), &dry, |o| {
+        lines.push(o.clone())
+    })
+    .await
+    .unwrap();
     lines.sort_by(|a, b| a.key.cmp(&b.key));
     let seen: Vec<(String, Option<String>, Action)> = lines
         .iter()
@@ -327,17 +251,13 @@ async fn complete_events_in_the_dlq_are_deleted_not_redriven() {
         ]
     );
     assert_eq!(report.counts.skipped_complete, 1);
-    assert_eq!(
-        messages_in(&client, &dlq_url).await,
-        2,
-        "a dry run changes nothing"
-    );
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.dlq_messages_in().await, 2, "a dry run changes nothing");
+    assert_eq!(env.messages_in().await, 0);
 
     let report = redrive(
-        client.clone(),
-        &store,
-        &redrive_options(&dlq_url, 3),
+        client,
+        env.store().as_ref(),
+        &redrive_options(dlq_url, 3),
         |_| {},
     )
     .await
@@ -346,8 +266,8 @@ async fn complete_events_in_the_dlq_are_deleted_not_redriven() {
         (report.counts.skipped_complete, report.counts.redriven),
         (1, 1)
     );
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
-    let moved = peek_all(&client, &queue.url, 1, Duration::from_secs(5)).await;
+    assert_eq!(env.dlq_messages_in().await, 0);
+    let moved = env.peek(1, Duration::from_secs(5)).await;
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].body(), Some(r#"{"id":"other"}"#));
     assert_eq!(
@@ -362,12 +282,9 @@ async fn complete_events_in_the_dlq_are_deleted_not_redriven() {
 
 /// Hostile marker values on DLQ messages get a definite outcome: unreadable counts and
 /// counts at or past the maximum are recorded in dead_letters and never sent again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_redrive_counts_are_recorded_not_redriven() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
+async fn hostile_redrive_counts_are_recorded_not_redriven(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let dlq_url = env.dlq_url();
     for (id, count) in [
         ("h1", "abc"),
         ("h2", "-1"),
@@ -375,19 +292,16 @@ async fn hostile_redrive_counts_are_recorded_not_redriven() {
         ("h4", "4294967295"),
         ("h5", "2"),
     ] {
-        client
-            .send_message()
-            .queue_url(&dlq_url)
-            .message_body(format!(r#"{{"id":"{id}"}}"#))
-            .message_attributes(message::ATTR_REDRIVE_COUNT, attribute(count))
-            .message_attributes(message::ATTR_DLQ_FINAL_PASS, attribute("maybe"))
-            .send()
-            .await
-            .unwrap();
+        let markers = [
+            (message::ATTR_REDRIVE_COUNT, count),
+            (message::ATTR_DLQ_FINAL_PASS, "maybe"),
+        ];
+        env.send_with_attributes(dlq_url, &format!(r#"{{"id":"{id}"}}"#), &markers)
+            .await;
     }
-    let store = PostgresStore::new(pool.clone());
     let mut outcomes = Vec::new();
-    let report = redrive(client.clone(), &store, &redrive_options(&dlq_url, 3), |o| {
+    let options = redrive_options(dlq_url, 3);
+    let report = redrive(env.client().clone(), env.store().as_ref(), &options, |o| {
         outcomes.push((o.key.clone(), o.action.clone()))
     })
     .await
@@ -413,16 +327,9 @@ async fn hostile_redrive_counts_are_recorded_not_redriven() {
         ]
     );
     assert_eq!(report.counts.exhausted, 4);
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
-    assert_eq!(
-        store
-            .list_dead_letters(Some("orders"), 10)
-            .await
-            .unwrap()
-            .len(),
-        4
-    );
-    let sent = peek_all(&client, &queue.url, 1, Duration::from_secs(5)).await;
+    assert_eq!(env.dlq_messages_in().await, 0);
+    assert_eq!(env.dead_letters(Some("orders")).await.len(), 4);
+    let sent = env.peek(1, Duration::from_secs(5)).await;
     assert_eq!(
         string_attribute(&sent[0], message::ATTR_DLQ_FINAL_PASS).as_deref(),
         Some("true")
@@ -433,39 +340,31 @@ async fn hostile_redrive_counts_are_recorded_not_redriven() {
 /// the target, or both; a second run finishes the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_killed_midway_loses_nothing() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
+    let env = TestEnv::new().await;
+    let dlq_url = env.dlq_url();
     let total = 12;
     for i in 0..total {
-        send(&client, &dlq_url, &format!(r#"{{"id":"k{i}"}}"#)).await;
+        env.send_to(dlq_url, &format!(r#"{{"id":"k{i}"}}"#)).await;
     }
     let redrive_process = |extra: &[&str]| {
-        let mut command = sqs_worker_command(&database_url);
+        let mut command = env.command();
         command
-            .args([
-                "redrive",
-                "--dlq-url",
-                &dlq_url,
-                "--key",
-                "/id",
-                "--scope",
-                "orders",
-            ])
+            .args(["redrive", "--dlq-url", dlq_url])
+            .args(["--key", "/id", "--scope", "orders"])
             .args(extra);
         command
     };
     let mut slow = redrive_process(&["--rate", "4"]).spawn().unwrap();
-    wait_until("a few messages to move", Duration::from_secs(20), || {
-        let (client, url) = (client.clone(), queue.url.clone());
-        async move { messages_in(&client, &url).await >= 3 }
-    })
+    wait_until(
+        "a few messages to move",
+        Duration::from_secs(20),
+        || async { env.messages_in().await >= 3 },
+    )
     .await;
     slow.kill().await.unwrap();
     // Sent-then-deleted: a message is in the target, the DLQ, or (killed between the two)
     // both — never in neither.
-    let after_kill = messages_in(&client, &queue.url).await + messages_in(&client, &dlq_url).await;
+    let after_kill = env.messages_in().await + env.dlq_messages_in().await;
     assert!(
         after_kill >= total as u64,
         "{after_kill} of {total} messages left after the kill"
@@ -475,10 +374,7 @@ async fn a_redrive_killed_midway_loses_nothing() {
     wait_until(
         "the killed run's batch to be visible again",
         Duration::from_secs(60),
-        || {
-            let (client, url) = (client.clone(), dlq_url.clone());
-            async move { messages_not_visible(&client, &url).await == 0 }
-        },
+        || async { messages_not_visible(env.client(), dlq_url).await == 0 },
     )
     .await;
     let output = tokio::time::timeout(Duration::from_secs(60), redrive_process(&[]).output())
@@ -490,21 +386,20 @@ async fn a_redrive_killed_midway_loses_nothing() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
-    let in_target = messages_in(&client, &queue.url).await as usize;
-    let bodies: std::collections::HashSet<String> =
-        peek_all(&client, &queue.url, in_target, Duration::from_secs(30))
-            .await
-            .iter()
-            .map(|m| m.body().unwrap().to_owned())
-            .collect();
+    assert_eq!(env.dlq_messages_in().await, 0);
+    let in_target = env.messages_in().await as usize;
+    let bodies: std::collections::HashSet<String> = env
+        .peek(in_target, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(|m| m.body().unwrap().to_owned())
+        .collect();
     assert_eq!(
         bodies.len(),
         total,
         "every message reached the target at least once"
     );
     // Two audit rows: the killed run (never finished) and the second.
-    let _ = pool;
 }
 
 async fn json_output(command: &mut tokio::process::Command) -> serde_json::Value {
@@ -524,23 +419,19 @@ async fn json_output(command: &mut tokio::process::Command) -> serde_json::Value
 /// visible again right after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_peek_shows_reasons_and_keeps_nothing() {
-    let client = sqs_client().await;
-    let (_, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
+    // The queue stands in for a DLQ.
+    let env = TestEnv::builder().no_dlq().start().await;
     for (id, reason) in [("a", "handler_permanent"), ("b", "invalid_key")] {
-        client
-            .send_message()
-            .queue_url(&queue.url)
-            .message_body(format!(r#"{{"id":"{id}"}}"#))
-            .message_attributes(message::ATTR_FAILURE_REASON, attribute(reason))
-            .message_attributes(message::ATTR_REDRIVE_COUNT, attribute("1"))
-            .send()
-            .await
-            .unwrap();
+        let attributes = [
+            (message::ATTR_FAILURE_REASON, reason),
+            (message::ATTR_REDRIVE_COUNT, "1"),
+        ];
+        env.send_with_attributes(env.queue_url(), &format!(r#"{{"id":"{id}"}}"#), &attributes)
+            .await;
     }
     let peeked = json_output(
-        sqs_worker_command(&database_url)
-            .args(["dlq", "peek", "--dlq-url", &queue.url, "--key", "/id"])
+        env.command()
+            .args(["dlq", "peek", "--dlq-url", env.queue_url(), "--key", "/id"])
             .args(["--format", "json"]),
     )
     .await;
@@ -564,37 +455,20 @@ async fn dlq_peek_shows_reasons_and_keeps_nothing() {
             ("b".to_owned(), "invalid_key".to_owned(), 1)
         ]
     );
-    assert_eq!(
-        messages_not_visible(&client, &queue.url).await,
-        0,
-        "peek hid nothing"
-    );
-    assert_eq!(messages_in(&client, &queue.url).await, 2);
+    assert_eq!(env.messages_not_visible().await, 0, "peek hid nothing");
+    assert_eq!(env.messages_in().await, 2);
 }
 
 /// `dead-letters list|export|show|requeue` through the binary: a requeued dead letter goes
 /// back to its queue with the redrive count reset, and is marked requeued.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_can_be_listed_exported_and_requeued() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    send_with_markers(&client, &queue.url, r#"{"id":"dl1"}"#, "3").await;
-    let (handler, _) = RecordingHandler::new(Duration::ZERO, |_| {
-        Err(HandlerError::permanent("still broken"))
-    });
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("dl".into());
-    run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
+async fn dead_letters_can_be_listed_exported_and_requeued(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    send_final_pass(&env, r#"{"id":"dl1"}"#, "3").await;
+    let (handler, _) = RecordingHandler::failing(HandlerError::permanent("still broken"));
+    let config = env.config().key("/id").scope("dl");
+    env.drain(config, handler, Duration::from_secs(30)).await;
 
-    let listed = json_output(sqs_worker_command(&database_url).args([
+    let listed = json_output(env.command().args([
         "dead-letters",
         "list",
         "--scope",
@@ -608,7 +482,8 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     assert_eq!(rows[0]["reason"], "handler_permanent");
     let id = rows[0]["id"].as_i64().unwrap().to_string();
 
-    let exported = sqs_worker_command(&database_url)
+    let exported = env
+        .command()
         .args(["dead-letters", "export", "--scope", "dl"])
         .output()
         .await
@@ -621,7 +496,8 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["body"], r#"{"id":"dl1"}"#);
 
-    let requeue = sqs_worker_command(&database_url)
+    let requeue = env
+        .command()
         .args(["dead-letters", "requeue", "--id", &id])
         .output()
         .await
@@ -631,7 +507,7 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
         "{}",
         String::from_utf8_lossy(&requeue.stderr)
     );
-    let back = peek_all(&client, &queue.url, 1, Duration::from_secs(10)).await;
+    let back = env.peek(1, Duration::from_secs(10)).await;
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].body(), Some(r#"{"id":"dl1"}"#));
     assert_eq!(
@@ -646,59 +522,47 @@ async fn dead_letters_can_be_listed_exported_and_requeued() {
         string_attribute(&back[0], message::ATTR_DLQ_FINAL_PASS),
         None
     );
-    let shown = json_output(sqs_worker_command(&database_url).args([
-        "dead-letters",
-        "show",
-        "--id",
-        &id,
-        "--format",
-        "json",
-    ]))
-    .await;
+    let shown =
+        json_output(
+            env.command()
+                .args(["dead-letters", "show", "--id", &id, "--format", "json"]),
+        )
+        .await;
     assert!(shown["requeued_at"].is_string());
 }
 
 /// Duplicates of one redrive (here of a final pass) do not run a handler that already
 /// failed on it, nor write a second dead letter; a deliberate requeue runs it once more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
-    let (handler, calls) = RecordingHandler::new(Duration::ZERO, |_| {
-        Err(HandlerError::permanent("still broken"))
-    });
+async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let (handler, calls) = RecordingHandler::failing(HandlerError::permanent("still broken"));
     let drain = || {
-        let mut config = worker_config(&queue.url);
-        config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-        config.scope = Some("dup".into());
-        let worker = Worker::new(config, client.clone(), pg(&pool), handler.clone());
-        run_until_drained(&client, &queue.url, vec![worker], Duration::from_secs(30))
+        let config = env.config().key("/id").scope("dup");
+        env.drain(config, handler.clone(), Duration::from_secs(30))
     };
-    let store = PostgresStore::new(pool.clone());
 
     // The final pass fails once: one dead letter.
-    send_with_markers(&client, &queue.url, r#"{"id":"dup1"}"#, "3").await;
+    send_final_pass(&env, r#"{"id":"dup1"}"#, "3").await;
     drain().await;
     assert_eq!(calls_per_key(&calls)["dup1"], 1);
     // The same delivery again, in another receive batch: skipped as a duplicate.
-    send_with_markers(&client, &queue.url, r#"{"id":"dup1"}"#, "3").await;
-    let summaries = drain().await;
+    send_final_pass(&env, r#"{"id":"dup1"}"#, "3").await;
+    let summary = drain().await;
     assert_eq!(
         calls_per_key(&calls)["dup1"],
         1,
         "the failed handler did not run again"
     );
-    assert_eq!(summaries[0].duplicates_skipped, 1);
-    assert_eq!(summaries[0].sent_to_dlq, 0);
-    let letters = store.list_dead_letters(Some("dup"), 10).await.unwrap();
+    assert_eq!(summary.duplicates_skipped, 1);
+    assert_eq!(summary.dead_lettered, 0);
+    let letters = env.dead_letters(Some("dup")).await;
     assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
-    assert_eq!(messages_in(&client, &dlq_url).await, 0);
+    assert_eq!(env.dlq_messages_in().await, 0);
 
     // An operator's requeue is a new pass: the handler runs once more (and, failing
     // permanently outside a final pass, sends the message to the DLQ).
-    let requeue = sqs_worker_command(&database_url)
+    let requeue = env
+        .command()
         .args([
             "dead-letters",
             "requeue",
@@ -713,7 +577,7 @@ async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
         "{}",
         String::from_utf8_lossy(&requeue.stderr)
     );
-    let back = peek_all(&client, &queue.url, 1, Duration::from_secs(10)).await;
+    let back = env.peek(1, Duration::from_secs(10)).await;
     assert_eq!(
         string_attribute(&back[0], message::ATTR_REQUEUE_GENERATION).as_deref(),
         Some("1")
@@ -724,45 +588,28 @@ async fn duplicates_of_a_redrive_are_skipped_and_a_requeue_runs_once_more() {
         2,
         "the requeue ran the handler once more"
     );
-    let checkpoint = store.find("dup", "dup1").await.unwrap().unwrap();
+    let checkpoint = env.checkpoint("dup", "dup1").await;
     assert_eq!(
         (checkpoint.status.as_str(), checkpoint.requeue_generation),
         ("failed", 1)
     );
-    assert_eq!(
-        peek_all(&client, &dlq_url, 1, Duration::from_secs(10))
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(env.peek_dlq(1, Duration::from_secs(10)).await.len(), 1);
 }
 
 /// Operator tables measure display width: keys with CJK characters or emoji keep the
 /// columns after them straight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tables_keep_their_columns_with_wide_characters() {
+async fn tables_keep_their_columns_with_wide_characters(kind: StoreKind) {
     use unicode_width::UnicodeWidthStr;
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
+    let env = TestEnv::on(kind).await;
     for id in ["注文-一番", "🦀-order", "plain"] {
-        send_with_markers(&client, &queue.url, &format!(r#"{{"id":"{id}"}}"#), "3").await;
+        send_final_pass(&env, &format!(r#"{{"id":"{id}"}}"#), "3").await;
     }
-    let (handler, _) = RecordingHandler::new(Duration::ZERO, |_| {
-        Err(HandlerError::permanent("still broken"))
-    });
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("wide".into());
-    run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
+    let (handler, _) = RecordingHandler::failing(HandlerError::permanent("still broken"));
+    let config = env.config().key("/id").scope("wide");
+    env.drain(config, handler, Duration::from_secs(30)).await;
 
-    let output = sqs_worker_command(&database_url)
+    let output = env
+        .command()
         .args(["dead-letters", "list", "--scope", "wide"])
         .output()
         .await

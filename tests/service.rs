@@ -6,34 +6,29 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::QueueAttributeName;
 use common::*;
-use sqs_worker::PostgresStore;
-use sqs_worker::message::KeySpec;
-use sqs_worker::store::{DeadLetters, Retention};
-use sqs_worker::{HandlerError, Worker};
-use tokio_util::sync::CancellationToken;
+use sqs_worker::HandlerError;
+
+store_tests!(
+    a_handler_running_three_visibility_timeouts_runs_once,
+    lambda_event_reports_only_retryable_failures,
+    a_delivery_of_an_event_running_here_rides_along,
+    a_final_pass_delivered_twice_runs_its_handler_once,
+);
 
 /// A handler that runs three times the visibility timeout runs once: the heartbeat keeps
 /// the message hidden and the lease held, though two workers poll the queue.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_running_three_visibility_timeouts_runs_once() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 0).await;
-    send(&client, &queue.url, r#"{"id":"long-1"}"#).await;
+async fn a_handler_running_three_visibility_timeouts_runs_once(kind: StoreKind) {
+    let env = TestEnv::builder().store(kind).no_dlq().start().await;
+    env.send(r#"{"id":"long-1"}"#).await;
     let (handler, calls) = RecordingHandler::new(Duration::from_secs(6), |_| Ok(()));
-    let workers: Vec<Worker> = (0..2)
+    let workers = (0..2)
         .map(|i| {
-            let mut config = worker_config(&queue.url);
-            config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-            config.scope = Some("beat".into());
-            config.visibility_timeout = Some(Duration::from_secs(2));
-            config.worker_id = Some(format!("w{i}"));
-            Worker::new(config, client.clone(), pg(&pool), handler.clone())
+            let config = env.config().key("/id").scope("beat").visibility(2);
+            env.worker(config.worker_id(&format!("w{i}")), handler.clone())
         })
         .collect();
-    let summaries = run_until_drained(&client, &queue.url, workers, Duration::from_secs(60)).await;
+    let summaries = env.drain_workers(workers, Duration::from_secs(60)).await;
 
     assert_eq!(calls.lock().unwrap().len(), 1, "the handler ran once");
     let heartbeats: u64 = summaries.iter().map(|s| s.heartbeats).sum();
@@ -41,11 +36,7 @@ async fn a_handler_running_three_visibility_timeouts_runs_once() {
     assert!(heartbeats >= 4, "{summaries:?}");
     assert_eq!(summaries.iter().map(|s| s.processed).sum::<u64>(), 1);
     assert_eq!(summaries.iter().map(|s| s.received).sum::<u64>(), 1);
-    let checkpoint = PostgresStore::new(pool)
-        .find("beat", "long-1")
-        .await
-        .unwrap()
-        .unwrap();
+    let checkpoint = env.checkpoint("beat", "long-1").await;
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 1);
 }
@@ -55,17 +46,14 @@ async fn a_handler_running_three_visibility_timeouts_runs_once() {
 /// second worker finishes them in seconds instead of after the 120 s visibility timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_past_the_deadline_hands_unfinished_messages_back_at_once() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dir = std::env::temp_dir().join(unique("handback"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("handler.log");
+    let env = TestEnv::new().await;
+    let log = tempdir("handback").join("handler.log");
     for i in 0..3 {
-        send(&client, &queue.url, &format!(r#"{{"id":"h{i}"}}"#)).await;
+        env.send(&format!(r#"{{"id":"h{i}"}}"#)).await;
     }
-    let mut worker = sqs_worker_command(&database_url)
-        .args(["run", "--queue-url", &queue.url, "--key", "/id"])
+    let mut worker = env
+        .run_command()
+        .args(["--key", "/id"])
         .args(["--scope", "handback", "--visibility-timeout", "120"])
         .args(["--wait-time-seconds", "1", "--shutdown-timeout", "2", "--"])
         .args(["sh", "-c", r#"echo started >> "$LOG"; sleep 60"#])
@@ -97,13 +85,8 @@ async fn sigterm_past_the_deadline_hands_unfinished_messages_back_at_once() {
         sent_at.elapsed()
     );
 
-    let store = PostgresStore::new(pool.clone());
     for i in 0..3 {
-        let checkpoint = store
-            .find("handback", &format!("h{i}"))
-            .await
-            .unwrap()
-            .unwrap();
+        let checkpoint = env.checkpoint("handback", &format!("h{i}")).await;
         assert_eq!(checkpoint.status, "in_progress");
         assert!(
             checkpoint.lease_owner.is_none(),
@@ -111,17 +94,9 @@ async fn sigterm_past_the_deadline_hands_unfinished_messages_back_at_once() {
         );
     }
     let (handler, calls) = RecordingHandler::succeeding();
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("handback".into());
+    let config = env.config().key("/id").scope("handback");
     let taken_over_at = std::time::Instant::now();
-    run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(20),
-    )
-    .await;
+    env.drain(config, handler, Duration::from_secs(20)).await;
     assert!(
         taken_over_at.elapsed() < Duration::from_secs(15),
         "{:?}",
@@ -129,36 +104,17 @@ async fn sigterm_past_the_deadline_hands_unfinished_messages_back_at_once() {
     );
     assert_eq!(calls_per_key(&calls).len(), 3);
     for i in 0..3 {
-        let checkpoint = store
-            .find("handback", &format!("h{i}"))
-            .await
-            .unwrap()
-            .unwrap();
+        let checkpoint = env.checkpoint("handback", &format!("h{i}")).await;
         assert_eq!(checkpoint.status, "complete");
         assert_eq!(checkpoint.attempts, 2);
     }
 }
 
-async fn fresh_fifo_queue(client: &aws_sdk_sqs::Client) -> String {
-    let name = format!("{}.fifo", unique("f").replace('_', "-"));
-    client
-        .create_queue()
-        .queue_name(name)
-        .attributes(QueueAttributeName::FifoQueue, "true")
-        .attributes(QueueAttributeName::ContentBasedDeduplication, "true")
-        .attributes(QueueAttributeName::VisibilityTimeout, "30")
-        .send()
-        .await
-        .expect("LocalStack must be running: localstack/up")
-        .queue_url()
-        .unwrap()
-        .to_owned()
-}
-
-async fn send_fifo(client: &aws_sdk_sqs::Client, queue_url: &str, group: &str, seq: u32) {
-    client
+/// Send `{"id":"<group>-<seq>"}` to the FIFO queue, in `group`.
+async fn send_fifo(env: &TestEnv, group: &str, seq: u32) {
+    env.client()
         .send_message()
-        .queue_url(queue_url)
+        .queue_url(env.queue_url())
         .message_group_id(group)
         .message_body(format!(r#"{{"id":"{group}-{seq}"}}"#))
         .send()
@@ -170,12 +126,10 @@ async fn send_fifo(client: &aws_sdk_sqs::Client, queue_url: &str, group: &str, s
 /// the rest of its group (handed back, not run out of order) until it succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_groups_run_in_order_and_a_failure_holds_its_group() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue_url = fresh_fifo_queue(&client).await;
+    let env = TestEnv::builder().fifo().no_dlq().start().await;
     for seq in 0..5 {
         for group in ["g1", "g2", "g3"] {
-            send_fifo(&client, &queue_url, group, seq).await;
+            send_fifo(&env, group, seq).await;
         }
     }
     // g2-1 fails on its first attempt.
@@ -186,18 +140,10 @@ async fn fifo_groups_run_in_order_and_a_failure_holds_its_group() {
             Ok(())
         }
     });
-    let mut config = worker_config(&queue_url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("fifo".into());
+    let mut config = env.config().key("/id").scope("fifo");
     config.concurrency = 10;
-    let summaries = run_until_drained(
-        &client,
-        &queue_url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(summaries[0].processed, 15, "{summaries:?}");
+    let summary = env.drain(config, handler, Duration::from_secs(60)).await;
+    assert_eq!(summary.processed, 15, "{summary:?}");
 
     let calls = calls.lock().unwrap().clone();
     let mut per_group: HashMap<String, Vec<(u32, u32, std::time::Instant)>> = HashMap::new();
@@ -235,28 +181,18 @@ async fn fifo_groups_run_in_order_and_a_failure_holds_its_group() {
 /// them within seconds, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_back_unstarted_fifo_messages_for_another_worker() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue_url = fresh_fifo_queue(&client).await;
+    let env = TestEnv::builder().fifo().no_dlq().start().await;
     for seq in 0..3 {
-        send_fifo(&client, &queue_url, "g", seq).await;
+        send_fifo(&env, "g", seq).await;
     }
     let config = || {
-        let mut config = worker_config(&queue_url);
-        config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-        config.scope = Some("fifo-stop".into());
-        config.visibility_timeout = Some(Duration::from_secs(120));
+        let mut config = env.config().key("/id").scope("fifo-stop").visibility(120);
         config.shutdown_timeout = Duration::from_secs(1);
         config.pollers = 1;
         config
     };
     let (slow, slow_calls) = RecordingHandler::new(Duration::from_secs(60), |_| Ok(()));
-    let stop = CancellationToken::new();
-    let first = tokio::spawn(
-        Worker::new(config(), client.clone(), pg(&pool), slow)
-            .with_shutdown(stop.clone())
-            .run(),
-    );
+    let first = env.start(config(), slow);
     wait_until(
         "the first message to start",
         Duration::from_secs(20),
@@ -268,12 +204,9 @@ async fn shutdown_hands_back_unstarted_fifo_messages_for_another_worker() {
     .await;
     // Give the poller time to have received the group's other messages with the first.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    let summary = tokio::time::timeout(Duration::from_secs(10), first)
+    let summary = tokio::time::timeout(Duration::from_secs(10), first.stop())
         .await
-        .expect("stops soon after its 1 s shutdown timeout")
-        .unwrap()
-        .unwrap();
+        .expect("stops soon after its 1 s shutdown timeout");
     assert_eq!(slow_calls.lock().unwrap().len(), 1, "only g-0 started");
     assert_eq!(
         summary.released_at_shutdown, summary.received,
@@ -283,13 +216,7 @@ async fn shutdown_hands_back_unstarted_fifo_messages_for_another_worker() {
 
     let (handler, calls) = RecordingHandler::succeeding();
     let started = std::time::Instant::now();
-    run_until_drained(
-        &client,
-        &queue_url,
-        vec![Worker::new(config(), client.clone(), pg(&pool), handler)],
-        Duration::from_secs(20),
-    )
-    .await;
+    env.drain(config(), handler, Duration::from_secs(20)).await;
     assert!(started.elapsed() < Duration::from_secs(15));
     let keys: Vec<String> = calls
         .lock()
@@ -311,16 +238,15 @@ fn metric(text: &str, name: &str) -> f64 {
 /// `--metrics-addr`: health, readiness and Prometheus counters that match a known run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_run() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
+    let env = TestEnv::new().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut worker = sqs_worker_command(&database_url)
-        .args(["run", "--queue-url", &queue.url, "--key", "/id"])
+    let mut worker = env
+        .run_command()
+        .args(["--key", "/id"])
         .args(["--scope", "metrics", "--wait-time-seconds", "1"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--"])
         .args(["sh", "-c", r#"case "$(cat)" in *poison*) exit 65;; esac"#])
@@ -339,37 +265,22 @@ async fn metrics_count_a_known_run() {
     .await;
     assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_owned()));
 
-    let store = PostgresStore::new(pool);
-    let complete = |key: &'static str| {
-        let store = store.clone();
-        async move {
-            store
-                .find("metrics", key)
-                .await
-                .unwrap()
-                .is_some_and(|c| c.status == "complete" || c.status == "failed")
-        }
-    };
     for key in ["a", "b", "c"] {
-        send(&client, &queue.url, &format!(r#"{{"id":"{key}"}}"#)).await;
+        env.send(&format!(r#"{{"id":"{key}"}}"#)).await;
     }
-    send(&client, &queue.url, r#"{"id":"p","poison":true}"#).await;
+    env.send(r#"{"id":"p","poison":true}"#).await;
     for key in ["a", "b", "c", "p"] {
-        wait_until(key, Duration::from_secs(30), || complete(key)).await;
+        env.wait_for_checkpoint(key, ("metrics", key), Duration::from_secs(30), |c| {
+            c.status == "complete" || c.status == "failed"
+        })
+        .await;
     }
     // A duplicate of a complete event, sent after it completed.
-    send(&client, &queue.url, r#"{"id":"a"}"#).await;
-    let dlq = queue.dlq_url.clone().unwrap();
+    env.send(r#"{"id":"a"}"#).await;
     wait_until(
         "queue empty, poison in the DLQ",
         Duration::from_secs(30),
-        || {
-            let client = client.clone();
-            let (queue_url, dlq) = (queue.url.clone(), dlq.clone());
-            async move {
-                messages_in(&client, &queue_url).await == 0 && messages_in(&client, &dlq).await == 1
-            }
-        },
+        || async { env.messages_in().await == 0 && env.dlq_messages_in().await == 1 },
     )
     .await;
 
@@ -387,7 +298,7 @@ async fn metrics_count_a_known_run() {
     );
     assert!(text.contains(&format!(
         "queue=\"{}\"",
-        queue.url.rsplit('/').next().unwrap()
+        env.queue_url().rsplit('/').next().unwrap()
     )));
 
     let pid = worker.id().unwrap().to_string();
@@ -412,48 +323,31 @@ case "$body" in
 esac
 echo "$SQS_WORKER_KEY" >> "$LOG""#;
 
+/// One local invocation with [`LAMBDA_HANDLER`].
 async fn invoke(
-    database_url: &str,
+    env: &TestEnv,
     log: &std::path::Path,
     event: &serde_json::Value,
     timeout_secs: &str,
 ) -> serde_json::Value {
-    invoke_lambda(database_url, log, event, timeout_secs, LAMBDA_HANDLER).await
+    env.invoke_lambda(log, event, timeout_secs, LAMBDA_HANDLER)
+        .await
 }
 
 /// `lambda --event`: duplicates are skipped, only retryable failures are reported, a
 /// final-pass failure ends in dead_letters, a permanent failure goes to the DLQ, and a
 /// handler still running near the deadline is stopped, reported, and its lease released.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lambda_event_reports_only_retryable_failures() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let arn = client
-        .get_queue_attributes()
-        .queue_url(&queue.url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&QueueAttributeName::QueueArn]
-        .clone();
-    let dir = std::env::temp_dir().join(unique("lambda"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("done.log");
+async fn lambda_event_reports_only_retryable_failures(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let arn = env.queue_arn().await;
+    let log = tempdir("lambda").join("done.log");
     let none = serde_json::json!({});
 
     let first = serde_json::json!({"Records": [lambda_record(&arn, "m-a1", r#"{"id":"a"}"#, none.clone())]});
-    let response = invoke(&database_url, &log, &first, "30").await;
+    let response = invoke(&env, &log, &first, "30").await;
     assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
 
-    let final_pass = serde_json::json!({
-        "dlq_redriven": string_attr("true"),
-        "redrive_count": {"stringValue": "3", "dataType": "Number",
-                          "stringListValues": [], "binaryListValues": []},
-        "dlq_final_pass": string_attr("true"),
-    });
+    let final_pass = lambda_final_pass_attributes();
     let second = serde_json::json!({"Records": [
         lambda_record(&arn, "m-a2", r#"{"id":"a"}"#, none.clone()),
         lambda_record(&arn, "m-b", r#"{"id":"b","retry":1}"#, none.clone()),
@@ -463,7 +357,7 @@ async fn lambda_event_reports_only_retryable_failures() {
         lambda_record(&arn, "m-s", r#"{"id":"s","slow":1}"#, none.clone()),
     ]});
     let started = std::time::Instant::now();
-    let response = invoke(&database_url, &log, &second, "4").await;
+    let response = invoke(&env, &log, &second, "4").await;
     assert!(started.elapsed() < Duration::from_secs(15));
     let mut failed: Vec<String> = response["batchItemFailures"]
         .as_array()
@@ -479,11 +373,7 @@ async fn lambda_event_reports_only_retryable_failures() {
     done.sort();
     assert_eq!(done, ["a", "d"], "a ran once (its duplicate was skipped)");
 
-    let store = PostgresStore::new(pool.clone());
-    let status = |key: &'static str| {
-        let store = store.clone();
-        async move { store.find("lam", key).await.unwrap().unwrap() }
-    };
+    let status = |key| env.checkpoint("lam", key);
     assert_eq!(status("a").await.status, "complete");
     assert_eq!(status("d").await.status, "complete");
     assert_eq!(status("c").await.status, "failed");
@@ -500,16 +390,10 @@ async fn lambda_event_reports_only_retryable_failures() {
         "the slow one's lease was released: {s:?}"
     );
 
-    let letters = store.list_dead_letters(Some("lam"), 10).await.unwrap();
+    let letters = env.dead_letters(Some("lam")).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].idempotency_key, "c");
-    let dlq = peek_all(
-        &client,
-        queue.dlq_url.as_ref().unwrap(),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let dlq = env.peek_dlq(1, Duration::from_secs(10)).await;
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].body(), Some(r#"{"id":"e","fail":1}"#));
 }
@@ -517,42 +401,30 @@ async fn lambda_event_reports_only_retryable_failures() {
 /// A second delivery of an event that is running in this worker rides along with it: the
 /// handler runs once and both messages are deleted when it completes, instead of the second
 /// waiting out the 30 s lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_of_an_event_running_here_rides_along() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 0).await;
+async fn a_delivery_of_an_event_running_here_rides_along(kind: StoreKind) {
+    let env = TestEnv::builder().store(kind).no_dlq().start().await;
     let (handler, calls) = RecordingHandler::new(Duration::from_secs(3), |_| Ok(()));
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("ride".into());
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(
-        Worker::new(config, client.clone(), pg(&pool), handler)
-            .with_shutdown(stop.clone())
-            .run(),
-    );
-    send(&client, &queue.url, r#"{"id":"r1"}"#).await;
+    let worker = env.start(env.config().key("/id").scope("ride"), handler);
+    env.send(r#"{"id":"r1"}"#).await;
     wait_until("the handler to start", Duration::from_secs(20), || {
         let calls = calls.clone();
         async move { !calls.lock().unwrap().is_empty() }
     })
     .await;
-    send(&client, &queue.url, r#"{"id":"r1"}"#).await;
+    env.send(r#"{"id":"r1"}"#).await;
     let sent = std::time::Instant::now();
-    wait_until("both deliveries deleted", Duration::from_secs(15), || {
-        let client = client.clone();
-        let url = queue.url.clone();
-        async move { messages_in(&client, &url).await == 0 }
-    })
+    wait_until(
+        "both deliveries deleted",
+        Duration::from_secs(15),
+        || async { env.messages_in().await == 0 },
+    )
     .await;
     assert!(
         sent.elapsed() < Duration::from_secs(10),
         "{:?}",
         sent.elapsed()
     );
-    stop.cancel();
-    let summary = worker.await.unwrap().unwrap();
+    let summary = worker.stop().await;
     assert_eq!(calls.lock().unwrap().len(), 1);
     assert_eq!(summary.processed, 1, "{summary:?}");
     assert_eq!(summary.duplicates_skipped, 1, "{summary:?}");
@@ -562,25 +434,17 @@ async fn a_delivery_of_an_event_running_here_rides_along() {
 /// The same final-pass record delivered to two invocations (a Lambda retry of the batch, or
 /// SQS's own duplicate delivery): the failing handler runs once, one dead letter is written,
 /// and both invocations settle the record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_final_pass_delivered_twice_runs_its_handler_once() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let arn = queue_arn(&client, &queue.url).await;
+async fn a_final_pass_delivered_twice_runs_its_handler_once(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let arn = env.queue_arn().await;
     let dir = tempdir("lambda-final-twice");
     let log = dir.join("done.log");
-    let final_pass = serde_json::json!({
-        "dlq_redriven": string_attr("true"),
-        "redrive_count": {"stringValue": "3", "dataType": "Number",
-                          "stringListValues": [], "binaryListValues": []},
-        "dlq_final_pass": string_attr("true"),
-    });
+    let final_pass = lambda_final_pass_attributes();
     let event = serde_json::json!({"Records": [
         lambda_record(&arn, "m-f", r#"{"id":"f","fail":1}"#, final_pass),
     ]});
     for invocation in 1..=2 {
-        let response = invoke(&database_url, &log, &event, "30").await;
+        let response = invoke(&env, &log, &event, "30").await;
         assert_eq!(
             response,
             serde_json::json!({"batchItemFailures": []}),
@@ -593,11 +457,7 @@ async fn a_final_pass_delivered_twice_runs_its_handler_once() {
         ["f"],
         "the handler ran once"
     );
-    let store = PostgresStore::new(pool);
-    let letters = store.list_dead_letters(Some("lam"), 10).await.unwrap();
+    let letters = env.dead_letters(Some("lam")).await;
     assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
-    assert_eq!(
-        store.find("lam", "f").await.unwrap().unwrap().status,
-        "failed"
-    );
+    assert_eq!(env.checkpoint("lam", "f").await.status, "failed");
 }

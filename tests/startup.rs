@@ -11,8 +11,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use sqs_worker::PostgresStore;
-use sqs_worker::store::Retention;
 
 struct Ended {
     code: Option<i32>,
@@ -53,19 +51,17 @@ fn run_args(queue_url: &str) -> Vec<String> {
 /// What retrying cannot mend ends the start at once, in one line, with exit 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_mistakes_fail_at_once_in_one_line() {
-    let client = sqs_client().await;
-    let (_pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
-    let missing_queue = format!("{}-missing", queue.url);
+    let env = TestEnv::builder().no_dlq().start().await;
+    let missing_queue = format!("{}-missing", env.queue_url());
     let home = tempdir("no-credentials");
     let missing_database = format!(
         "{}/{}",
-        database_url.rsplit_once('/').unwrap().0,
+        env.database_url().rsplit_once('/').unwrap().0,
         unique("sqsw_missing")
     );
 
     let mut cases: Vec<(&str, tokio::process::Command, &str)> = Vec::new();
-    let mut command = sqs_worker_command(&database_url);
+    let mut command = env.command();
     command.args(run_args(&missing_queue));
     cases.push((
         "no such queue",
@@ -73,9 +69,9 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
         "does not exist: check --queue-url, AWS_REGION and AWS_ENDPOINT_URL",
     ));
 
-    let mut command = sqs_worker_command(&database_url);
+    let mut command = env.command();
     command
-        .args(run_args(&queue.url))
+        .args(run_args(env.queue_url()))
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env_remove("AWS_PROFILE")
@@ -84,16 +80,16 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
     cases.push(("no credentials", command, "no AWS credentials found"));
 
     let mut command = sqs_worker_command("postgres//no-scheme");
-    command.args(run_args(&queue.url));
+    command.args(run_args(env.queue_url()));
     cases.push(("malformed database URL", command, "is not valid"));
 
     let mut command = sqs_worker_command(&missing_database);
-    command.args(run_args(&queue.url));
+    command.args(run_args(env.queue_url()));
     cases.push(("no such database", command, "does not exist"));
 
-    let mut command = sqs_worker_command(&database_url);
+    let mut command = env.command();
     command
-        .args(run_args(&queue.url))
+        .args(run_args(env.queue_url()))
         .args(["--key", "order_id"]);
     cases.push(("key pointer without /", command, "must start with '/'"));
 
@@ -114,20 +110,18 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
 /// until --startup-timeout; then one line and exit 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_at_start_are_retried_until_the_deadline() {
-    let client = sqs_client().await;
-    let (_pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
+    let env = TestEnv::builder().no_dlq().start().await;
     let closed = closed_port().await;
 
-    let mut sqs_down = sqs_worker_command(&database_url);
+    let mut sqs_down = env.command();
     sqs_down
-        .args(run_args(&queue.url))
+        .args(run_args(env.queue_url()))
         .args(["--startup-timeout", "8"])
         .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"));
     let mut database_down =
         sqs_worker_command(&format!("postgres://postgres@127.0.0.1:{closed}/x"));
     database_down
-        .args(run_args(&queue.url))
+        .args(run_args(env.queue_url()))
         .args(["--startup-timeout", "8"]);
 
     for (case, command, expected) in [
@@ -175,26 +169,19 @@ async fn outages_at_start_are_retried_until_the_deadline() {
 /// 503, and once both are back it runs the queue as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_during_an_outage_runs_once_it_ends() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, false, 5).await;
-    send(&client, &queue.url, r#"{"id":"late"}"#).await;
-    let database_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let sqs_upstream = endpoint().trim_start_matches("http://").parse().unwrap();
-    let sqs_proxy = Proxy::start(sqs_upstream).await;
+    let env = TestEnv::builder().no_dlq().start().await;
+    env.send(r#"{"id":"late"}"#).await;
+    let database_proxy = Proxy::start(database_server()).await;
+    let sqs_proxy = Proxy::start(sqs_server()).await;
     database_proxy.down();
     sqs_proxy.down();
-    let (_, database_name) = database_url.rsplit_once('/').unwrap();
-    let proxied_database = format!(
-        "postgres://postgres@{}/{database_name}",
-        database_proxy.addr
-    );
+    let proxied_database = env.database_url_via(database_proxy.addr);
     let metrics_port = closed_port().await;
     let dir = tempdir("startup-outage");
     let log = dir.join("stderr.log");
 
     let mut worker = sqs_worker_command(&proxied_database)
-        .args(run_args(&queue.url))
+        .args(run_args(env.queue_url()))
         .args(["--key", "/id", "--exit-when-idle", "2"])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .env("AWS_ENDPOINT_URL", format!("http://{}", sqs_proxy.addr))
@@ -244,10 +231,9 @@ async fn a_worker_started_during_an_outage_runs_once_it_ends() {
         "{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    let checkpoint = PostgresStore::new(pool)
-        .find(queue_name(&queue.url), "late")
-        .await
-        .unwrap();
+    let checkpoint = env
+        .find_checkpoint(queue_name(env.queue_url()), "late")
+        .await;
     assert_eq!(checkpoint.map(|c| c.status).as_deref(), Some("complete"));
 }
 

@@ -10,11 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::*;
 use serde_json::json;
-use sqs_worker::message::{self, Envelope, KeySpec};
-use sqs_worker::store::Retention;
+use sqs_worker::message::{self, Envelope};
 use sqs_worker::worker::PayloadMismatch;
-use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker};
-use tokio_util::sync::CancellationToken;
+use sqs_worker::{Handler, HandlerError, Job};
 
 type Counts = Arc<Mutex<HashMap<String, usize>>>;
 
@@ -26,14 +24,13 @@ fn count(counts: &Counts, what: &str) -> usize {
     counts.lock().unwrap().get(what).copied().unwrap_or(0)
 }
 
-fn step_names(steps: &serde_json::Value) -> Vec<String> {
-    steps
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_owned())
-        .collect()
-}
+store_tests!(
+    a_crash_after_step_two_resumes_at_step_three,
+    only_the_lease_holder_records_steps,
+    a_changed_step_plan_is_a_permanent_plan_mismatch,
+    a_key_reused_with_another_payload_is_dead_lettered,
+    sns_and_eventbridge_envelopes_are_unwrapped,
+);
 
 /// Four steps; each counts when its closure starts and when it finishes. With `stall_at`,
 /// that step's closure never finishes (the process is then killed).
@@ -67,18 +64,12 @@ impl Handler for FourSteps {
 
 /// Killed after step 2 of 4, restarted: steps 1–2 are not run again, 3–4 run once, and the
 /// outputs of the recorded steps flow into the resumed ones.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_after_step_two_resumes_at_step_three() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    send(&client, &queue.url, r#"{"doc":"d1"}"#).await;
+async fn a_crash_after_step_two_resumes_at_step_three(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    env.send(r#"{"doc":"d1"}"#).await;
     let counts: Counts = Arc::default();
 
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/doc".into()]).unwrap();
-    config.scope = Some("steps".into());
-    config.visibility_timeout = Some(Duration::from_secs(3));
+    let mut config = env.config().key("/doc").scope("steps").visibility(3);
     config.max_handler_time = Duration::from_secs(3600);
 
     // The first worker lives in its own runtime, so that shutting the runtime down drops
@@ -89,33 +80,25 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
         .build()
         .unwrap();
     {
-        let (config, url, counts) = (config.clone(), database_url.clone(), counts.clone());
+        let (config, address, counts) =
+            (config.clone(), env.store_address().clone(), counts.clone());
         doomed.spawn(async move {
-            let pool = sqs_worker::connect_database(&url, 4).await.unwrap();
+            let store = address.connect(4).await.unwrap();
             let client = sqs_client().await;
             let handler = FourSteps {
                 counts,
                 stall_at: Some(3),
             };
-            Worker::new(config, client, pg(&pool), Arc::new(handler))
+            worker_on(&store, config, client, Arc::new(handler))
                 .run()
                 .await
         });
     }
-    let store = PostgresStore::new(pool.clone());
-    wait_until(
+    env.wait_for_checkpoint(
         "steps 1 and 2 to be recorded",
+        ("steps", "d1"),
         Duration::from_secs(30),
-        || {
-            let store = store.clone();
-            async move {
-                store
-                    .find("steps", "d1")
-                    .await
-                    .unwrap()
-                    .is_some_and(|c| c.steps.as_array().unwrap().len() == 2)
-            }
-        },
+        |c| c.steps.as_array().unwrap().len() == 2,
     )
     .await;
     wait_until("step 3 to start", Duration::from_secs(10), || {
@@ -129,19 +112,10 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
         counts: counts.clone(),
         stall_at: None,
     };
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(
-            config,
-            client.clone(),
-            pg(&pool),
-            Arc::new(handler),
-        )],
-        Duration::from_secs(40),
-    )
-    .await;
-    assert_eq!(summaries[0].processed, 1);
+    let summary = env
+        .drain(config, Arc::new(handler), Duration::from_secs(40))
+        .await;
+    assert_eq!(summary.processed, 1);
     for step in ["fetch", "parse"] {
         assert_eq!(
             count(&counts, &format!("{step}:started")),
@@ -159,7 +133,7 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
     }
     // 1 + 10 + 100 + 1000: recorded outputs of steps 1–2 fed the resumed steps 3–4.
     assert_eq!(count(&counts, "result:1111"), 1);
-    let checkpoint = store.find("steps", "d1").await.unwrap().unwrap();
+    let checkpoint = env.checkpoint("steps", "d1").await;
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 2);
     assert_eq!(
@@ -169,17 +143,16 @@ async fn a_crash_after_step_two_resumes_at_step_three() {
 }
 
 /// A step_tx whose closure fails after writing leaves neither its rows nor a step record;
-/// the next attempt runs it again and both commit together, once.
+/// the next attempt runs it again and both commit together, once. PostgreSQL only: the
+/// step's transaction is the store's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
+    let env = TestEnv::new().await;
     sqlx::query("create table test_rows (doc text primary key, note text not null)")
-        .execute(&pool)
+        .execute(env.pool())
         .await
         .unwrap();
-    let queue = fresh_queue(&client, true, 5).await;
-    send(&client, &queue.url, r#"{"doc":"tx1"}"#).await;
+    env.send(r#"{"doc":"tx1"}"#).await;
 
     /// (attempt, rows seen inside the step, steps recorded before it) per successful call.
     type Observed = Arc<Mutex<Vec<(u32, i64, Vec<String>)>>>;
@@ -220,37 +193,22 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
         }
     }
     let observed = Arc::new(Mutex::new(Vec::new()));
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/doc".into()]).unwrap();
-    config.scope = Some("tx".into());
+    let config = env.config().key("/doc").scope("tx");
     let handler = StoreRows {
         observed: observed.clone(),
     };
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(
-            config,
-            client.clone(),
-            pg(&pool),
-            Arc::new(handler),
-        )],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(summaries[0].retried, 1);
+    let summary = env
+        .drain(config, Arc::new(handler), Duration::from_secs(30))
+        .await;
+    assert_eq!(summary.retried, 1);
     // Attempt 2 found no recorded step and saw exactly its own row (attempt 1's rolled back).
     assert_eq!(*observed.lock().unwrap(), [(2, 1, Vec::<String>::new())]);
     let (rows,): (i64,) = sqlx::query_as("select count(*) from test_rows")
-        .fetch_one(&pool)
+        .fetch_one(env.pool())
         .await
         .unwrap();
     assert_eq!(rows, 1);
-    let checkpoint = PostgresStore::new(pool)
-        .find("tx", "tx1")
-        .await
-        .unwrap()
-        .unwrap();
+    let checkpoint = env.checkpoint("tx", "tx1").await;
     assert_eq!(step_names(&checkpoint.steps), ["store"]);
     assert_eq!(checkpoint.steps[0]["output"], 1);
     assert_eq!(checkpoint.status, "complete");
@@ -259,12 +217,9 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
 /// Worker A stalls inside step two past its lease; worker B takes the event over, resumes
 /// after A's recorded step one and completes. A's late step two is not recorded, and A
 /// leaves the message alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_lease_holder_records_steps() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    send(&client, &queue.url, r#"{"doc":"l1"}"#).await;
+async fn only_the_lease_holder_records_steps(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    env.send(r#"{"doc":"l1"}"#).await;
 
     struct Named {
         name: &'static str,
@@ -292,12 +247,13 @@ async fn only_the_lease_holder_records_steps() {
     }
     let counts: Counts = Arc::default();
     let config = |id: &str, pollers: usize| {
-        let mut config = worker_config(&queue.url);
-        config.key = KeySpec::new(vec!["/doc".into()]).unwrap();
-        config.scope = Some("lease".into());
-        config.visibility_timeout = Some(Duration::from_secs(2));
+        let mut config = env
+            .config()
+            .key("/doc")
+            .scope("lease")
+            .visibility(2)
+            .worker_id(id);
         config.max_handler_time = Duration::from_secs(30);
-        config.worker_id = Some(id.to_owned());
         config.pollers = pollers;
         config.concurrency = pollers;
         config
@@ -305,42 +261,29 @@ async fn only_the_lease_holder_records_steps() {
     // A stalls without renewing its lease (no heartbeat), so B may take the event over.
     let mut stalled = config("A", 1);
     stalled.heartbeat = false;
-    let slow = Worker::new(
+    let slow = env.start(
         stalled,
-        client.clone(),
-        pg(&pool),
         Arc::new(Named {
             name: "A",
             slow_step_two: Duration::from_secs(5),
             counts: counts.clone(),
         }),
     );
-    let stop = CancellationToken::new();
-    let slow = tokio::spawn(slow.with_shutdown(stop.clone()).run());
-    let store = PostgresStore::new(pool.clone());
-    wait_until("A to record step one", Duration::from_secs(20), || {
-        let store = store.clone();
-        async move {
-            store
-                .find("lease", "l1")
-                .await
-                .unwrap()
-                .is_some_and(|c| c.steps.as_array().unwrap().len() == 1)
-        }
-    })
+    env.wait_for_checkpoint(
+        "A to record step one",
+        ("lease", "l1"),
+        Duration::from_secs(20),
+        |c| c.steps.as_array().unwrap().len() == 1,
+    )
     .await;
-    let fast = Worker::new(
-        config("B", 2),
-        client.clone(),
-        pg(&pool),
-        Arc::new(Named {
-            name: "B",
-            slow_step_two: Duration::ZERO,
-            counts: counts.clone(),
-        }),
-    );
-    let fast_summary =
-        run_until_drained(&client, &queue.url, vec![fast], Duration::from_secs(30)).await;
+    let fast = Arc::new(Named {
+        name: "B",
+        slow_step_two: Duration::ZERO,
+        counts: counts.clone(),
+    });
+    let fast_summary = env
+        .drain(config("B", 2), fast, Duration::from_secs(30))
+        .await;
     wait_until(
         "A's slow step two to finish",
         Duration::from_secs(15),
@@ -350,14 +293,9 @@ async fn only_the_lease_holder_records_steps() {
         },
     )
     .await;
-    stop.cancel();
-    let slow_summary = tokio::time::timeout(Duration::from_secs(20), slow)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let slow_summary = slow.stop().await;
 
-    let checkpoint = store.find("lease", "l1").await.unwrap().unwrap();
+    let checkpoint = env.checkpoint("lease", "l1").await;
     assert_eq!(checkpoint.status, "complete");
     let outputs: Vec<(String, String)> = checkpoint
         .steps
@@ -376,20 +314,17 @@ async fn only_the_lease_holder_records_steps() {
         [("one".into(), "A".into()), ("two".into(), "B".into())],
         "B resumed after A's step one; A's late step two was fenced out"
     );
-    assert_eq!(fast_summary[0].processed, 1);
+    assert_eq!(fast_summary.processed, 1);
     assert_eq!(slow_summary.processed, 0);
     assert_eq!(slow_summary.lease_lost, 1, "{slow_summary:?}");
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 }
 
 /// Steps recorded as [a, b] by an older handler; the new handler runs [a, c]: a clear
 /// permanent plan_mismatch, not silent corruption.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    send(&client, &queue.url, r#"{"doc":"p1"}"#).await;
+async fn a_changed_step_plan_is_a_permanent_plan_mismatch(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    env.send(r#"{"doc":"p1"}"#).await;
 
     struct Plan {
         steps: &'static [&'static str],
@@ -414,61 +349,35 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
         }
     }
     let counts: Counts = Arc::default();
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/doc".into()]).unwrap();
-    config.scope = Some("plan".into());
+    let config = env.config().key("/doc").scope("plan");
     // The old handler's retry must not come back before the new handler is running.
     let mut old_config = config.clone();
     old_config.backoff_base = Duration::from_secs(6);
     old_config.backoff_max = Duration::from_secs(6);
-    let old = Worker::new(
+    let old = env.start(
         old_config,
-        client.clone(),
-        pg(&pool),
         Arc::new(Plan {
             steps: &["a", "b"],
             fail_after: true,
             counts: counts.clone(),
         }),
     );
-    let stop = CancellationToken::new();
-    let old = tokio::spawn(old.with_shutdown(stop.clone()).run());
-    let store = PostgresStore::new(pool.clone());
-    wait_until(
+    env.wait_for_checkpoint(
         "the old handler to record a, b and fail",
+        ("plan", "p1"),
         Duration::from_secs(20),
-        || {
-            let store = store.clone();
-            async move {
-                store
-                    .find("plan", "p1")
-                    .await
-                    .unwrap()
-                    .is_some_and(|c| c.last_error.is_some() && c.lease_owner.is_none())
-            }
-        },
+        |c| c.last_error.is_some() && c.lease_owner.is_none(),
     )
     .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(20), old)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    old.stop().await;
 
-    let new = Worker::new(
-        config,
-        client.clone(),
-        pg(&pool),
-        Arc::new(Plan {
-            steps: &["a", "c"],
-            fail_after: false,
-            counts: counts.clone(),
-        }),
-    );
-    let summaries =
-        run_until_drained(&client, &queue.url, vec![new], Duration::from_secs(30)).await;
-    assert_eq!(summaries[0].sent_to_dlq, 1);
+    let new = Arc::new(Plan {
+        steps: &["a", "c"],
+        fail_after: false,
+        counts: counts.clone(),
+    });
+    let summary = env.drain(config, new, Duration::from_secs(30)).await;
+    assert_eq!(summary.sent_to_dlq, 1);
     assert_eq!(
         (
             count(&counts, "a"),
@@ -477,17 +386,11 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
         ),
         (1, 1, 0)
     );
-    let checkpoint = store.find("plan", "p1").await.unwrap().unwrap();
+    let checkpoint = env.checkpoint("plan", "p1").await;
     assert_eq!(checkpoint.status, "failed");
     assert_eq!(step_names(&checkpoint.steps), ["a", "b"]);
     assert!(checkpoint.last_error.unwrap().contains("\"c\""));
-    let dead = peek_all(
-        &client,
-        queue.dlq_url.as_ref().unwrap(),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let dead = env.peek_dlq(1, Duration::from_secs(10)).await;
     assert_eq!(
         string_attribute(&dead[0], message::ATTR_FAILURE_REASON).as_deref(),
         Some("plan_mismatch")
@@ -496,48 +399,30 @@ async fn a_changed_step_plan_is_a_permanent_plan_mismatch() {
 
 /// The same key with a different payload is not a duplicate: by default it goes to the DLQ
 /// as payload_mismatch and the complete event stays complete; `accept` skips it instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_reused_with_another_payload_is_dead_lettered() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
+async fn a_key_reused_with_another_payload_is_dead_lettered(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
     let (handler, calls) = RecordingHandler::succeeding();
-    let mut config = worker_config(&queue.url);
-    config.key = KeySpec::new(vec!["/id".into()]).unwrap();
-    config.scope = Some("payload".into());
+    let config = env.config().key("/id").scope("payload");
 
-    send(&client, &queue.url, r#"{"id":"k","amount":100}"#).await;
-    let drain = |config: sqs_worker::WorkerConfig| {
-        let worker = Worker::new(config, client.clone(), pg(&pool), handler.clone());
-        run_until_drained(&client, &queue.url, vec![worker], Duration::from_secs(30))
-    };
+    env.send(r#"{"id":"k","amount":100}"#).await;
+    let drain = |config| env.drain(config, handler.clone(), Duration::from_secs(30));
     drain(config.clone()).await;
-    send(&client, &queue.url, r#"{"id":"k","amount":999}"#).await;
-    let summaries = drain(config.clone()).await;
-    assert_eq!(summaries[0].sent_to_dlq, 1);
-    assert_eq!(summaries[0].duplicates_skipped, 0);
+    env.send(r#"{"id":"k","amount":999}"#).await;
+    let summary = drain(config.clone()).await;
+    assert_eq!(summary.sent_to_dlq, 1);
+    assert_eq!(summary.duplicates_skipped, 0);
     assert_eq!(
         calls.lock().unwrap().len(),
         1,
         "the handler ran for the first payload only"
     );
-    let checkpoint = PostgresStore::new(pool.clone())
-        .find("payload", "k")
-        .await
-        .unwrap()
-        .unwrap();
+    let checkpoint = env.checkpoint("payload", "k").await;
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(
         checkpoint.payload_sha256,
         message::body_sha256(r#"{"id":"k","amount":100}"#)
     );
-    let dead = peek_all(
-        &client,
-        queue.dlq_url.as_ref().unwrap(),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let dead = env.peek_dlq(1, Duration::from_secs(10)).await;
     assert_eq!(dead[0].body(), Some(r#"{"id":"k","amount":999}"#));
     assert_eq!(
         string_attribute(&dead[0], message::ATTR_FAILURE_REASON).as_deref(),
@@ -546,21 +431,17 @@ async fn a_key_reused_with_another_payload_is_dead_lettered() {
 
     let mut accepting = config;
     accepting.on_payload_mismatch = PayloadMismatch::Accept;
-    send(&client, &queue.url, r#"{"id":"k","amount":7}"#).await;
-    let summaries = drain(accepting).await;
-    assert_eq!(
-        (summaries[0].duplicates_skipped, summaries[0].sent_to_dlq),
-        (1, 0)
-    );
+    env.send(r#"{"id":"k","amount":7}"#).await;
+    let summary = drain(accepting).await;
+    assert_eq!((summary.duplicates_skipped, summary.sent_to_dlq), (1, 0));
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
 /// SNS and EventBridge envelopes are unwrapped before keys are read; the handler sees the
 /// event, and the raw body is still there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sns_and_eventbridge_envelopes_are_unwrapped() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
+async fn sns_and_eventbridge_envelopes_are_unwrapped(kind: StoreKind) {
+    // A queue of its own per envelope, below.
+    let env = TestEnv::builder().store(kind).no_queue().start().await;
 
     struct Seen(Arc<Mutex<Vec<(String, String, bool)>>>);
     #[async_trait]
@@ -608,23 +489,18 @@ async fn sns_and_eventbridge_envelopes_are_unwrapped() {
             vec![eventbridge("e-1"), eventbridge("e-2")],
         ),
     ] {
-        let queue = fresh_queue(&client, true, 5).await;
+        let queue = env.add_queue(&QueueSpec::default()).await;
         for body in &bodies {
-            send(&client, &queue.url, body).await;
+            env.send_to(&queue.url, body).await;
         }
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let mut config = worker_config(&queue.url);
-        config.key = KeySpec::new(vec!["/order_id".into()]).unwrap();
+        let mut config = worker_config(&queue.url).key("/order_id");
         config.envelope = envelope;
+        let worker = env.worker(config, Arc::new(Seen(seen.clone())));
         let summaries = run_until_drained(
-            &client,
+            env.client(),
             &queue.url,
-            vec![Worker::new(
-                config,
-                client.clone(),
-                pg(&pool),
-                Arc::new(Seen(seen.clone())),
-            )],
+            vec![worker],
             Duration::from_secs(30),
         )
         .await;

@@ -6,109 +6,81 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sqs_worker::message::{self, KeySpec, Pass};
-use sqs_worker::store::{ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Retention};
-use sqs_worker::{HandlerError, Lease, PostgresStore, Worker};
+use sqs_worker::HandlerError;
+use sqs_worker::Lease;
+use sqs_worker::message::{self, Pass};
+use sqs_worker::store::{ClaimOutcome, ClaimRequest};
 
-fn key_spec(pointer: &str) -> KeySpec {
-    KeySpec::new(vec![pointer.to_owned()]).unwrap()
-}
+store_tests!(
+    processed_once_and_a_later_duplicate_is_skipped,
+    webhook_race_runs_each_event_once,
+    concurrent_claims_of_one_key_have_one_winner,
+    retryable_failures_back_off_then_succeed,
+    permanent_failures_and_bad_bodies_go_to_the_dlq,
+    only_a_later_redrive_or_requeue_reclaims_a_failed_event,
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processed_once_and_a_later_duplicate_is_skipped() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
+async fn processed_once_and_a_later_duplicate_is_skipped(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
     let (handler, calls) = RecordingHandler::succeeding();
-    let mut config = worker_config(&queue.url);
-    config.key = key_spec("/event_id");
-    config.scope = Some("orders".into());
+    let config = env.config().key("/event_id").scope("orders");
 
-    let first_id = send(&client, &queue.url, r#"{"event_id":"evt_1","n":1}"#).await;
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(
-            config.clone(),
-            client.clone(),
-            pg(&pool),
-            handler.clone(),
-        )],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(summaries[0].processed, 1);
+    let first_id = env.send(r#"{"event_id":"evt_1","n":1}"#).await;
+    let summary = env
+        .drain(config.clone(), handler.clone(), Duration::from_secs(30))
+        .await;
+    assert_eq!(summary.processed, 1);
     assert_eq!(calls_per_key(&calls)["evt_1"], 1);
 
-    let store = PostgresStore::new(pool.clone());
-    let checkpoint = store.find("orders", "evt_1").await.unwrap().unwrap();
+    let checkpoint = env.checkpoint("orders", "evt_1").await;
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 1);
     assert_eq!(checkpoint.first_message_id, first_id);
     assert!(checkpoint.completed_at.is_some() && checkpoint.lease_expires_at.is_none());
 
     // The same event again, later, as a new SQS message (new MessageId): skipped.
-    let second_id = send(&client, &queue.url, r#"{"event_id":"evt_1","n":1}"#).await;
+    let second_id = env.send(r#"{"event_id":"evt_1","n":1}"#).await;
     assert_ne!(first_id, second_id);
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(summaries[0].processed, 0);
-    assert_eq!(summaries[0].duplicates_skipped, 1);
+    let summary = env.drain(config, handler, Duration::from_secs(30)).await;
+    assert_eq!(summary.processed, 0);
+    assert_eq!(summary.duplicates_skipped, 1);
     assert_eq!(
         calls_per_key(&calls)["evt_1"],
         1,
         "the handler must not run again"
     );
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 }
 
 /// Seed 002: one webhook delivered three times at once, consumed by 4 pollers in each of two
 /// worker instances. Several events make the race happen more than once per run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhook_race_runs_each_event_once() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
+async fn webhook_race_runs_each_event_once(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
     let (handler, calls) = RecordingHandler::new(Duration::from_millis(300), |_| Ok(()));
 
     let events = 5;
-    let mut sends = Vec::new();
-    for event in 0..events {
-        for _ in 0..3 {
-            let client = client.clone();
-            let url = queue.url.clone();
-            sends.push(tokio::spawn(async move {
-                send(
-                    &client,
-                    &url,
-                    &format!(r#"{{"object_id":"obj-{event}","action":"changed"}}"#),
-                )
-                .await
-            }));
-        }
-    }
-    for s in sends {
-        s.await.unwrap();
-    }
+    let bodies: Vec<String> = (0..events)
+        .flat_map(|event| {
+            let body = format!(r#"{{"object_id":"obj-{event}","action":"changed"}}"#);
+            [body.clone(), body.clone(), body]
+        })
+        .collect();
+    futures_util::future::join_all(bodies.iter().map(|body| env.send(body))).await;
 
     let workers = (0..2)
         .map(|i| {
-            let mut config = worker_config(&queue.url);
-            config.key = KeySpec::new(vec!["/object_id".into(), "/action".into()]).unwrap();
+            let mut config = env
+                .config()
+                .keys(&["/object_id", "/action"])
+                // Short leases so deliveries deferred behind a busy lease come back quickly.
+                .visibility(3)
+                .worker_id(&format!("racer-{i}"));
             config.pollers = 4;
             config.concurrency = 4;
-            // Short leases so deliveries deferred behind a busy lease come back quickly.
-            config.visibility_timeout = Some(Duration::from_secs(3));
-            config.worker_id = Some(format!("racer-{i}"));
-            Worker::new(config, client.clone(), pg(&pool), handler.clone())
+            env.worker(config, handler.clone())
         })
         .collect();
-    let summaries = run_until_drained(&client, &queue.url, workers, Duration::from_secs(60)).await;
+    let summaries = env.drain_workers(workers, Duration::from_secs(60)).await;
 
     let counts = calls_per_key(&calls);
     assert_eq!(counts.len(), events);
@@ -119,36 +91,22 @@ async fn webhook_race_runs_each_event_once() {
     let skipped: u64 = summaries.iter().map(|s| s.duplicates_skipped).sum();
     assert_eq!(processed, events as u64);
     assert_eq!(skipped, 2 * events as u64, "{summaries:?}");
-    assert_eq!(
-        messages_in(&client, &queue.url).await,
-        0,
-        "all 15 messages are gone"
-    );
+    assert_eq!(env.messages_in().await, 0, "all 15 messages are gone");
 }
 
 /// The race at its sharpest: two claims for the same new key from two owners in the same
 /// instant. Exactly one may win, every time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_claims_of_one_key_have_one_winner() {
-    let (pool, _) = fresh_database().await;
-    let store = PostgresStore::new(pool);
+async fn concurrent_claims_of_one_key_have_one_winner(kind: StoreKind) {
+    let env = TestEnv::builder().store(kind).no_queue().start().await;
+    let store = env.store();
     for round in 0..25 {
         let key = format!("race-{round}");
         let request = |message_id: &str| ClaimRequest {
-            key: key.clone(),
-            payload_sha256: "h".into(),
             message_id: message_id.into(),
-            reclaim_failed: false,
-            pass: Pass::default(),
-            field_digests: None,
+            ..claim_request(&key)
         };
-        let lease = Duration::from_secs(30);
         let (first, second) = ([request("m1")], [request("m2")]);
-        let terms = ClaimTerms {
-            lease,
-            run_limit: lease,
-            accept_mismatch: false,
-        };
+        let terms = claim_terms(Duration::from_secs(30));
         let (a, b) = tokio::join!(
             store.claim_batch("s", "worker-a", &terms, &first),
             store.claim_batch("s", "worker-b", &terms, &second),
@@ -166,11 +124,8 @@ async fn concurrent_claims_of_one_key_have_one_winner() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retryable_failures_back_off_then_succeed() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 10).await;
+async fn retryable_failures_back_off_then_succeed(kind: StoreKind) {
+    let env = TestEnv::builder().store(kind).max_receive(10).start().await;
     let (handler, calls) = RecordingHandler::new(Duration::ZERO, |job| {
         if job.attempt() < 3 {
             Err(HandlerError::retryable(format!(
@@ -181,18 +136,10 @@ async fn retryable_failures_back_off_then_succeed() {
             Ok(())
         }
     });
-    let mut config = worker_config(&queue.url);
-    config.key = key_spec("/id");
-    config.scope = Some("retry".into());
-    send(&client, &queue.url, r#"{"id":"r1"}"#).await;
+    env.send(r#"{"id":"r1"}"#).await;
 
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(40),
-    )
-    .await;
+    let config = env.config().key("/id").scope("retry");
+    let summary = env.drain(config, handler, Duration::from_secs(40)).await;
 
     let calls = calls.lock().unwrap().clone();
     let attempts: Vec<u32> = calls.iter().map(|c| c.attempt).collect();
@@ -211,24 +158,16 @@ async fn retryable_failures_back_off_then_succeed() {
             "retry waited {gap:?}: the backoff was not applied"
         );
     }
-    assert_eq!(summaries[0].retried, 2);
-    assert_eq!(summaries[0].processed, 1);
-    let checkpoint = PostgresStore::new(pool)
-        .find("retry", "r1")
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(summary.retried, 2);
+    assert_eq!(summary.processed, 1);
+    let checkpoint = env.checkpoint("retry", "r1").await;
     assert_eq!(checkpoint.status, "complete");
     assert_eq!(checkpoint.attempts, 3);
     assert!(checkpoint.last_error.unwrap().contains("attempt 2"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
-    let client = sqs_client().await;
-    let (pool, _) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dlq_url = queue.dlq_url.clone().unwrap();
+async fn permanent_failures_and_bad_bodies_go_to_the_dlq(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
     let (handler, calls) = RecordingHandler::new(Duration::ZERO, |job| {
         if job.json().unwrap()["bad"] == true {
             Err(HandlerError::permanent("amount must be positive"))
@@ -236,29 +175,21 @@ async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
             Ok(())
         }
     });
-    let mut config = worker_config(&queue.url);
-    config.key = key_spec("/id");
-    config.scope = Some("perm".into());
-    send(&client, &queue.url, r#"{"id":"p1","bad":true}"#).await;
-    send(&client, &queue.url, "definitely not json").await;
-    send(&client, &queue.url, r#"{"no_id":true}"#).await;
-    send(&client, &queue.url, r#"{"id":"ok1"}"#).await;
+    env.send(r#"{"id":"p1","bad":true}"#).await;
+    env.send("definitely not json").await;
+    env.send(r#"{"no_id":true}"#).await;
+    env.send(r#"{"id":"ok1"}"#).await;
 
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(summaries[0].processed, 1);
-    assert_eq!(summaries[0].sent_to_dlq, 3);
-    assert_eq!(summaries[0].retried, 0);
+    let config = env.config().key("/id").scope("perm");
+    let summary = env.drain(config, handler, Duration::from_secs(30)).await;
+    assert_eq!(summary.processed, 1);
+    assert_eq!(summary.sent_to_dlq, 3);
+    assert_eq!(summary.retried, 0);
     // The handler ran for the two keyed events only, once each.
     let counts = calls_per_key(&calls);
     assert_eq!((counts["p1"], counts["ok1"], counts.len()), (1, 1, 2));
 
-    let dead = peek_all(&client, &dlq_url, 3, Duration::from_secs(10)).await;
+    let dead = env.peek_dlq(3, Duration::from_secs(10)).await;
     let mut reasons: Vec<(String, String)> = dead
         .iter()
         .map(|m| {
@@ -288,47 +219,30 @@ async fn permanent_failures_and_bad_bodies_go_to_the_dlq() {
         "the handler's error travels with the message"
     );
 
-    let store = PostgresStore::new(pool);
-    assert_eq!(
-        store.find("perm", "p1").await.unwrap().unwrap().status,
-        "failed"
-    );
-    let unkeyed = store
-        .find("perm", &message::fallback_key("definitely not json"))
+    assert_eq!(env.checkpoint("perm", "p1").await.status, "failed");
+    let unkeyed = env
+        .find_checkpoint("perm", &message::fallback_key("definitely not json"))
         .await
-        .unwrap()
         .expect("a failed checkpoint is recorded under the body hash");
     assert_eq!(unkeyed.status, "failed");
     assert!(unkeyed.last_error.unwrap().contains("not valid JSON"));
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 }
 
 /// The exec handler through the real binary: body on stdin, the SQS_WORKER_* environment,
 /// exit 0 done and exit 65 permanent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_handler_gets_body_and_environment() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dir = std::env::temp_dir().join(unique("exec"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("calls.log");
-    send(&client, &queue.url, r#"{"id":"x1","note":"fine"}"#).await;
-    send(&client, &queue.url, r#"{"id":"x2","note":"poison"}"#).await;
+    let env = TestEnv::new().await;
+    let log = tempdir("exec").join("calls.log");
+    env.send(r#"{"id":"x1","note":"fine"}"#).await;
+    env.send(r#"{"id":"x2","note":"poison"}"#).await;
 
     let script = r#"body=$(cat); echo "$SQS_WORKER_KEY attempt=$SQS_WORKER_ATTEMPT final=$SQS_WORKER_FINAL_PASS body=$body" >> "$CALL_LOG"; case "$body" in *poison*) echo "cannot parse note" >&2; exit 65;; esac"#;
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        sqs_worker_command(&database_url)
-            .args([
-                "run",
-                "--queue-url",
-                &queue.url,
-                "--key",
-                "/id",
-                "--scope",
-                "exec",
-            ])
+        env.run_command()
+            .args(["--key", "/id", "--scope", "exec"])
             .args(["--wait-time-seconds", "1", "--exit-when-idle", "2"])
             .args(["--", "sh", "-c", script])
             .env("CALL_LOG", &log)
@@ -356,48 +270,27 @@ async fn exec_handler_gets_body_and_environment() {
             r#"x2 attempt=1 final=false body={"id":"x2","note":"poison"}"#,
         ]
     );
-    let store = PostgresStore::new(pool);
-    assert_eq!(
-        store.find("exec", "x1").await.unwrap().unwrap().status,
-        "complete"
-    );
-    let failed = store.find("exec", "x2").await.unwrap().unwrap();
+    assert_eq!(env.checkpoint("exec", "x1").await.status, "complete");
+    let failed = env.checkpoint("exec", "x2").await;
     assert_eq!(failed.status, "failed");
     assert!(failed.last_error.unwrap().contains("cannot parse note"));
-    let dead = peek_all(
-        &client,
-        queue.dlq_url.as_ref().unwrap(),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let dead = env.peek_dlq(1, Duration::from_secs(10)).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].body(), Some(r#"{"id":"x2","note":"poison"}"#));
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.messages_in().await, 0);
 }
 
 /// A worker process SIGKILLed mid-handler: its lease and the message's visibility expire
 /// together, and another worker takes the event over and completes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_is_taken_over_after_the_lease_expires() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dir = std::env::temp_dir().join(unique("kill"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let marker = dir.join("started");
-    send(&client, &queue.url, r#"{"id":"k1"}"#).await;
+    let env = TestEnv::new().await;
+    let marker = tempdir("kill").join("started");
+    env.send(r#"{"id":"k1"}"#).await;
 
-    let mut victim = sqs_worker_command(&database_url)
-        .args([
-            "run",
-            "--queue-url",
-            &queue.url,
-            "--key",
-            "/id",
-            "--scope",
-            "kill",
-        ])
+    let mut victim = env
+        .run_command()
+        .args(["--key", "/id", "--scope", "kill"])
         .args(["--wait-time-seconds", "1", "--visibility-timeout", "4"])
         .args(["--worker-id", "victim", "--"])
         .args(["sh", "-c", r#"echo $$ > "$MARKER"; exec sleep 60"#])
@@ -420,62 +313,44 @@ async fn killed_worker_is_taken_over_after_the_lease_expires() {
         .args(["-9", &handler_pid])
         .status();
 
-    let store = PostgresStore::new(pool.clone());
-    let held = store.find("kill", "k1").await.unwrap().unwrap();
+    let held = env.checkpoint("kill", "k1").await;
     assert_eq!(held.status, "in_progress");
     // The lease owner is the worker id plus the number of its claim statement.
     assert!(held.lease_owner.unwrap().starts_with("victim#"));
 
     let (handler, calls) = RecordingHandler::succeeding();
-    let mut config = worker_config(&queue.url);
-    config.key = key_spec("/id");
-    config.scope = Some("kill".into());
-    config.worker_id = Some("rescuer".into());
-    let summaries = run_until_drained(
-        &client,
-        &queue.url,
-        vec![Worker::new(config, client.clone(), pg(&pool), handler)],
-        Duration::from_secs(40),
-    )
-    .await;
+    let config = env.config().key("/id").scope("kill").worker_id("rescuer");
+    let summary = env.drain(config, handler, Duration::from_secs(40)).await;
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1, "the rescuer ran the event once");
     assert_eq!(
         calls[0].attempt, 2,
         "a takeover counts as the second attempt"
     );
-    assert_eq!(summaries[0].processed, 1);
-    let done = store.find("kill", "k1").await.unwrap().unwrap();
+    assert_eq!(summary.processed, 1);
+    let done = env.checkpoint("kill", "k1").await;
     assert_eq!(done.status, "complete");
     assert_eq!(done.attempts, 2);
 }
 
 /// A failed event is claimed again only by a later pass: a redrive, then a deliberate
 /// requeue. Plain duplicates, and duplicates of a redrive that already failed, are not.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
-    let (pool, _) = fresh_database().await;
-    let store = PostgresStore::new(pool);
-    let lease = Duration::from_secs(30);
+async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event(kind: StoreKind) {
+    let env = TestEnv::builder().store(kind).no_queue().start().await;
+    let store = env.store();
     let request = |reclaim_failed, requeue_generation, redrive_count| ClaimRequest {
-        key: "f1".into(),
-        payload_sha256: "h".into(),
         message_id: "m".into(),
         reclaim_failed,
         pass: Pass {
             requeue_generation,
             redrive_count,
         },
-        field_digests: None,
+        ..claim_request("f1")
     };
-    let terms = ClaimTerms {
-        lease,
-        run_limit: lease,
-        accept_mismatch: false,
-    };
+    let terms = claim_terms(Duration::from_secs(30));
     let claim = |r: ClaimRequest| {
-        let store = store.clone();
-        async move { store.claim_batch("s", "w", &terms, &[r]).await.unwrap()["f1"].clone() }
+        let terms = &terms;
+        async move { store.claim_batch("s", "w", terms, &[r]).await.unwrap()["f1"].clone() }
     };
     assert!(matches!(
         claim(request(false, 0, 0)).await,
@@ -523,7 +398,7 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
         panic!("a requeue gets another chance")
     };
     assert_eq!(requeued.attempts, 3);
-    let row = store.find("s", "f1").await.unwrap().unwrap();
+    let row = env.checkpoint("s", "f1").await;
     assert_eq!((row.requeue_generation, row.redrive_count), (1, 0));
     // Fencing: another owner cannot complete or fail a lease it does not hold.
     assert!(
@@ -552,24 +427,13 @@ async fn only_a_later_redrive_or_requeue_reclaims_a_failed_event() {
 /// and is deleted, and the process exits 0 well within --shutdown-timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_running_handler_finish_then_exits_zero() {
-    let client = sqs_client().await;
-    let (pool, database_url) = fresh_database().await;
-    let queue = fresh_queue(&client, true, 5).await;
-    let dir = std::env::temp_dir().join(unique("term"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("handler.log");
-    send(&client, &queue.url, r#"{"id":"t1"}"#).await;
+    let env = TestEnv::new().await;
+    let log = tempdir("term").join("handler.log");
+    env.send(r#"{"id":"t1"}"#).await;
 
-    let mut worker = sqs_worker_command(&database_url)
-        .args([
-            "run",
-            "--queue-url",
-            &queue.url,
-            "--key",
-            "/id",
-            "--scope",
-            "term",
-        ])
+    let mut worker = env
+        .run_command()
+        .args(["--key", "/id", "--scope", "term"])
         .args(["--wait-time-seconds", "3", "--shutdown-timeout", "15", "--"])
         .args([
             "sh",
@@ -608,11 +472,6 @@ async fn sigterm_lets_the_running_handler_finish_then_exits_zero() {
         std::fs::read_to_string(&log).unwrap(),
         "started\nfinished\n"
     );
-    let checkpoint = PostgresStore::new(pool)
-        .find("term", "t1")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(checkpoint.status, "complete");
-    assert_eq!(messages_in(&client, &queue.url).await, 0);
+    assert_eq!(env.checkpoint("term", "t1").await.status, "complete");
+    assert_eq!(env.messages_in().await, 0);
 }

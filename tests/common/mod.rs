@@ -162,12 +162,12 @@ impl ConfigExt for WorkerConfig {
 }
 
 /// Runs each listed test once per store: for every store a module (`postgres::…`) with one
-/// `#[tokio::test]` per name, calling the test's `async fn name(store: StoreKind)` with that
-/// store. The test builds its environment from it:
+/// `#[tokio::test]` per name, calling the test's `async fn name(kind: StoreKind)` with that
+/// store. The test builds its environment from it (`TestEnv::on(kind)`, or the builder):
 ///
 /// ```ignore
-/// async fn claims_have_one_winner(store: StoreKind) {
-///     let env = TestEnv::builder().store(store).no_queue().start().await;
+/// async fn claims_have_one_winner(kind: StoreKind) {
+///     let env = TestEnv::builder().store(kind).no_queue().start().await;
 ///     // …
 /// }
 ///

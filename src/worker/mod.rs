@@ -46,6 +46,9 @@ mod shared;
 mod shutdown;
 mod summary;
 
+// The worker's files share one prelude — these imports and the items each file opens to
+// its siblings (`pub(super)`, glob-imported below) — and start with `use super::*;`: one
+// room split into files, not separate rooms with borders between them.
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;

@@ -1,208 +1,19 @@
-//! The handler interface: what user code implements, what it is given, how it fails.
-//!
-//! A handler never sees SQS. It gets a [`Job`] describing one event and answers `Ok(())`
-//! (done), [`HandlerError::Retryable`] (try again later) or [`HandlerError::Permanent`]
-//! (this event can never succeed: send it to the DLQ). Every handler will run more than
-//! once for some events; design each effect as if it will.
-//!
-//! Multi-step handlers use [`Job::step`] and [`Job::step_tx`]: each completed step's output
-//! is written to the checkpoint before the next step starts, so a crash, a lost lease or a
-//! redelivery resumes after the last completed step instead of starting over.
-//! [`Job::step_effect`] is the variant for an outside effect (an HTTP POST, an email) that
-//! must not be repeated just because its record could not be written.
+//! The step API of [`Job`]: `step`, `step_tx`, `step_effect`, recorded in the checkpoint at
+//! their index and replayed by position and name on a later attempt.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
-
-use async_trait::async_trait;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
-use sqlx::{Postgres, Transaction};
-use tokio_util::sync::CancellationToken;
-
-use crate::store::{CheckpointStore, Lease, PostgresStore, RecordedStep};
+use super::*;
 
 /// How long [`Job::step_effect`] waits before each further attempt to record a step after a
 /// database error. Short on purpose: the whole wait runs inside the handler timeout, and a
 /// handler stopped by its timeout is retried, which would repeat the effect.
-const EFFECT_RECORD_RETRY_DELAYS: [Duration; 3] = [
+pub(super) const EFFECT_RECORD_RETRY_DELAYS: [Duration; 3] = [
     Duration::from_millis(100),
     Duration::from_millis(300),
     Duration::from_secs(1),
 ];
 
-/// How a handler failed. Retry is a type, not a string.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HandlerError {
-    /// A transient failure: the message comes back after a backoff.
-    #[error("retryable: {message}")]
-    Retryable {
-        /// What went wrong.
-        message: String,
-        /// A delay the handler asks for (e.g. from an HTTP Retry-After), instead of the
-        /// worker's backoff.
-        retry_after: Option<Duration>,
-    },
-    /// The event can never succeed as it is: it goes to the DLQ at once.
-    #[error("permanent: {message}")]
-    Permanent {
-        /// What went wrong.
-        message: String,
-        /// A short reason code for the DLQ attributes (default `handler_permanent`).
-        reason: String,
-    },
-    /// Another worker took this event's lease (ours expired), or it could not be renewed:
-    /// nothing more may be recorded, and the message is left to SQS and the next holder.
-    /// Steps return it; propagate it with `?`.
-    #[error("the lease was lost or could not be renewed; stopping at this step")]
-    LeaseLost,
-}
-
-/// Database errors inside a step are retryable: the step's transaction rolled back, so the
-/// next attempt starts that step again from a clean state.
-impl From<sqlx::Error> for HandlerError {
-    fn from(error: sqlx::Error) -> Self {
-        HandlerError::retryable(format!("database error: {error}"))
-    }
-}
-
-/// The future a [`Job::step_tx`] closure returns: boxed, because it borrows the transaction.
-pub type StepFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send + 't>>;
-
-fn plan_mismatch(message: String) -> HandlerError {
-    HandlerError::permanent_with_reason("plan_mismatch", message)
-}
-
-impl HandlerError {
-    /// A transient failure, retried after the worker's backoff.
-    pub fn retryable(message: impl std::fmt::Display) -> Self {
-        HandlerError::Retryable {
-            message: message.to_string(),
-            retry_after: None,
-        }
-    }
-
-    /// A transient failure, retried no sooner than `after`.
-    pub fn retry_after(message: impl std::fmt::Display, after: Duration) -> Self {
-        HandlerError::Retryable {
-            message: message.to_string(),
-            retry_after: Some(after),
-        }
-    }
-
-    /// A failure that retrying cannot fix: the message goes to the DLQ.
-    pub fn permanent(message: impl std::fmt::Display) -> Self {
-        Self::permanent_with_reason("handler_permanent", message)
-    }
-
-    /// A permanent failure with a specific reason code.
-    pub fn permanent_with_reason(
-        reason: impl Into<String>,
-        message: impl std::fmt::Display,
-    ) -> Self {
-        HandlerError::Permanent {
-            message: message.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    /// True for [`HandlerError::Retryable`].
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, HandlerError::Retryable { .. })
-    }
-}
-
-/// One event to handle, and the record of its completed steps.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub(crate) lease: Lease,
-    pub(crate) message_id: String,
-    pub(crate) body: String,
-    pub(crate) raw_body: String,
-    pub(crate) json: Option<Value>,
-    pub(crate) attributes: HashMap<String, String>,
-    pub(crate) attempt: u32,
-    pub(crate) redrive_count: u32,
-    pub(crate) final_pass: bool,
-    pub(crate) store: Arc<dyn CheckpointStore>,
-    pub(crate) recorded: Vec<RecordedStep>,
-    pub(crate) next_step: usize,
-    pub(crate) lease_lost: bool,
-    pub(crate) cancel: CancellationToken,
-    /// The name of a [`Job::step_effect`] that succeeded but could not be recorded: later
-    /// steps of this attempt cannot be appended in order after it.
-    pub(crate) unrecorded_effect: Option<String>,
-}
-
+/// The step API: each step's output recorded before the next starts, replayed on resume.
 impl Job {
-    /// The checkpoint scope (by default the queue name).
-    pub fn scope(&self) -> &str {
-        &self.lease.scope
-    }
-
-    /// The idempotency key of the event.
-    pub fn key(&self) -> &str {
-        &self.lease.key
-    }
-
-    /// The SQS MessageId of this delivery.
-    pub fn message_id(&self) -> &str {
-        &self.message_id
-    }
-
-    /// The event as text: the message body, unwrapped from its SNS or EventBridge envelope
-    /// when `--envelope` says so.
-    pub fn body(&self) -> &str {
-        &self.body
-    }
-
-    /// The SQS message body exactly as received, envelope included.
-    pub fn raw_body(&self) -> &str {
-        &self.raw_body
-    }
-
-    /// The event parsed as JSON, if it is JSON.
-    pub fn json(&self) -> Option<&Value> {
-        self.json.as_ref()
-    }
-
-    /// String and Number message attributes.
-    pub fn attributes(&self) -> &HashMap<String, String> {
-        &self.attributes
-    }
-
-    /// Which claim of this event this is: 1 the first time, more after retries or takeovers.
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-
-    /// How many times an operator redrove this message from the DLQ.
-    pub fn redrive_count(&self) -> u32 {
-        self.redrive_count
-    }
-
-    /// True on the last redrive an operator allows: a failure now ends the message.
-    pub fn is_final_pass(&self) -> bool {
-        self.final_pass
-    }
-
-    /// Cancelled when the worker can no longer vouch for this event: a heartbeat could not
-    /// renew the lease or the visibility, or the shutdown deadline passed. A long handler
-    /// should stop at the next safe point (`tokio::select!` on `cancelled()`); steps refuse
-    /// to start once it is cancelled, and the handler is stopped when the lease ends.
-    pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
-    }
-
-    /// Names of the steps completed so far, earlier attempts included.
-    pub fn completed_steps(&self) -> Vec<&str> {
-        self.recorded.iter().map(|s| s.name.as_str()).collect()
-    }
-
     /// Run a named step once per event.
     ///
     /// The first time, `run` is called and its output is stored in the checkpoint before this
@@ -413,7 +224,7 @@ impl Job {
     }
 
     /// True when the checkpoint holds step `index` under `name` and our lease still holds.
-    async fn step_is_recorded(&self, index: usize, name: &str) -> bool {
+    pub(super) async fn step_is_recorded(&self, index: usize, name: &str) -> bool {
         match self.store.find(&self.lease.scope, &self.lease.key).await {
             Ok(Some(checkpoint)) => {
                 checkpoint.status == "in_progress"
@@ -430,7 +241,11 @@ impl Job {
 
     /// A step after an unrecorded effect: run it, since stopping now would repeat that
     /// effect, but do not record it (the checkpoint's steps must stay in order).
-    async fn run_unrecorded<T, F, Fut>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    pub(super) async fn run_unrecorded<T, F, Fut>(
+        &mut self,
+        name: &str,
+        run: F,
+    ) -> Result<T, HandlerError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, HandlerError>>,
@@ -445,7 +260,10 @@ impl Job {
     }
 
     /// The stored output of the next step, if an earlier attempt completed it.
-    fn replay<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, HandlerError> {
+    pub(super) fn replay<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<T>, HandlerError> {
         check_step_name(name)?;
         if self.lease_lost {
             return Err(HandlerError::LeaseLost);
@@ -478,7 +296,7 @@ impl Job {
         Ok(Some(output))
     }
 
-    fn after_record(
+    pub(super) fn after_record(
         &mut self,
         recorded: bool,
         name: &str,
@@ -496,7 +314,7 @@ impl Job {
         Ok(())
     }
 
-    fn lose_lease(&mut self, name: &str) -> HandlerError {
+    pub(super) fn lose_lease(&mut self, name: &str) -> HandlerError {
         self.lease_lost = true;
         tracing::warn!(
             step = name,
@@ -530,7 +348,10 @@ pub const STEP_TX_UNSUPPORTED: &str = "step_tx_unsupported";
 /// stored. PostgreSQL's `jsonb` (like `text`) refuses the NUL character, so an output holding
 /// one would fail its record on every attempt: that is refused here, before any statement,
 /// as `unstorable_step_output` — the same handler code gives the same output next time.
-fn step_output_json<T: Serialize>(name: &str, output: &T) -> Result<Value, HandlerError> {
+pub(super) fn step_output_json<T: Serialize>(
+    name: &str,
+    output: &T,
+) -> Result<Value, HandlerError> {
     let value = serde_json::to_value(output).map_err(|e| {
         HandlerError::permanent_with_reason(
             "step_output",
@@ -552,7 +373,7 @@ fn step_output_json<T: Serialize>(name: &str, output: &T) -> Result<Value, Handl
 
 /// A step name is stored as text: one holding NUL could never be recorded, so the step is
 /// refused before it runs (a handler bug, permanent).
-fn check_step_name(name: &str) -> Result<(), HandlerError> {
+pub(super) fn check_step_name(name: &str) -> Result<(), HandlerError> {
     if name.contains('\0') {
         return Err(HandlerError::permanent_with_reason(
             UNSTORABLE_STEP_OUTPUT,
@@ -567,7 +388,7 @@ fn check_step_name(name: &str) -> Result<(), HandlerError> {
 /// Where in `value` a string or an object key holds NUL, as a JSON pointer (`""` is the
 /// root). Walks the value instead of searching its serialization for `\u0000`, which would
 /// also match a string holding the six characters `\u0000` (escaped as `\\u0000`).
-fn nul_path(value: &Value, path: &mut String) -> Option<String> {
+pub(super) fn nul_path(value: &Value, path: &mut String) -> Option<String> {
     match value {
         Value::String(s) if s.contains('\0') => Some(path.clone()),
         Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
@@ -594,94 +415,5 @@ fn nul_path(value: &Value, path: &mut String) -> Option<String> {
             found
         }),
         _ => None,
-    }
-}
-
-/// User code that handles one event.
-#[async_trait]
-pub trait Handler: Send + Sync + 'static {
-    /// Handle one event. Called at least once per event, sometimes more: make it idempotent.
-    async fn handle(&self, job: &mut Job) -> Result<(), HandlerError>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::unreachable::UnreachableStore;
-
-    fn reason_of(error: HandlerError) -> String {
-        match error {
-            HandlerError::Permanent { reason, .. } => reason,
-            other => panic!("expected a permanent error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn outputs_with_nul_are_refused_before_any_statement() {
-        let error = step_output_json("s", &"a\0b").unwrap_err();
-        assert!(error.to_string().contains(r#"JSON pointer """#), "{error}");
-        assert_eq!(reason_of(error), UNSTORABLE_STEP_OUTPUT);
-
-        let nested = serde_json::json!({"ok": [1, {"deep~/x": ["fine", "bad\u{0}"]}]});
-        let error = step_output_json("fetch", &nested).unwrap_err();
-        assert!(
-            error.to_string().contains(r#""/ok/1/deep~0~1x/1""#),
-            "{error}"
-        );
-        let key = serde_json::json!({"k\u{0}": 1});
-        let error = step_output_json("s", &key).unwrap_err();
-        assert!(error.to_string().contains(r#""/k\\u0000""#), "{error}");
-        assert!(!error.to_string().contains('\0'));
-    }
-
-    #[test]
-    fn outputs_that_merely_look_like_nul_are_stored() {
-        // The six characters \u0000 are ordinary text; so are other control characters.
-        for output in [r"\u0000", "\u{1}\u{1b}[0m", "🦀 \u{202e}", ""] {
-            let value = step_output_json("s", &output).unwrap();
-            assert_eq!(value, Value::String(output.to_owned()));
-        }
-        let value = step_output_json("s", &serde_json::json!({"n": null, "x": [1.5]})).unwrap();
-        assert_eq!(value["x"][0], 1.5);
-    }
-
-    #[tokio::test]
-    async fn step_tx_on_a_store_without_postgres_transactions_is_refused() {
-        let mut job = Job {
-            lease: Lease::new("s", "k", "w#1"),
-            message_id: "m".into(),
-            body: "{}".into(),
-            raw_body: "{}".into(),
-            json: None,
-            attributes: HashMap::new(),
-            attempt: 1,
-            redrive_count: 0,
-            final_pass: false,
-            store: Arc::new(UnreachableStore),
-            recorded: Vec::new(),
-            next_step: 0,
-            lease_lost: false,
-            cancel: CancellationToken::new(),
-            unrecorded_effect: None,
-        };
-        let error = job
-            .step_tx("write", |_tx| Box::pin(async { Ok(1) }))
-            .await
-            .unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("checkpoint store is unreachable"),
-            "{error}"
-        );
-        assert_eq!(reason_of(error), STEP_TX_UNSUPPORTED);
-    }
-
-    #[test]
-    fn step_names_with_nul_are_refused() {
-        assert!(check_step_name("charge").is_ok());
-        let error = check_step_name("char\0ge").unwrap_err();
-        assert!(!error.to_string().contains('\0'));
-        assert_eq!(reason_of(error), UNSTORABLE_STEP_OUTPUT);
     }
 }

@@ -1,6 +1,18 @@
 //! The acker: one task that batches checkpoint completions and DeleteMessageBatch calls.
 
-use super::*;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Lease;
+
+use super::retry::retry_database;
+use super::shared::Shared;
 
 pub(super) enum AckKind {
     /// Mark the checkpoint complete (fenced by the lease token), then delete the receipts.

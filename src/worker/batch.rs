@@ -1,7 +1,29 @@
 //! One received batch: parse it, claim its events in one store call, and route each
 //! delivery by its outcome (run, ride along, skip, defer, dead-letter).
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::TaskTracker;
+
+use crate::message::{self, EventIdentity, KeyError, RedriveMarkers};
+use crate::sqs::ReceivedMessage;
+use crate::store::{Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Lease};
+
+use super::claim::{Planned, busy_deferral, plan_batch, receive_count};
+use super::config::PayloadMismatch;
+use super::core::{BatchContext, BatchTokens};
+use super::dlq::{FirstPayload, dead_letter_mismatch, dead_letter_unkeyed};
+use super::fifo::start_groups;
+use super::heartbeat::Waiting;
+use super::retry::retry_database;
+use super::run::run_event;
+use super::running::{Claiming, RideAlong, Riders};
+use super::shared::Shared;
 
 /// A message whose event identity has been worked out.
 pub(super) struct Parsed {

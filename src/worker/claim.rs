@@ -1,7 +1,15 @@
 //! The pure part of claiming: which delivery of a batch claims each event, and how long a
 //! busy delivery waits.
 
-use super::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::sqs::ReceivedMessage;
+use crate::store::{Claim, ClaimOutcome};
+
+use super::batch::Parsed;
+use super::config::PayloadMismatch;
+use super::dlq::FirstPayload;
 
 /// What becomes of one delivery of a claimed receive batch (see [`plan_batch`]).
 pub(super) enum Planned {

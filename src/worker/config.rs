@@ -1,7 +1,10 @@
 //! What a worker is told: [`WorkerConfig`], the payload-mismatch rule, and what stops a
 //! worker from starting.
 
-use super::*;
+use std::time::Duration;
+
+use crate::message::{Envelope, KeySpec};
+use crate::startup::StartupError;
 
 /// How a worker runs. Built by the CLI from flags, or directly by library users.
 #[derive(Debug, Clone)]

@@ -1,7 +1,25 @@
 //! The claim/run/settle core that the service and Lambda share: starting it (queue setup,
 //! the acker) and stopping it.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::Handler;
+use crate::sqs::{RedrivePolicy, SqsQueue};
+use crate::store::CheckpointStore;
+
+use super::acker::{ACK_PARALLEL, AckRequest, run_acker};
+use super::config::{WorkerConfig, WorkerError};
+use super::readiness::Readiness;
+use super::running::RecentlySettled;
+use super::settlement::Mode;
+use super::shared::Shared;
+use super::summary::{Counters, RunSummary};
 
 /// The parts a [`Core`] is made of.
 pub(crate) struct CoreParts {

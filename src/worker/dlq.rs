@@ -1,7 +1,19 @@
 //! Where failed messages end: the DLQ (permanent failures, unkeyed messages, payload
 //! mismatches), or `dead_letters` when a final redrive pass fails.
 
-use super::*;
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::message::EventIdentity;
+use crate::sqs::{OutgoingMessage, ReceivedMessage};
+use crate::store::NewDeadLetter;
+use crate::{message, sqs};
+
+use super::acker::AckKind;
+use super::batch::Parsed;
+use super::claim::receive_count;
+use super::shared::Shared;
 
 /// A message with no usable key (not JSON, key field missing): it can never succeed, so it
 /// goes to the DLQ with the reason, and a failed checkpoint is recorded under its body hash.

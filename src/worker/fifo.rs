@@ -1,7 +1,17 @@
 //! FIFO queues: a message group's events run one at a time, in order, each started only on a
 //! confirmed lease.
 
-use super::*;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use super::batch::{ClaimedEvent, Routed};
+use super::core::BatchTokens;
+use super::heartbeat::Waiting;
+use super::pause::pause_at;
+use super::run::{SHUTTING_DOWN, hand_back, run_event};
+use super::shared::Shared;
 
 /// FIFO: one task per message group runs its events one at a time, in receive order (SQS
 /// returns a group's messages in order). After a failure the rest of the group is handed

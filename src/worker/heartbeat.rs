@@ -1,7 +1,22 @@
 //! The heartbeat: while a handler runs, extend its messages' visibility and its lease every
 //! third of the lease; stop the handler when the lease cannot be kept.
 
-use super::*;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::HandlerError;
+use crate::sqs;
+use crate::store::Lease;
+
+use super::core::BatchTokens;
+use super::pause::pause_at;
+use super::run::Ended;
+use super::running::Riders;
+use super::shared::Shared;
 
 /// What a heartbeat keeps alive: the running event (its lease and its messages), the
 /// deliveries riding along with it, and a FIFO group's events waiting their turn under the

@@ -46,53 +46,6 @@ mod shared;
 mod shutdown;
 mod summary;
 
-// The worker's files share one prelude — these imports and the items each file opens to
-// its siblings (`pub(super)`, glob-imported below) — and start with `use super::*;`: one
-// room split into files, not separate rooms with borders between them.
-use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use futures_util::future::join_all;
-use serde::Serialize;
-use sqlx::PgPool;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
-
-use crate::handler::{Handler, HandlerError, Job};
-use crate::message::{self, Envelope, EventIdentity, KeyError, KeySpec, RedriveMarkers};
-use crate::sqs::{
-    self, MAX_VISIBILITY, OutgoingMessage, ReceivedMessage, RedrivePolicy, SqsError, SqsErrorKind,
-    SqsQueue,
-};
-use crate::startup::{self, StartupError, Verdict};
-use crate::store::{
-    self, CheckpointStore, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Lease, NewDeadLetter,
-    PostgresStore, StoreError,
-};
-
-use acker::*;
-use batch::*;
-use claim::*;
-use dlq::*;
-use fifo::*;
-use heartbeat::*;
-use pause::*;
-use poll::*;
-use retry::*;
-use run::*;
-use running::*;
-use settle::*;
-use setup::*;
-use shutdown::*;
-use summary::*;
-
 pub use config::{PayloadMismatch, WorkerConfig, WorkerError};
 pub use readiness::{Readiness, ReadinessReport};
 pub use retry::retry_delay;

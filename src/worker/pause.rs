@@ -1,7 +1,7 @@
 //! Fail points for the chaos and race tests: async pauses compiled in only with the
 //! `failpoints` feature.
 
-use super::*;
+use std::time::Duration;
 
 /// With the `failpoints` feature, a test can make the task reaching this point wait
 /// (`fail::cfg(name, "return(MILLIS)")`). The wait is asynchronous: fail's own `sleep` action

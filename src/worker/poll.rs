@@ -1,7 +1,19 @@
 //! Receiving: long polls that take permits first, and the database probe that stops them
 //! while the checkpoint store is down.
 
-use super::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::sqs::{ReceivedMessage, SqsError};
+
+use super::batch::handle_batch;
+use super::core::{BatchContext, BatchTokens};
+use super::shared::Shared;
+use super::shutdown::poll_wait;
 
 /// Ping the database while the worker runs, so `/readyz` notices an outage even when no
 /// messages arrive, and so receiving resumes soon after an outage ends (every second while

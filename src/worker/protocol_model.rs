@@ -27,9 +27,12 @@ use std::collections::HashMap;
 
 use stateright::{Checker, Model, Property};
 
-use super::{Claim, ClaimOutcome, Parsed, PayloadMismatch, Planned, plan_batch};
+use super::batch::Parsed;
+use super::claim::{Planned, plan_batch};
+use super::config::PayloadMismatch;
 use crate::message::{EventIdentity, RedriveMarkers};
 use crate::sqs::ReceivedMessage;
+use crate::store::{Claim, ClaimOutcome};
 
 /// Whose rules: the code before the fix, or today's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

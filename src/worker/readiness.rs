@@ -1,7 +1,7 @@
 //! Readiness: what the worker reports about its dependencies, for `/readyz` to serve. It
 //! lives with the worker, which feeds it; telemetry only reads it.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether the worker can do its job now: fed by the worker, read by `/readyz`.
 ///

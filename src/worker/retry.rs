@@ -1,6 +1,11 @@
 //! Retry delays: exponential backoff with jitter, and retrying a store call for a while.
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use crate::sqs::MAX_VISIBILITY;
+use crate::store::StoreError;
+
+use super::shared::Shared;
 
 /// Retry delay for the `attempt`-th claim: exponential from `base`, capped at `max` and
 /// below SQS's 12 h visibility limit, with "equal jitter" (`jitter` in 0..1 picks a point in

@@ -1,7 +1,26 @@
 //! Running one claimed event: the handler under its heartbeat, then one settlement per
 //! outcome.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::handler::{HandlerError, Job};
+use crate::message::{EventIdentity, RedriveMarkers};
+use crate::sqs::{MAX_VISIBILITY, ReceivedMessage};
+use crate::store::{self, Claim, Lease};
+
+use super::batch::ClaimedEvent;
+use super::core::BatchTokens;
+use super::heartbeat::{Waiting, Watch, supervise};
+use super::settle::{
+    Finished, settle_abandoned, settle_complete, settle_final_pass, settle_lease_lost,
+    settle_permanent, settle_retryable,
+};
+use super::shared::Shared;
 
 pub(super) const SHUTTING_DOWN: &str = "shutting down before it started";
 

@@ -1,7 +1,14 @@
 //! The registry of events running in this process: deliveries that arrive while their event
 //! runs here ride along with it instead of waiting out the lease.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::store::ClaimRequest;
+
+use super::dlq::FirstPayload;
+use super::shared::Shared;
 
 /// Registers a claim statement's keys while it runs (see `Shared::claimed_elsewhere_here`).
 pub(super) struct Claiming<'a> {

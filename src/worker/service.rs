@@ -1,7 +1,27 @@
 //! The long-running service: [`Worker`] and its builder. Starts the core, the pollers and
 //! the probes, then drains on shutdown.
 
-use super::*;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::Handler;
+use crate::sqs::SqsQueue;
+use crate::store::{CheckpointStore, PostgresStore};
+
+use super::config::{WorkerConfig, WorkerError};
+use super::core::{BatchTokens, Core, CoreParts};
+use super::heartbeat::HANDLER_STOP_GRACE;
+use super::poll::{poll, probe_database};
+use super::readiness::Readiness;
+use super::settlement::Mode;
+use super::shared::Shared;
+use super::shutdown::{drain, exit_when_idle};
+use super::summary::RunSummary;
 
 /// Builds a [`Worker`] from its parts.
 #[derive(Default)]

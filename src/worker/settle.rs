@@ -3,7 +3,17 @@
 //! a FIFO group needs to know: `None` when the event is settled for good, otherwise about
 //! when its message becomes visible again.
 
-use super::*;
+use std::time::Duration;
+
+use crate::handler::HandlerError;
+use crate::message::EventIdentity;
+use crate::sqs::ReceivedMessage;
+use crate::store::Lease;
+use crate::{message, sqs};
+
+use super::acker::{AckKind, AckResult};
+use super::dlq::{FinalFailure, end_final_pass, send_to_dlq};
+use super::shared::Shared;
 
 /// An event whose handler has ended, as its settlement sees it.
 pub(super) struct Finished<'a> {

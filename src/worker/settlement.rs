@@ -2,7 +2,15 @@
 //! whether visibility changes reach SQS, how long a run may take, and how the queue is read
 //! at start. The rest of the core asks [`Mode`]; `lambda.rs` only picks it.
 
-use super::*;
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::sqs::{ReceivedMessage, RedrivePolicy, SqsQueue};
+
+use super::config::{WorkerConfig, WorkerError};
+use super::readiness::Readiness;
+use super::setup::{lambda_queue_setup, service_queue_setup};
 
 /// How settled messages leave the queue.
 pub(crate) enum Mode {

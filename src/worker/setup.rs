@@ -1,7 +1,13 @@
 //! Reading the queue at start: its visibility timeout (the lease) and its DLQ, retried while
 //! SQS is unreachable, and what a failure there means.
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use crate::sqs::{RedrivePolicy, SqsError, SqsErrorKind, SqsQueue};
+use crate::startup::{self, Verdict};
+
+use super::config::{WorkerConfig, WorkerError};
+use super::readiness::Readiness;
 
 /// The lease (the visibility timeout) and the DLQ of a service's queue, read at start. A
 /// queue that cannot be reached is tried again until `--startup-timeout`; one that cannot

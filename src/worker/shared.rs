@@ -1,6 +1,25 @@
 //! The state every task of one run shares, and its small helpers.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::handler::Handler;
+use crate::message::EventIdentity;
+use crate::sqs::SqsQueue;
+use crate::store::{CheckpointStore, Lease};
+
+use super::acker::AckRequest;
+use super::config::{PayloadMismatch, WorkerConfig};
+use super::dlq::FirstPayload;
+use super::readiness::Readiness;
+use super::retry::retry_delay;
+use super::running::{RecentlySettled, RideAlong, Riders, RunningHere};
+use super::settlement::Mode;
+use super::summary::Counters;
 
 /// What every task of one run shares.
 pub(crate) struct Shared {

@@ -1,7 +1,15 @@
 //! Stopping: the drain after a stop signal (with its hand-back grace) and the idle monitor
 //! of `--exit-when-idle`.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::shared::Shared;
 
 /// After the drain deadline, how long stopped handlers get to hand their messages back
 /// (release the lease, visibility 0). ECS's 30 s stopTimeout leaves 5 s over the default

@@ -1,7 +1,9 @@
 //! The counts of a run: [`RunSummary`] for scripts and tests, each count mirrored to the
 //! metric of the same name, `sqs_worker_<field>_total` ([`names`]).
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
 
 /// Counts of what happened during a run, for the demo, tests and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -1,5 +1,13 @@
-use super::*;
-use crate::sqs::MAX_MESSAGE_ATTRIBUTES;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::sqs::{MAX_MESSAGE_ATTRIBUTES, MAX_VISIBILITY, ReceivedMessage};
+use crate::{message, sqs};
+
+use super::claim::busy_deferral;
+use super::dlq::dlq_message;
+use super::retry::retry_delay;
+use super::summary::{Counters, RunSummary};
 
 #[test]
 fn busy_deliveries_wait_out_the_run_before_their_last_receive() {
@@ -185,7 +193,7 @@ fn dlq_copy_fits_the_maximum_message_size() {
 /// metric is a count of the summary: counted through a run, each bump shows in both.
 #[test]
 fn every_summary_count_has_the_metric_of_its_name() {
-    use summary::names;
+    use super::summary::names;
     let metrics = [
         names::RECEIVED,
         names::PROCESSED,

@@ -1,6 +1,8 @@
 //! How a handler fails: [`HandlerError`], a type, not a string.
 
-use super::*;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
 /// How a handler failed. Retry is a type, not a string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,7 +39,7 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
-/// The future a [`Job::step_tx`] closure returns: boxed, because it borrows the transaction.
+/// The future a [`Job::step_tx`](super::Job::step_tx) closure returns: boxed, because it borrows the transaction.
 pub type StepFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send + 't>>;
 
 pub(super) fn plan_mismatch(message: String) -> HandlerError {

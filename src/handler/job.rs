@@ -1,6 +1,12 @@
 //! [`Job`]: one event as the handler sees it — its key, payload, attempt and pass.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{CheckpointStore, Lease, RecordedStep};
 
 /// One event to handle, and the record of its completed steps.
 #[derive(Debug, Clone)]

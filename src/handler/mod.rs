@@ -15,22 +15,7 @@ mod error;
 mod job;
 mod steps;
 
-// The files share these imports (`use super::*;`); everything public is re-exported here, so
-// callers keep writing `handler::Job`.
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
-
 use async_trait::async_trait;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
-use sqlx::{Postgres, Transaction};
-use tokio_util::sync::CancellationToken;
-
-use crate::store::{CheckpointStore, Lease, PostgresStore, RecordedStep};
 
 pub use error::*;
 pub use job::*;

@@ -1,7 +1,18 @@
 //! The step API of [`Job`]: `step`, `step_tx`, `step_effect`, recorded in the checkpoint at
 //! their index and replayed by position and name on a later attempt.
 
-use super::*;
+use std::future::Future;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+
+use crate::store::{PostgresStore, RecordedStep};
+
+use super::error::{HandlerError, StepFuture, plan_mismatch};
+use super::job::Job;
 
 /// How long [`Job::step_effect`] waits before each further attempt to record a step after a
 /// database error. Short on purpose: the whole wait runs inside the handler timeout, and a
@@ -62,7 +73,7 @@ impl Job {
     /// The closure returns a boxed future ([`StepFuture`]) because it borrows the
     /// transaction; it may also borrow from the handler (`&self`, local variables).
     ///
-    /// The transaction is the PostgreSQL store's ([`CheckpointStore::postgres`]): on any other
+    /// The transaction is the PostgreSQL store's ([`CheckpointStore::postgres`](crate::store::CheckpointStore::postgres)): on any other
     /// store the step fails, before `run`, with the permanent reason [`STEP_TX_UNSUPPORTED`].
     ///
     /// ```no_run

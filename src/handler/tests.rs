@@ -1,5 +1,17 @@
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Lease;
 use crate::store::unreachable::UnreachableStore;
+
+use super::error::HandlerError;
+use super::job::Job;
+use super::steps::{
+    STEP_TX_UNSUPPORTED, UNSTORABLE_STEP_OUTPUT, check_step_name, step_output_json,
+};
 
 fn reason_of(error: HandlerError) -> String {
     match error {

@@ -377,7 +377,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// scheme://host[:port]/path, without user info or query (which may hold credentials).
+/// scheme://host\[:port\]/path, without user info or query (which may hold credentials).
 fn display_url(url: &Url) -> String {
     format!("{}{}", url.origin().ascii_serialization(), url.path())
 }

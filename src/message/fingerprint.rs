@@ -1,9 +1,11 @@
 //! Payload fingerprints: the hash that tells a duplicate from a key reused with other
 //! content, and the per-field digests that say which fields differ.
 
-use super::*;
+use serde_json::Value;
 
-/// Most top-level fields listed in [`EventIdentity::field_digests`] for a whole-event
+use super::keys::{KeySpec, body_sha256};
+
+/// Most top-level fields listed in [`EventIdentity::field_digests`](super::EventIdentity::field_digests) for a whole-event
 /// fingerprint; larger events are fingerprinted whole but not listed.
 pub(super) const MAX_LISTED_FIELDS: usize = 64;
 
@@ -66,7 +68,7 @@ pub(super) fn field_digest_text<'a>(fields: impl Iterator<Item = (String, &'a Va
     Value::Object(map).to_string()
 }
 
-/// The fields whose digests differ between two [`EventIdentity::field_digests`] texts (a
+/// The fields whose digests differ between two [`EventIdentity::field_digests`](super::EventIdentity::field_digests) texts (a
 /// field present in only one of them differs too), in pointer order. `None` when either
 /// side has no digests to compare.
 pub fn differing_fields(stored: Option<&str>, arrived: Option<&str>) -> Option<Vec<String>> {

@@ -1,7 +1,9 @@
 //! An event's identity: its idempotency key from JSON pointers (or the body's hash), the
 //! envelope around it, and why a message has none.
 
-use super::*;
+use super::fingerprint::fingerprint;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// Keys longer than this many bytes are stored as `sha256:<hex>` of the key.
 pub const MAX_KEY_BYTES: usize = 255;

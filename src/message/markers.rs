@@ -1,8 +1,7 @@
 //! Redrive markers and failure attributes: the message attributes sqs-worker reads and
 //! writes, and the pass (requeue generation, redrive count) they make.
 
-use super::*;
-
+use super::truncate_for_log;
 /// Message attribute set by `redrive` on every message it sends back: `"true"`.
 pub const ATTR_DLQ_REDRIVEN: &str = "dlq_redriven";
 /// Message attribute: how many times the message has been redriven from its DLQ.

@@ -8,11 +8,6 @@ mod fingerprint;
 mod keys;
 mod markers;
 
-// The files share these imports (`use super::*;`); everything public is re-exported here, so
-// callers keep writing `message::derive_identity`.
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-
 pub use fingerprint::*;
 pub use keys::*;
 pub use markers::*;

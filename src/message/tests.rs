@@ -1,4 +1,15 @@
-use super::*;
+use serde_json::Value;
+
+use super::fingerprint::{differing_fields, write_canonical_json};
+use super::keys::{
+    Envelope, EventIdentity, KeyError, KeySpec, MAX_KEY_BYTES, body_sha256, derive_identity,
+    fallback_key,
+};
+use super::markers::{
+    ATTR_DLQ_FINAL_PASS, ATTR_DLQ_REDRIVEN, ATTR_REDRIVE_COUNT, ATTR_REQUEUE_GENERATION, Pass,
+    parse_markers,
+};
+use super::truncate_for_log;
 
 fn derive_identity_raw(spec: &KeySpec, body: &str) -> Result<EventIdentity, KeyError> {
     derive_identity(spec, Envelope::Raw, body)

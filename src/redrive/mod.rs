@@ -11,19 +11,6 @@ mod peek;
 mod redriven;
 mod scan;
 
-// The files share these imports (`use super::*;`); everything public is re-exported here, so
-// callers keep writing `redrive::redrive`.
-use std::collections::HashSet;
-use std::time::{Duration, Instant};
-
-use aws_sdk_sqs::types::MessageAttributeValue;
-use serde::Serialize;
-use serde_json::Value;
-
-use crate::message::{self, Envelope, KeySpec};
-use crate::sqs::{self, OutgoingMessage, ReceivedMessage, SqsError, SqsQueue};
-use crate::store::{CheckpointStore, NewDeadLetter, RedriveCounts, StoreError};
-
 pub use options::*;
 pub use peek::*;
 pub use redriven::*;

@@ -1,7 +1,13 @@
 //! What a redrive is asked to do and what it reports: options, the `--filter` language,
 //! each message's `Action`, the run's `RedriveReport`.
 
-use super::*;
+use aws_sdk_sqs::types::MessageAttributeValue;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::message::{Envelope, KeySpec};
+use crate::sqs::{ReceivedMessage, SqsError};
+use crate::store::{RedriveCounts, StoreError};
 
 /// What can stop a redrive.
 #[derive(Debug, thiserror::Error)]

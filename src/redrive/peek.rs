@@ -1,6 +1,16 @@
 //! `dlq peek`: read a DLQ without changing it.
 
-use super::*;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::MessageAttributeValue;
+use serde::Serialize;
+
+use crate::message;
+use crate::message::{Envelope, KeySpec};
+use crate::sqs::{ReceivedMessage, SqsQueue};
+
+use super::options::RedriveError;
 
 /// One message as `dlq peek` shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -1,6 +1,7 @@
 //! The redriven copy of a DLQ message: its markers set, fitted to the target queue.
 
-use super::*;
+use crate::sqs::{OutgoingMessage, ReceivedMessage};
+use crate::{message, sqs};
 
 /// The message sent back: same body, same attributes, markers set.
 pub fn redriven_message(

@@ -1,7 +1,15 @@
 //! The redrive itself: a scan of the DLQ that decides each message's fate (redrive with
 //! markers, delete as done, record as exhausted, keep) and carries it out, send first.
 
-use super::*;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::message;
+use crate::sqs::{ReceivedMessage, SqsQueue};
+use crate::store::{CheckpointStore, NewDeadLetter, RedriveCounts};
+
+use super::options::{Action, Outcome, RedriveError, RedriveOptions, RedriveReport};
+use super::redriven::{fit_redriven, redriven_message};
 
 /// Redrive a DLQ. `on_outcome` hears about every message as it is settled (for progress).
 pub async fn redrive(

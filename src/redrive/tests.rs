@@ -1,6 +1,12 @@
-use super::*;
-use crate::sqs::MAX_MESSAGE_ATTRIBUTES;
 use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::sqs::{MAX_MESSAGE_ATTRIBUTES, OutgoingMessage, ReceivedMessage};
+use crate::{message, sqs};
+
+use super::options::Filter;
+use super::redriven::{fit_redriven, redriven_message};
 
 fn received(attrs: &[(&str, &str)]) -> ReceivedMessage {
     ReceivedMessage {

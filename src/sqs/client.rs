@@ -1,6 +1,6 @@
 //! Building the SQS client: from the environment (bounded timeouts), or for LocalStack.
 
-use super::*;
+use aws_sdk_sqs::Client;
 
 /// A client configured from the environment: the SDK's credential chain, region and
 /// `AWS_ENDPOINT_URL` (set it to LocalStack's URL to work locally).

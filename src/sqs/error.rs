@@ -1,7 +1,8 @@
 //! `SqsError`: one line that says what failed (SQS's code and message, or the innermost
 //! cause), and its kind: whether a retry can help.
 
-use super::*;
+use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 
 /// An SQS call that failed, in one line: what failed and why, without the SDK's response
 /// dump (headers, extensions, the error repeated).

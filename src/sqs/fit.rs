@@ -1,7 +1,12 @@
 //! Fitting a message SQS must accept: at most 10 attributes, XML-safe text, the queue's
 //! `MaximumMessageSize`.
 
-use super::*;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use aws_sdk_sqs::types::MessageAttributeValue;
+
+use super::types::{MAX_MESSAGE_ATTRIBUTES, string_attribute};
 
 /// Attributes for a message made from another: every `required` one, then as many of
 /// `original`'s others as SQS's limit of 10 allows — lowest `rank` first, then by name.

@@ -1,6 +1,20 @@
 //! `SqsQueue`: every SQS call the crate makes, on one queue.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName, QueueAttributeName,
+};
+
+use super::error::SqsError;
+use super::types::{
+    BatchEntryFailure, DEFAULT_MAX_MESSAGE_BYTES, MessageCounts, OutgoingMessage, ReceivedMessage,
+    RedrivePolicy, queue_name_from_url, visibility_seconds,
+};
 
 /// One queue and the client that reaches it.
 #[derive(Debug, Clone)]

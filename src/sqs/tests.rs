@@ -30,7 +30,14 @@ fn error_texts_become_one_short_line() {
     assert_eq!(super::one_line(&"x".repeat(400)).chars().count(), 301);
 }
 
-use super::*;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::MessageAttributeValue;
+
+use super::fit::{attribute_bytes, fit_message_size, message_bytes, shorten_to_bytes, xml_safe};
+use super::types::{queue_name_from_url, string_attribute, visibility_seconds};
 
 #[test]
 fn queue_names_come_from_urls() {

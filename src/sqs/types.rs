@@ -1,7 +1,10 @@
 //! The values that cross the SQS boundary: messages in and out, a queue's redrive policy and
 //! counts, SQS's limits, attribute helpers.
 
-use super::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::MessageAttributeValue;
 
 /// SQS refuses visibility timeouts of 12 hours or more.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_199);

@@ -115,7 +115,7 @@ pub(crate) struct BatchTokens {
     pub(crate) stop: CancellationToken,
     pub(crate) abandon: CancellationToken,
     /// How long a handler told to stop gets before its task is aborted
-    /// ([`HANDLER_STOP_GRACE`] for a service; less on Lambda, within its deadline's margin).
+    /// ([`HANDLER_STOP_GRACE`](super::heartbeat::HANDLER_STOP_GRACE) for a service; less on Lambda, within its deadline's margin).
     pub(crate) stop_grace: Duration,
 }
 

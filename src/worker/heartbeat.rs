@@ -37,7 +37,7 @@ pub(super) type Waiting = Mutex<Vec<(String, Vec<String>)>>;
 /// its riders' and waiting companions') and the checkpoint lease together, each to a whole
 /// lease from when the renewal was sent. A renewal runs beside the handler: while it is out,
 /// the deadline, the drain and the lease's end are still watched. If a renewal fails, or the
-/// lease ends before it comes back, the handler is told (its [`Job::cancellation`] token)
+/// lease ends before it comes back, the handler is told (its [`Job::cancellation`](crate::Job::cancellation) token)
 /// and stopped when its current lease ends; its checkpoint writes stay fenced by the lease
 /// token either way. The run is bounded by `--max-handler-time` (by the lease itself without
 /// heartbeats, as on Lambda).

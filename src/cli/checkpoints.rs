@@ -1,6 +1,18 @@
 //! `checkpoints show|prune|stale`: look at events, and clean up after them.
 
-use super::*;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use sqs_worker::store::{Checkpoint, PostgresStore, Retention};
+
+use crate::cli::args::{
+    CheckpointsPruneArgs, CheckpointsShowArgs, CheckpointsStaleArgs, OutputFormat,
+};
+
+use super::database::connect;
+use super::output::{align_right, print_fields, progress_bar, scope_note, table};
 
 /// `sqs-worker checkpoints prune`.
 pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()> {

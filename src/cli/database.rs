@@ -1,7 +1,11 @@
 //! The checkpoint database from the command line: connect (retried until
 //! `--startup-timeout`), migrate.
 
-use super::*;
+use anyhow::{Context, bail};
+use sqs_worker::startup;
+use sqs_worker::startup::Verdict;
+
+use super::output::{OperatorError, redact_url};
 
 /// One direct connection attempt, judged: the pool's own connect would wait out its acquire
 /// timeout and then report only that it timed out, hiding a refused connection or a wrong

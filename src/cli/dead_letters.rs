@@ -1,7 +1,17 @@
 //! `dead-letters list|export|show|requeue`: what final passes left behind, and sending one
 //! back as a new pass.
 
-use super::*;
+use std::collections::HashMap;
+
+use anyhow::Context;
+use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
+use sqs_worker::store::{CheckpointStore, DeadLetter, DeadLetters, PostgresStore, Retention};
+use sqs_worker::{message, sqs};
+
+use crate::cli::args::{DeadLetterIdArgs, DeadLettersListArgs, OutputFormat};
+
+use super::database::connect;
+use super::output::{align_right, print_fields, scope_note, table};
 
 /// `sqs-worker dead-letters list` (and `export`, as JSON lines).
 pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyhow::Result<()> {

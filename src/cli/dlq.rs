@@ -1,7 +1,21 @@
 //! `redrive` and `dlq peek`: the DLQ through the library's redrive, with progress and a
 //! report; or SQS's own move task with `--native`.
 
-use super::*;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use sqs_worker::redrive::{Action, Filter, Outcome, RedriveError, RedriveOptions, RedriveReport};
+use sqs_worker::sqs::SqsQueue;
+use sqs_worker::store::PostgresStore;
+use sqs_worker::{redrive, sqs};
+
+use crate::cli::args::{DlqPeekArgs, OutputFormat, RedriveArgs};
+
+use super::database::connect;
+use super::output::{OperatorError, align_right, human_age, progress_bar, table};
+use super::run::key_spec;
 
 pub(super) fn describe_action(action: &Action) -> String {
     match action {

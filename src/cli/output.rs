@@ -1,7 +1,12 @@
 //! How the binary talks to a person: one-line errors and their exit codes, tables measured
 //! by display width, progress bars (plain lines when not on a terminal), redacted URLs.
 
-use super::*;
+use comfy_table::{CellAlignment, ContentArrangement, Table};
+use indicatif::{ProgressBar, ProgressStyle};
+use sqs_worker::redrive::RedriveError;
+use sqs_worker::sqs::SqsError;
+use sqs_worker::startup::StartupError;
+use sqs_worker::worker::WorkerError;
 
 /// A mistake only an operator can fix (a malformed URL, a queue that does not exist,
 /// refused credentials, an invalid option): the binary exits 2 with this one line.

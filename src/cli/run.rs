@@ -1,7 +1,23 @@
 //! `run`, `lambda` and `send`: the worker as a service, as a Lambda handler, and a message
 //! sent by hand.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqs_worker::lambda::LambdaWorker;
+use sqs_worker::message::KeySpec;
+use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
+use sqs_worker::store::PostgresStore;
+use sqs_worker::telemetry::Readiness;
+use sqs_worker::worker::{RunSummary, Worker};
+use sqs_worker::{message, sqs, telemetry};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::args::{KeyArgs, LambdaArgs, RunArgs, SendArgs};
+
+use super::database::connect_migrated;
+use super::output::OperatorError;
 
 /// `sqs-worker run`.
 pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {

@@ -7,19 +7,13 @@
 mod operator;
 mod worker;
 
-// The files share these imports (`use super::*;`); every option struct is re-exported here.
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sqs_worker::message::Envelope;
 use sqs_worker::telemetry::LogFormat;
 
-use sqs_worker::handler::Handler;
-use sqs_worker::handlers::{ExecHandler, HttpHandler, HttpHeader, NoopHandler};
-use sqs_worker::message::{Envelope, KeySpec};
-use sqs_worker::worker::{PayloadMismatch, WorkerConfig};
-
+// Every option struct, wherever it is declared, is `args::X`.
 pub use operator::*;
 pub use worker::*;
 

@@ -1,7 +1,11 @@
 //! The options of the operator commands: `redrive`, `dlq`, `dead-letters`, `checkpoints`,
 //! `send`.
 
-use super::*;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::{DatabaseArgs, KeyArgs, OutputFormat, parse_duration};
 
 /// Options of `sqs-worker redrive`.
 #[derive(Debug, Clone, Args)]

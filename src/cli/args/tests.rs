@@ -1,5 +1,9 @@
-use super::*;
-use clap::CommandFactory;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+
+use super::worker::RunArgs;
+use super::{Cli, Command, parse_seconds};
 
 #[test]
 fn cli_definition_is_consistent() {

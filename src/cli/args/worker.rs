@@ -1,7 +1,17 @@
 //! The options of the commands that run the worker: `run`, `lambda`, `demo`, and the
 //! handler and processing options they share.
 
-use super::*;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use sqs_worker::handler::Handler;
+use sqs_worker::handlers::{ExecHandler, HttpHandler, HttpHeader, NoopHandler};
+use sqs_worker::message::{Envelope, KeySpec};
+use sqs_worker::worker::{PayloadMismatch, WorkerConfig};
+
+use super::{DatabaseArgs, parse_seconds};
 
 /// Built-in handlers selectable without a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

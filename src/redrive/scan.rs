@@ -20,6 +20,7 @@ pub async fn redrive(
 ) -> Result<RedriveReport, RedriveError> {
     let started = Instant::now();
     let mut scan = Scan::start(client, store, options).await?;
+    let hidden_for = hold_for(options);
     let mut empty_receives = 0;
     'scan: while empty_receives < 2 {
         let want = options
@@ -31,7 +32,7 @@ pub async fn redrive(
         }
         let batch = scan
             .dlq
-            .receive(want, Duration::from_secs(1), Some(hold_for(options)))
+            .receive(want, Duration::from_secs(1), Some(hidden_for))
             .await?;
         if batch.is_empty() {
             empty_receives += 1;
@@ -92,6 +93,8 @@ pub(super) struct Scan<'a> {
     pub(super) scope: String,
     /// A DLQ copy may already fill the size limit; the markers need room (see fit_redriven).
     pub(super) target_max_bytes: usize,
+    /// A FIFO target needs a group id and a deduplication id on every send.
+    pub(super) target_is_fifo: bool,
     pub(super) report: RedriveReport,
     /// Messages to hand back at the end (dry run, filtered out, failed sends): they stay
     /// invisible during the scan so that the scan sees each message once.
@@ -144,6 +147,7 @@ impl<'a> Scan<'a> {
             store,
             options,
             target_max_bytes: target.size_limit().await,
+            target_is_fifo: target.url().ends_with(".fifo"),
             report: RedriveReport {
                 audit_id,
                 target_url,
@@ -321,8 +325,8 @@ impl<'a> Scan<'a> {
             }
             self.next_send = self.next_send.max(now) + Duration::from_secs_f64(1.0 / rate);
         }
-        let target_is_fifo = self.target.url().ends_with(".fifo");
-        let mut outgoing = redriven_message(message, redrive_count, final_pass, target_is_fifo);
+        let mut outgoing =
+            redriven_message(message, redrive_count, final_pass, self.target_is_fifo);
         let dropped = fit_redriven(&mut outgoing, self.target_max_bytes)?;
         if !dropped.is_empty() {
             tracing::warn!(

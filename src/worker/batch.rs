@@ -95,7 +95,7 @@ pub(crate) async fn handle_batch(
     #[cfg(feature = "failpoints")]
     fail::fail_point!("sqs_worker::claimed");
     let mut routed = Routed {
-        lease_token: lease_token.clone(),
+        lease_token,
         lease,
         permits,
         ..Routed::default()

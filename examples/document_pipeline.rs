@@ -34,7 +34,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqs_worker::message::KeySpec;
-use sqs_worker::{Handler, HandlerError, Job, Worker, WorkerConfig};
+use sqs_worker::{Handler, HandlerError, Job, StoreKind, Worker, WorkerConfig};
 
 const QUEUE: &str = "documents";
 const DLQ: &str = "documents-dlq";
@@ -154,6 +154,12 @@ impl Handler for DocumentPipeline {
             "document stored"
         );
         Ok(())
+    }
+
+    /// The `store` step writes in PostgreSQL's transaction: a worker on another store
+    /// refuses to start.
+    fn step_transactions(&self) -> Option<StoreKind> {
+        Some(StoreKind::Postgres)
     }
 }
 

@@ -69,6 +69,12 @@ impl LambdaWorker {
 
     /// Serve the Lambda runtime API until the environment shuts down.
     pub async fn run(self) -> Result<(), lambda_runtime::Error> {
+        crate::handler::check_step_transactions(&*self.handler, &*self.store)?;
+        if self.store.kind() == crate::store::StoreKind::Sqlite {
+            return Err(
+                "a Lambda worker cannot checkpoint in SQLite: instances share no disk".into(),
+            );
+        }
         let worker = Arc::new(self);
         lambda_runtime::run(lambda_runtime::service_fn(
             move |event: lambda_runtime::LambdaEvent<SqsEvent>| {

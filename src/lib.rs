@@ -68,7 +68,8 @@ pub mod worker;
 
 pub use handler::{Handler, HandlerError, Job};
 pub use lambda::LambdaWorker;
-pub use store::{CheckpointStore, Lease, postgres::PostgresStore};
+pub use store::{CheckpointStore, Lease, StoreKind, postgres::PostgresStore, sqlite::SqliteStore};
 pub use worker::{RunSummary, Worker, WorkerConfig};
 
 pub use store::postgres::{MIGRATOR, connect_database};
+pub use store::sqlite::SQLITE_MIGRATOR;

@@ -1,4 +1,4 @@
-//! Durable steps against real LocalStack and PostgreSQL: resume after a crash, step_tx
+//! Durable steps against real LocalStack and each store: resume after a crash, step_tx
 //! atomicity, fencing of a lost lease, plan and payload mismatches, envelopes.
 
 mod common;
@@ -30,6 +30,8 @@ store_tests!(
     a_changed_step_plan_is_a_permanent_plan_mismatch,
     a_key_reused_with_another_payload_is_dead_lettered,
     sns_and_eventbridge_envelopes_are_unwrapped,
+    a_failing_step_tx_leaves_neither_rows_nor_record,
+    a_handler_declaring_another_stores_transactions_does_not_start,
 );
 
 /// Four steps; each counts when its closure starts and when it finishes. With `stall_at`,
@@ -142,59 +144,101 @@ async fn a_crash_after_step_two_resumes_at_step_three(kind: StoreKind) {
     );
 }
 
-/// A step_tx whose closure fails after writing leaves neither its rows nor a step record;
-/// the next attempt runs it again and both commit together, once. PostgreSQL only: the
-/// step's transaction is the store's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
-    let env = TestEnv::new().await;
-    sqlx::query("create table test_rows (doc text primary key, note text not null)")
-        .execute(env.pool())
-        .await
-        .unwrap();
-    env.send(r#"{"doc":"tx1"}"#).await;
-
-    /// (attempt, rows seen inside the step, steps recorded before it) per successful call.
-    type Observed = Arc<Mutex<Vec<(u32, i64, Vec<String>)>>>;
-    struct StoreRows {
-        observed: Observed,
+/// Run `sql` on the test's own store database (its own tables).
+async fn execute(env: &TestEnv, sql: &str) {
+    match env.store_kind() {
+        StoreKind::Postgres => drop(sqlx::query(sql).execute(env.pool()).await.unwrap()),
+        StoreKind::Sqlite => drop(sqlx::query(sql).execute(env.sqlite_pool()).await.unwrap()),
     }
-    #[async_trait]
-    impl Handler for StoreRows {
-        async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
-            let attempt = job.attempt();
-            let steps: Vec<String> = job
-                .completed_steps()
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            let doc = job.key().to_owned();
-            // Borrowed, not moved: the step's future may hold references to the caller.
-            let doc = &doc;
-            let rows = job
-                .step_tx("store", |tx| {
+}
+
+/// `select count(*) …` on the test's own store database.
+async fn count_rows(env: &TestEnv, sql: &str) -> i64 {
+    match env.store_kind() {
+        StoreKind::Postgres => sqlx::query_scalar(sql).fetch_one(env.pool()).await.unwrap(),
+        StoreKind::Sqlite => sqlx::query_scalar(sql)
+            .fetch_one(env.sqlite_pool())
+            .await
+            .unwrap(),
+    }
+}
+
+/// (attempt, rows seen inside the step, steps recorded before it) per successful call.
+type Observed = Arc<Mutex<Vec<(u32, i64, Vec<String>)>>>;
+
+/// Writes a row in the step's transaction (the store's own: PostgreSQL's or SQLite's),
+/// counts the rows it sees there, and fails its first attempt after writing.
+struct StoreRows {
+    kind: StoreKind,
+    observed: Observed,
+}
+
+const INSERT_ROW: &str = "insert into test_rows (doc, note) values ($1, 'x')";
+const COUNT_ROWS: &str = "select count(*) from test_rows";
+
+#[async_trait]
+impl Handler for StoreRows {
+    async fn handle(&self, job: &mut Job) -> Result<(), HandlerError> {
+        let attempt = job.attempt();
+        let steps: Vec<String> = job
+            .completed_steps()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let doc = job.key().to_owned();
+        // Borrowed, not moved: the step's future may hold references to the caller.
+        let doc = &doc;
+        let fail_first = move |rows: i64| {
+            if attempt == 1 {
+                return Err(HandlerError::retryable("disk full (simulated)"));
+            }
+            Ok(rows)
+        };
+        let rows = match self.kind {
+            StoreKind::Postgres => {
+                job.step_tx("store", |tx| {
                     Box::pin(async move {
-                        sqlx::query("insert into test_rows (doc, note) values ($1, 'x')")
-                            .bind(doc)
-                            .execute(&mut **tx)
-                            .await?;
-                        let (rows,): (i64,) = sqlx::query_as("select count(*) from test_rows")
-                            .fetch_one(&mut **tx)
-                            .await?;
-                        if attempt == 1 {
-                            return Err(HandlerError::retryable("disk full (simulated)"));
-                        }
-                        Ok(rows)
+                        sqlx::query(INSERT_ROW).bind(doc).execute(&mut **tx).await?;
+                        let rows = sqlx::query_scalar(COUNT_ROWS).fetch_one(&mut **tx).await?;
+                        fail_first(rows)
                     })
                 })
-                .await?;
-            self.observed.lock().unwrap().push((attempt, rows, steps));
-            Ok(())
-        }
+                .await?
+            }
+            StoreKind::Sqlite => {
+                job.step_tx_sqlite("store", |tx| {
+                    Box::pin(async move {
+                        sqlx::query(INSERT_ROW).bind(doc).execute(&mut **tx).await?;
+                        let rows = sqlx::query_scalar(COUNT_ROWS).fetch_one(&mut **tx).await?;
+                        fail_first(rows)
+                    })
+                })
+                .await?
+            }
+        };
+        self.observed.lock().unwrap().push((attempt, rows, steps));
+        Ok(())
     }
+
+    fn step_transactions(&self) -> Option<StoreKind> {
+        Some(self.kind)
+    }
+}
+
+/// A step transaction whose closure fails after writing leaves neither its rows nor a step
+/// record; the next attempt runs it again and both commit together, once.
+async fn a_failing_step_tx_leaves_neither_rows_nor_record(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    execute(
+        &env,
+        "create table test_rows (doc text primary key, note text not null)",
+    )
+    .await;
+    env.send(r#"{"doc":"tx1"}"#).await;
     let observed = Arc::new(Mutex::new(Vec::new()));
     let config = env.config().key("/doc").scope("tx");
     let handler = StoreRows {
+        kind,
         observed: observed.clone(),
     };
     let summary = env
@@ -203,15 +247,38 @@ async fn a_failing_step_tx_leaves_neither_rows_nor_record() {
     assert_eq!(summary.retried, 1);
     // Attempt 2 found no recorded step and saw exactly its own row (attempt 1's rolled back).
     assert_eq!(*observed.lock().unwrap(), [(2, 1, Vec::<String>::new())]);
-    let (rows,): (i64,) = sqlx::query_as("select count(*) from test_rows")
-        .fetch_one(env.pool())
-        .await
-        .unwrap();
-    assert_eq!(rows, 1);
+    assert_eq!(count_rows(&env, COUNT_ROWS).await, 1);
     let checkpoint = env.checkpoint("tx", "tx1").await;
     assert_eq!(step_names(&checkpoint.steps), ["store"]);
     assert_eq!(checkpoint.steps[0]["output"], 1);
     assert_eq!(checkpoint.status, "complete");
+}
+
+/// A handler declaring PostgreSQL step transactions does not start on the SQLite store
+/// (nor the other way round): refused when the worker is built, before any message.
+async fn a_handler_declaring_another_stores_transactions_does_not_start(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
+    let other = match kind {
+        StoreKind::Postgres => StoreKind::Sqlite,
+        StoreKind::Sqlite => StoreKind::Postgres,
+    };
+    let handler = StoreRows {
+        kind: other,
+        observed: Arc::default(),
+    };
+    let built = sqs_worker::Worker::builder()
+        .config(env.config())
+        .sqs_client(env.client().clone())
+        .store(env.store().clone())
+        .handler(handler)
+        .build();
+    let error = built.err().expect("refused at build");
+    assert!(
+        error.to_string().contains(&format!(
+            "the handler's steps write in {other} transactions"
+        )),
+        "{error}"
+    );
 }
 
 /// Worker A stalls inside step two past its lease; worker B takes the event over, resumes

@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
-use sqs_worker::store::{Checkpoint, PostgresStore, Retention};
+use sqs_worker::store::Checkpoint;
 
 use crate::cli::args::{
     CheckpointsPruneArgs, CheckpointsShowArgs, CheckpointsStaleArgs, OutputFormat,
 };
 
-use super::database::connect;
+use super::database::open_store;
 use super::output::{align_right, print_fields, progress_bar, scope_note, table};
 
 /// `sqs-worker checkpoints prune`.
@@ -24,8 +24,7 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
              duplicate delivered later than this runs its event again"
         );
     }
-    let pool = connect(&args.database.database_url, 1).await?;
-    let store = PostgresStore::new(pool);
+    let store = open_store(&args.database.database_url, 1).await?;
     let started = Instant::now();
     // Progress on stderr: one updating line on a terminal, a line per 20 statements otherwise.
     let terminal = std::io::stderr().is_terminal();
@@ -76,7 +75,7 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
 
 /// `sqs-worker checkpoints stale`.
 pub async fn stale_checkpoints(args: CheckpointsStaleArgs) -> anyhow::Result<()> {
-    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
+    let store = open_store(&args.database.database_url, 1).await?;
     let stale = store
         .list_stale(args.scope.as_deref(), args.older_than, args.limit)
         .await?;
@@ -141,8 +140,7 @@ pub async fn stale_checkpoints(args: CheckpointsStaleArgs) -> anyhow::Result<()>
 
 /// `sqs-worker checkpoints show`.
 pub async fn show_checkpoint(args: CheckpointsShowArgs) -> anyhow::Result<()> {
-    let pool = connect(&args.database.database_url, 1).await?;
-    let store = PostgresStore::new(pool);
+    let store = open_store(&args.database.database_url, 1).await?;
     let Some(checkpoint) = store.find(&args.scope, &args.key).await? else {
         bail!(
             "no checkpoint for key {:?} in scope {:?}; the event was never claimed there (check --scope: it defaults to the queue name)",

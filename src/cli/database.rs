@@ -1,9 +1,13 @@
-//! The checkpoint database from the command line: connect (retried until
+//! The checkpoint store from the command line: open it by URL (PostgreSQL retried until
 //! `--startup-timeout`), migrate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use sqs_worker::startup;
 use sqs_worker::startup::Verdict;
+use sqs_worker::store::{self, CheckpointStore, StoreKind};
 
 use super::output::{OperatorError, redact_url};
 
@@ -21,63 +25,115 @@ pub(super) async fn probe_database(database_url: &str) -> Result<(), Verdict> {
     }
 }
 
-/// Connect to PostgreSQL for an operator command: at once, or one line saying what to fix.
-pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
-    match probe_database(database_url).await {
-        Ok(()) => {}
-        Err(Verdict::Fatal(problem)) => return Err(OperatorError(problem).into()),
+/// The kind of store `url` names, or the one line that says what a store URL looks like.
+pub(super) fn store_kind(url: &str) -> anyhow::Result<StoreKind> {
+    StoreKind::of_url(url).ok_or_else(|| {
+        OperatorError(format!(
+            "{} is not a checkpoint store URL: use postgres://USER@HOST/DB, sqlite://PATH \
+             (a file, created by `migrate` or `run`) or sqlite::memory:",
+            redact_url(url)
+        ))
+        .into()
+    })
+}
+
+/// The file a `sqlite://PATH` URL names (None in memory).
+pub(super) fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:" && !url.contains("mode=memory"))
+        .then(|| PathBuf::from(path))
+}
+
+/// Open the store for an operator command: at once, or one line saying what to fix. An
+/// operator command never creates a SQLite file: a missing one is a wrong path.
+pub async fn open_store(url: &str, connections: u32) -> anyhow::Result<Arc<dyn CheckpointStore>> {
+    if store_kind(url)? == StoreKind::Postgres {
+        check_postgres(url).await?;
+    } else if let Some(file) = sqlite_file(url)
+        && !file.exists()
+    {
+        return Err(OperatorError(format!(
+            "no SQLite checkpoint database at {}: check the path, or create it with \
+             `sqs-worker migrate`",
+            file.display()
+        ))
+        .into());
+    }
+    open(url, connections).await
+}
+
+async fn check_postgres(url: &str) -> anyhow::Result<()> {
+    match probe_database(url).await {
+        Ok(()) => Ok(()),
+        Err(Verdict::Fatal(problem)) => Err(OperatorError(problem).into()),
         Err(Verdict::Transient(problem)) => {
             bail!("{problem}; start it, or fix --database-url / DATABASE_URL")
         }
     }
-    sqs_worker::connect_database(database_url, max_connections)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the database at {}",
-                redact_url(database_url)
-            )
-        })
 }
 
-/// `sqs-worker migrate`.
+async fn open(url: &str, connections: u32) -> anyhow::Result<Arc<dyn CheckpointStore>> {
+    store::open(url, connections)
+        .await
+        .with_context(|| format!("cannot open the checkpoint store at {}", redact_url(url)))
+}
+
+/// `sqs-worker migrate`: create the SQLite file if missing, bring the schema up to date.
 pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
-    let pool = connect(database_url, 2).await?;
-    sqs_worker::MIGRATOR
-        .run(&pool)
+    if store_kind(database_url)? == StoreKind::Postgres {
+        check_postgres(database_url).await?;
+    }
+    let store = open(database_url, 2).await?;
+    store
+        .migrate()
         .await
         .context("applying migrations failed")?;
-    tracing::info!("database schema is up to date");
+    tracing::info!(store = %store.kind(), "database schema is up to date");
     Ok(())
 }
 
-/// A pool for a worker, with the migrations applied unless the schema is managed elsewhere.
-/// A database that cannot be reached yet is tried again until `deadline`.
-pub(super) async fn connect_migrated(
+/// A store for the demo: created and migrated, at once or one line saying what to fix.
+pub async fn open_migrated_store(
+    url: &str,
+    connections: u32,
+) -> anyhow::Result<Arc<dyn CheckpointStore>> {
+    if store_kind(url)? == StoreKind::Postgres {
+        check_postgres(url).await?;
+    }
+    let store = open(url, connections).await?;
+    store
+        .migrate()
+        .await
+        .context("applying migrations failed")?;
+    Ok(store)
+}
+
+/// A store for a worker, with the migrations applied unless the schema is managed elsewhere.
+/// A PostgreSQL server that cannot be reached yet is tried again until `deadline`; a SQLite
+/// file is created if missing.
+pub(super) async fn open_migrated(
     database_url: &str,
     connections: u32,
     migrate: bool,
     deadline: std::time::Instant,
-) -> anyhow::Result<sqlx::PgPool> {
-    startup::retry_until(
-        "connecting to the database",
-        deadline,
-        || probe_database(database_url),
-        Verdict::clone,
-    )
-    .await?;
-    let pool = sqs_worker::connect_database(database_url, connections)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the database at {}",
-                redact_url(database_url)
-            )
-        })?;
+) -> anyhow::Result<Arc<dyn CheckpointStore>> {
+    if store_kind(database_url)? == StoreKind::Postgres {
+        startup::retry_until(
+            "connecting to the database",
+            deadline,
+            || probe_database(database_url),
+            Verdict::clone,
+        )
+        .await?;
+    }
+    let store = open(database_url, connections).await?;
     if migrate {
-        sqs_worker::MIGRATOR.run(&pool).await.context(
+        store.migrate().await.context(
             "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
         )?;
     }
-    Ok(pool)
+    Ok(store)
 }

@@ -5,17 +5,17 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
-use sqs_worker::store::{CheckpointStore, DeadLetter, DeadLetters, PostgresStore, Retention};
+use sqs_worker::store::{CheckpointStore, DeadLetter};
 use sqs_worker::{message, sqs};
 
 use crate::cli::args::{DeadLetterIdArgs, DeadLettersListArgs, OutputFormat};
 
-use super::database::connect;
+use super::database::open_store;
 use super::output::{align_right, print_fields, scope_note, table};
 
 /// `sqs-worker dead-letters list` (and `export`, as JSON lines).
 pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyhow::Result<()> {
-    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
+    let store = open_store(&args.database.database_url, 1).await?;
     let letters = store
         .list_dead_letters(args.scope.as_deref(), args.limit)
         .await?;
@@ -53,8 +53,8 @@ pub async fn dead_letters_list(args: DeadLettersListArgs, export: bool) -> anyho
 
 /// `sqs-worker dead-letters show`.
 pub async fn dead_letter_show(args: DeadLetterIdArgs) -> anyhow::Result<()> {
-    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
-    let letter = find_dead_letter(&store, args.id).await?;
+    let store = open_store(&args.database.database_url, 1).await?;
+    let letter = find_dead_letter(&*store, args.id).await?;
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&letter)?),
         OutputFormat::Table => {
@@ -100,8 +100,8 @@ pub(super) async fn find_dead_letter(
 /// `requeue_generation`, a later pass than any seen, so its failed checkpoint is claimed once
 /// more.
 pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
-    let store = PostgresStore::new(connect(&args.database.database_url, 1).await?);
-    let letter = find_dead_letter(&store, args.id).await?;
+    let store = open_store(&args.database.database_url, 1).await?;
+    let letter = find_dead_letter(&*store, args.id).await?;
     let mut attributes = HashMap::new();
     if let Some(recorded) = letter.attributes.as_object() {
         for (name, value) in recorded {

@@ -16,7 +16,6 @@ use super::args::DemoArgs;
 use sqs_worker::handler::{Handler, HandlerError, Job};
 use sqs_worker::message::KeySpec;
 use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
-use sqs_worker::store::PostgresStore;
 use sqs_worker::worker::{RunSummary, Worker, WorkerConfig};
 
 /// The demo's handler: "charges" an order. An order with `"flaky": true` fails its first
@@ -47,6 +46,21 @@ impl Handler for SampleHandler {
             "charged order"
         );
         Ok(())
+    }
+}
+
+/// Where the demo checkpoints without a `DATABASE_URL`: a SQLite file in the temp dir, kept
+/// between runs (each run uses fresh order ids), so that it can be looked at afterwards.
+fn default_store_url() -> String {
+    let file = std::env::temp_dir().join("sqs-worker-demo.sqlite");
+    format!("sqlite://{}", file.display())
+}
+
+/// The store as the summary names it: a SQLite file's path, or the URL without password.
+fn store_location(database_url: &str) -> String {
+    match super::database::sqlite_file(database_url) {
+        Some(file) => format!("SQLite file {}", file.display()),
+        None => crate::cli::redact_url(database_url),
     }
 }
 
@@ -85,11 +99,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
                 args.queue_name, args.endpoint_url
             )
         })?;
-    let pool = crate::cli::connect(&args.database_url, 8).await?;
-    sqs_worker::MIGRATOR
-        .run(&pool)
-        .await
-        .context("applying migrations failed")?;
+    let database_url = args.database_url.clone().unwrap_or_else(default_store_url);
+    let store = crate::cli::open_migrated_store(&database_url, 8).await?;
     // Fresh order ids per run, so a second demo shows the same story instead of all skips.
     let run_id = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let orders = args.orders as usize;
@@ -112,18 +123,22 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         queue.url()
     );
     let handler = Arc::new(SampleHandler::default());
-    let store = PostgresStore::shared(pool);
     let summary = Worker::new(demo_config(queue.url())?, client, store, handler.clone())
         .with_shutdown(shutdown)
         .run()
         .await?;
     let charges = handler.charges.load(Ordering::Relaxed);
     print_summary(&args, bodies.len(), &summary, charges);
+    println!(
+        "  {:<34} {}",
+        "checkpoints in",
+        store_location(&database_url)
+    );
     println!();
     println!("look one up with the binary just built (no second build):");
     println!(
         "  {}",
-        lookup_hint(&args.database_url, &format!("demo-{run_id}-001"))
+        lookup_hint(&database_url, &format!("demo-{run_id}-001"))
     );
     Ok(())
 }

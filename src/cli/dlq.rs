@@ -8,12 +8,11 @@ use anyhow::{Context, bail};
 use indicatif::ProgressBar;
 use sqs_worker::redrive::{Action, Filter, Outcome, RedriveError, RedriveOptions, RedriveReport};
 use sqs_worker::sqs::SqsQueue;
-use sqs_worker::store::PostgresStore;
 use sqs_worker::{redrive, sqs};
 
 use crate::cli::args::{DlqPeekArgs, OutputFormat, RedriveArgs};
 
-use super::database::connect;
+use super::database::open_store;
 use super::output::{OperatorError, align_right, human_age, progress_bar, table};
 use super::run::key_spec;
 
@@ -43,16 +42,15 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         .database_url
         .as_deref()
         .context("--database-url (or DATABASE_URL) is required")?;
-    let pool = connect(database_url, 2).await?;
-    sqs_worker::MIGRATOR
-        .run(&pool)
+    let store = open_store(database_url, 2).await?;
+    store
+        .migrate()
         .await
         .context("applying migrations failed")?;
-    let store = PostgresStore::new(pool);
     let options = redrive_options(&args)?;
     let mut progress = RedriveProgress::start(&client, &options).await;
     let report =
-        redrive::redrive(client, &store, &options, |outcome| progress.heard(outcome)).await;
+        redrive::redrive(client, &*store, &options, |outcome| progress.heard(outcome)).await;
     progress.bar.finish_and_clear();
     let report = match report {
         Ok(report) => report,

@@ -11,7 +11,7 @@ mod output;
 mod run;
 
 pub use checkpoints::{prune_checkpoints, show_checkpoint, stale_checkpoints};
-pub use database::{connect, migrate};
+pub use database::{migrate, open_migrated_store};
 pub use dead_letters::{dead_letter_requeue, dead_letter_show, dead_letters_list};
 pub use dlq::{dlq_peek, redrive};
 pub use output::{exit_status, one_line, redact_url};

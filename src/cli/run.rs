@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
+use sqs_worker::StoreKind;
 use sqs_worker::lambda::LambdaWorker;
 use sqs_worker::message::KeySpec;
 use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
-use sqs_worker::store::PostgresStore;
 use sqs_worker::telemetry::Readiness;
 use sqs_worker::worker::{RunSummary, Worker};
 use sqs_worker::{message, sqs, telemetry};
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::args::{KeyArgs, LambdaArgs, RunArgs, SendArgs};
 
-use super::database::connect_migrated;
+use super::database::{open_migrated, store_kind};
 use super::output::OperatorError;
 
 /// `sqs-worker run`.
@@ -40,17 +40,22 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
     // The handlers' steps: one connection per running handler at most, opened only when a
     // step asks (a `step_tx` holds one through its transaction). The worker's own statements
     // get a small pool of their own (`CheckpointStore::own_connections`).
-    let pool = connect_migrated(
+    let store = open_migrated(
         &args.database.database_url,
         (config.concurrency as u32).clamp(2, 64),
         !args.processing.no_migrate,
         deadline,
     )
     .await?;
+    if store.kind() == StoreKind::Sqlite {
+        tracing::info!(
+            "checkpoints are in a SQLite file: local to this host, so every worker of this \
+             queue must run here (for several hosts use PostgreSQL)"
+        );
+    }
     let client = sqs_worker::sqs::client_from_env().await;
     config.startup_timeout = deadline.saturating_duration_since(std::time::Instant::now());
-    let mut worker = Worker::new(config, client, PostgresStore::shared(pool), handler)
-        .with_shutdown(shutdown.clone());
+    let mut worker = Worker::new(config, client, store, handler).with_shutdown(shutdown.clone());
     if let Some(readiness) = readiness {
         worker = worker.with_readiness(readiness);
     }
@@ -60,6 +65,10 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
     Ok(summary)
 }
 
+/// Why `lambda` (serving the runtime API) refuses a SQLite store.
+const LAMBDA_REFUSES_SQLITE: &str = "lambda cannot checkpoint in SQLite: Lambda instances share \
+    no disk, so each would keep checkpoints of its own; use PostgreSQL (through RDS Proxy)";
+
 /// `sqs-worker lambda`: serve the Lambda runtime API, or run one local invocation on an
 /// event file and print the batch response.
 pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
@@ -67,7 +76,11 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     let mut config = args.processing.worker_config("").map_err(OperatorError)?;
     config.concurrency = args.concurrency as usize;
     let handler = args.handler.build_handler().map_err(OperatorError)?;
-    let pool = connect_migrated(
+    // A local invocation on an event file is one process: SQLite serves it (handler tests).
+    if args.event.is_none() && store_kind(&args.database.database_url)? == StoreKind::Sqlite {
+        return Err(OperatorError(LAMBDA_REFUSES_SQLITE.into()).into());
+    }
+    let store = open_migrated(
         &args.database.database_url,
         (config.concurrency as u32).clamp(2, 64),
         !args.processing.no_migrate,
@@ -75,7 +88,7 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     )
     .await?;
     let client = sqs_worker::sqs::client_from_env().await;
-    let worker = LambdaWorker::new(config, client, PostgresStore::shared(pool), handler);
+    let worker = LambdaWorker::new(config, client, store, handler);
     let Some(path) = args.event else {
         // Boxed: the runtime's service stack makes a future too deep to lay out inline.
         return Box::pin(worker.run())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{CheckpointStore, Lease, RecordedStep};
+use crate::store::{CheckpointStore, Lease, RecordedStep, StoreKind};
 
 /// One event to handle, and the record of its completed steps.
 #[derive(Debug, Clone)]
@@ -21,6 +21,9 @@ pub struct Job {
     pub(crate) redrive_count: u32,
     pub(crate) final_pass: bool,
     pub(crate) store: Arc<dyn CheckpointStore>,
+    /// The store kind whose transactions the handler declared it uses, checked against the
+    /// store at start ([`crate::Handler::step_transactions`]).
+    pub(crate) transactions: Option<StoreKind>,
     pub(crate) recorded: Vec<RecordedStep>,
     pub(crate) next_step: usize,
     pub(crate) lease_lost: bool,

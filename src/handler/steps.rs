@@ -1,17 +1,16 @@
-//! The step API of [`Job`]: `step`, `step_tx`, `step_effect`, recorded in the checkpoint at
+//! The step API of [`Job`]: `step` and `step_effect` (the step transactions are in
+//! `transactions.rs`), recorded in the checkpoint at
 //! their index and replayed by position and name on a later attempt.
 
 use std::future::Future;
 use std::time::Duration;
 
+use crate::store::RecordedStep;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sqlx::{Postgres, Transaction};
 
-use crate::store::{PostgresStore, RecordedStep};
-
-use super::error::{HandlerError, StepFuture, plan_mismatch};
+use super::error::{HandlerError, plan_mismatch};
 use super::job::Job;
 
 /// How long [`Job::step_effect`] waits before each further attempt to record a step after a
@@ -59,93 +58,6 @@ impl Job {
             .await
             .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
         self.after_record(recorded, name, value)?;
-        Ok(output)
-    }
-
-    /// Run a named step inside the checkpoint's own transaction.
-    ///
-    /// `run` gets the PostgreSQL transaction that also records the step: its writes and the
-    /// step record commit together or not at all, so writes to this database happen exactly
-    /// once per event. An error from `run` rolls everything back. The checkpoint row stays
-    /// locked until the transaction ends, so keep the step short. An output PostgreSQL cannot
-    /// store (NUL in a string) is a permanent [`UNSTORABLE_STEP_OUTPUT`] and rolls back.
-    ///
-    /// The closure returns a boxed future ([`StepFuture`]) because it borrows the
-    /// transaction; it may also borrow from the handler (`&self`, local variables).
-    ///
-    /// The transaction is the PostgreSQL store's ([`CheckpointStore::postgres`](crate::store::CheckpointStore::postgres)): on any other
-    /// store the step fails, before `run`, with the permanent reason [`STEP_TX_UNSUPPORTED`].
-    ///
-    /// ```no_run
-    /// # async fn example(job: &mut sqs_worker::Job) -> Result<(), sqs_worker::HandlerError> {
-    /// let document_id = job.key().to_owned();
-    /// let document_id = &document_id; // borrowed by the step's future
-    /// let rows: u64 = job
-    ///     .step_tx("store_rows", |tx| {
-    ///         Box::pin(async move {
-    ///             let done = sqlx::query("insert into documents (id) values ($1) on conflict do nothing")
-    ///                 .bind(document_id)
-    ///                 .execute(&mut **tx)
-    ///                 .await?;
-    ///             Ok(done.rows_affected())
-    ///         })
-    ///     })
-    ///     .await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    // `'a` bounds what the closure's future may borrow: `&'t mut Transaction<'a, _>` implies
-    // `'a: 't`, so a future living for `'t` may hold `&'a` references.
-    pub async fn step_tx<'a, T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
-    where
-        T: Serialize + DeserializeOwned,
-        F: for<'t> FnOnce(&'t mut Transaction<'a, Postgres>) -> StepFuture<'t, T>,
-    {
-        if let Some(output) = self.replay(name)? {
-            return Ok(output);
-        }
-        let Some(store) = self.store.postgres() else {
-            return Err(HandlerError::permanent_with_reason(
-                STEP_TX_UNSUPPORTED,
-                format!(
-                    "step {name:?} asks for a PostgreSQL transaction (Job::step_tx), but the \
-                     checkpoint store is {}; use Job::step, or the PostgreSQL store",
-                    self.store.kind()
-                ),
-            ));
-        };
-        if let Some(effect) = &self.unrecorded_effect {
-            return Err(HandlerError::retryable(format!(
-                "step {name:?} cannot run in the checkpoint's transaction: the earlier step \
-                 {effect:?} could not be recorded in this attempt"
-            )));
-        }
-        let index = self.next_step;
-        let transaction = store
-            .begin_step(&self.lease, index)
-            .await
-            .map_err(|e| HandlerError::retryable(format!("could not start step {name:?}: {e}")))?;
-        let Some(transaction) = transaction else {
-            return Err(self.lose_lease(name));
-        };
-        let mut transaction: Transaction<'a, Postgres> = transaction;
-        // On any error below the transaction is dropped, which rolls it back.
-        let output = run(&mut transaction).await?;
-        let value = step_output_json(name, &output)?;
-        let recorded =
-            PostgresStore::record_step_in(&mut transaction, &self.lease, index, name, &value)
-                .await
-                .map_err(|e| {
-                    HandlerError::retryable(format!("could not record step {name:?}: {e}"))
-                })?;
-        if !recorded {
-            return Err(self.lose_lease(name));
-        }
-        transaction
-            .commit()
-            .await
-            .map_err(|e| HandlerError::retryable(format!("could not commit step {name:?}: {e}")))?;
-        self.after_record(true, name, value)?;
         Ok(output)
     }
 
@@ -352,7 +264,8 @@ impl Job {
 /// Reason code of a step whose name or output PostgreSQL cannot store.
 pub const UNSTORABLE_STEP_OUTPUT: &str = "unstorable_step_output";
 
-/// Reason code of a [`Job::step_tx`] on a checkpoint store without PostgreSQL transactions.
+/// Reason code of a step transaction the handler did not declare
+/// ([`crate::Handler::step_transactions`]), or one on a store of another kind.
 pub const STEP_TX_UNSUPPORTED: &str = "step_tx_unsupported";
 
 /// A step's output as the JSON the checkpoint stores, or a permanent error when it cannot be

@@ -4,8 +4,9 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Lease;
-use crate::store::unreachable::UnreachableStore;
+use crate::store::{CheckpointStore, Lease, SqliteStore, StoreKind};
+
+use super::{Handler, check_step_transactions};
 
 use super::error::HandlerError;
 use super::job::Job;
@@ -49,9 +50,12 @@ fn outputs_that_merely_look_like_nul_are_stored() {
     assert_eq!(value["x"][0], 1.5);
 }
 
-#[tokio::test]
-async fn step_tx_on_a_store_without_postgres_transactions_is_refused() {
-    let mut job = Job {
+/// A job on a fresh in-memory SQLite store (a real one: the step transaction must be
+/// refused before it reaches the store, whatever the store).
+async fn job_on_sqlite(transactions: Option<StoreKind>) -> Job {
+    let store = SqliteStore::connect("sqlite::memory:", 1).await.unwrap();
+    store.migrate().await.unwrap();
+    Job {
         lease: Lease::new("s", "k", "w#1"),
         message_id: "m".into(),
         body: "{}".into(),
@@ -61,13 +65,30 @@ async fn step_tx_on_a_store_without_postgres_transactions_is_refused() {
         attempt: 1,
         redrive_count: 0,
         final_pass: false,
-        store: Arc::new(UnreachableStore),
+        store: Arc::new(store),
+        transactions,
         recorded: Vec::new(),
         next_step: 0,
         lease_lost: false,
         cancel: CancellationToken::new(),
         unrecorded_effect: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn an_undeclared_step_transaction_is_refused_before_it_runs() {
+    let mut job = job_on_sqlite(None).await;
+    let error = job
+        .step_tx_sqlite("write", |_tx| Box::pin(async { Ok(1) }))
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("declares no step transactions"),
+        "{error}"
+    );
+    assert_eq!(reason_of(error), STEP_TX_UNSUPPORTED);
+    // A PostgreSQL step on the SQLite store: refused the same way, naming both.
+    let mut job = job_on_sqlite(Some(StoreKind::Sqlite)).await;
     let error = job
         .step_tx("write", |_tx| Box::pin(async { Ok(1) }))
         .await
@@ -75,10 +96,36 @@ async fn step_tx_on_a_store_without_postgres_transactions_is_refused() {
     assert!(
         error
             .to_string()
-            .contains("checkpoint store is unreachable"),
+            .contains("asks for a postgresql transaction")
+            && error.to_string().contains("store is sqlite"),
         "{error}"
     );
     assert_eq!(reason_of(error), STEP_TX_UNSUPPORTED);
+}
+
+struct Declares(Option<StoreKind>);
+
+#[async_trait::async_trait]
+impl Handler for Declares {
+    async fn handle(&self, _: &mut Job) -> Result<(), HandlerError> {
+        Ok(())
+    }
+    fn step_transactions(&self) -> Option<StoreKind> {
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn a_handler_declaring_another_stores_transactions_is_refused_at_start() {
+    let store = SqliteStore::connect("sqlite::memory:", 1).await.unwrap();
+    let refused = check_step_transactions(&Declares(Some(StoreKind::Postgres)), &store);
+    assert_eq!(
+        refused.unwrap_err(),
+        "the handler's steps write in postgresql transactions (Handler::step_transactions), \
+         but the checkpoint store is sqlite: run it on a postgresql store"
+    );
+    assert!(check_step_transactions(&Declares(Some(StoreKind::Sqlite)), &store).is_ok());
+    assert!(check_step_transactions(&Declares(None), &store).is_ok());
 }
 
 #[test]

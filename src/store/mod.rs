@@ -1,6 +1,7 @@
 //! The checkpoint store: one record per event, keyed by `(scope, idempotency_key)`, behind
-//! one contract every store keeps. [`PostgresStore`] (for fleets) is the store today; an
-//! embedded SQLite store (one host) and a DynamoDB store (serverless) are to follow.
+//! one contract every store keeps. [`PostgresStore`] serves fleets, [`SqliteStore`] the
+//! workers of one host (and demos, and handler tests); [`open`] picks one by URL. A DynamoDB
+//! store (serverless) is to follow.
 //!
 //! No other module holds a query: the worker, the Lambda adapter, handlers' steps and the
 //! operator commands all go through [`CheckpointStore`].
@@ -19,7 +20,9 @@
 //!   ([`Retention`]): every operator command works on every store.
 //! - **Local writes atomic with a step** are a store's own capability, not part of the
 //!   contract: the store's transaction (PostgreSQL, SQLite) or `TransactWriteItems`
-//!   (DynamoDB). A handler reaches PostgreSQL's through [`CheckpointStore::postgres`].
+//!   (DynamoDB). A handler reaches PostgreSQL's through [`CheckpointStore::postgres`] and
+//!   SQLite's through [`CheckpointStore::sqlite`]; a handler declares which it uses
+//!   ([`crate::Handler::step_transactions`]) and a worker refuses to start on another.
 //!
 //! # Why a trait object
 //!
@@ -39,11 +42,11 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub mod postgres;
+pub mod sqlite;
 mod types;
-#[cfg(test)]
-pub(crate) mod unreachable;
 
 pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
 pub use types::{
     Checkpoint, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, DeadLetter, Lease, NewDeadLetter,
     RecordedStep, RedriveCounts, StoreError, parse_steps, storable_text,
@@ -54,8 +57,12 @@ pub use types::{
 /// [`Retention`]).
 #[async_trait]
 pub trait CheckpointStore: Claims + Steps + DeadLetters + Retention + Debug + Send + Sync {
-    /// The store's kind as operators name it (`postgresql`), for messages.
-    fn kind(&self) -> &'static str;
+    /// Which store this is (its `Display` is the name operators use: `postgresql`).
+    fn kind(&self) -> StoreKind;
+
+    /// Bring the store's schema up to date (`sqs-worker migrate`, and `run` at its start).
+    /// Safe to run from several processes at once.
+    async fn migrate(&self) -> Result<(), StoreError>;
 
     /// The cheapest round trip, for the readiness probe.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -76,6 +83,61 @@ pub trait CheckpointStore: Claims + Steps + DeadLetters + Retention + Debug + Se
     /// `None` (the default); a store with a transaction of its own adds its own accessor.
     fn postgres(&self) -> Option<&PostgresStore> {
         None
+    }
+
+    /// The SQLite store behind this one, if it is one: the capability behind
+    /// [`crate::Job::step_tx_sqlite`]. Other stores answer `None`.
+    fn sqlite(&self) -> Option<&SqliteStore> {
+        None
+    }
+}
+
+/// The kinds of checkpoint store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreKind {
+    /// [`PostgresStore`]: `postgres://…` or `postgresql://…`.
+    Postgres,
+    /// [`SqliteStore`]: `sqlite://PATH` or `sqlite::memory:`.
+    Sqlite,
+}
+
+impl StoreKind {
+    /// The store a URL names, by its scheme; None for any other URL.
+    pub fn of_url(url: &str) -> Option<StoreKind> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(StoreKind::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(StoreKind::Sqlite)
+        } else {
+            None
+        }
+    }
+
+    /// The name operators use.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Postgres => "postgresql",
+            StoreKind::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Open the store a URL names — `postgres://…`, `sqlite://PATH` (created if missing) or
+/// `sqlite::memory:` — with at most `max_connections`. It is not migrated: see
+/// [`CheckpointStore::migrate`].
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn CheckpointStore>, StoreError> {
+    match StoreKind::of_url(url) {
+        Some(StoreKind::Postgres) => Ok(Arc::new(
+            PostgresStore::connect(url, max_connections).await?,
+        )),
+        Some(StoreKind::Sqlite) => Ok(Arc::new(SqliteStore::connect(url, max_connections).await?)),
+        None => Err(StoreError::UnknownUrl),
     }
 }
 

@@ -25,9 +25,20 @@ pub fn storable_text(text: &str) -> Cow<'_, str> {
 /// A failure of the checkpoint store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// PostgreSQL could not be reached or rejected a statement.
+    /// The database could not be reached or rejected a statement.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A store URL of no known kind.
+    #[error(
+        "not a checkpoint store URL: use postgres://USER@HOST/DB, sqlite://PATH or sqlite::memory:"
+    )]
+    UnknownUrl,
+    /// The store could not be set up (a lock file, say).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The lease one claim holds on one event: what every write after the claim is fenced by.

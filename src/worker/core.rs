@@ -47,6 +47,8 @@ impl Core {
                 "--concurrency and --pollers must be at least 1".into(),
             ));
         }
+        crate::handler::check_step_transactions(&*parts.handler, &*parts.store)
+            .map_err(WorkerError::Config)?;
         let (lease, policy) = mode
             .queue_setup(config, &parts.sqs, parts.readiness.as_deref())
             .await?;

@@ -207,6 +207,7 @@ fn new_job(
         redrive_count: markers.redrive_count,
         final_pass: markers.final_pass,
         store: shared.handler_store.clone(),
+        transactions: shared.handler.step_transactions(),
         recorded: store::parse_steps(&claim.steps),
         next_step: 0,
         lease_lost: false,

@@ -87,11 +87,14 @@ impl WorkerBuilder {
     /// The worker, or which part is missing.
     pub fn build(self) -> Result<Worker, WorkerError> {
         let missing = |what: &str| WorkerError::Config(format!("the worker builder needs {what}"));
+        let store = self.store.ok_or_else(|| missing("a checkpoint store"))?;
+        let handler = self.handler.ok_or_else(|| missing("a handler"))?;
+        crate::handler::check_step_transactions(&*handler, &*store).map_err(WorkerError::Config)?;
         let mut worker = Worker::new(
             self.config.ok_or_else(|| missing("a config"))?,
             self.client.ok_or_else(|| missing("an SQS client"))?,
-            self.store.ok_or_else(|| missing("a checkpoint store"))?,
-            self.handler.ok_or_else(|| missing("a handler"))?,
+            store,
+            handler,
         );
         if let Some(token) = self.shutdown {
             worker = worker.with_shutdown(token);

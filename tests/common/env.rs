@@ -20,12 +20,15 @@ use super::{admin_database_url, endpoint, sqs_client, unique, wait_until, worker
 
 // ---- the store -------------------------------------------------------------------------------
 
-/// The checkpoint stores the tests run against; [`super::store_tests!`] runs each store test
-/// once per store listed there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StoreKind {
-    /// PostgreSQL: a fresh database per test on `DATABASE_URL`'s server.
-    Postgres,
+/// The checkpoint stores the tests run against (the library's own kinds);
+/// [`super::store_tests!`] runs each store test once per store listed there. PostgreSQL: a
+/// fresh database per test on `DATABASE_URL`'s server; SQLite: a fresh file per test in the
+/// target's temp dir (`CARGO_TARGET_TMPDIR`).
+pub use sqs_worker::StoreKind;
+
+/// The file of the SQLite store called `name`.
+fn sqlite_file(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.sqlite"))
 }
 
 /// The checkpoint store the tests talk to, behind the contract every store implements: the
@@ -50,6 +53,13 @@ impl StoreAddress {
             StoreKind::Postgres => Ok(sqs_worker::PostgresStore::shared(
                 sqs_worker::connect_database(&self.url, connections).await?,
             )),
+            StoreKind::Sqlite => {
+                match sqs_worker::SqliteStore::connect(&self.url, connections).await {
+                    Ok(store) => Ok(Arc::new(store)),
+                    Err(sqs_worker::store::StoreError::Database(error)) => Err(error),
+                    Err(other) => panic!("cannot open the SQLite store: {other}"),
+                }
+            }
         }
     }
 
@@ -137,8 +147,16 @@ async fn create_store(kind: StoreKind, name: &str) -> (Store, StoreAddress) {
                 url: format!("{base}/{name}"),
             };
             let store = address.connect(10).await.unwrap();
-            let postgres = store.postgres().expect("a PostgreSQL store");
-            sqs_worker::MIGRATOR.run(postgres.pool()).await.unwrap();
+            store.migrate().await.unwrap();
+            (store, address)
+        }
+        StoreKind::Sqlite => {
+            let address = StoreAddress {
+                kind,
+                url: format!("sqlite://{}", sqlite_file(name).display()),
+            };
+            let store = address.connect(10).await.unwrap();
+            store.migrate().await.unwrap();
             (store, address)
         }
     }
@@ -154,6 +172,16 @@ async fn drop_store(kind: StoreKind, name: &str) -> Result<(), sqlx::Error> {
                 .execute(&mut admin)
                 .await?;
             admin.close().await
+        }
+        StoreKind::Sqlite => {
+            let file = sqlite_file(name);
+            let mut name = file.clone().into_os_string();
+            for suffix in ["", "-wal", "-shm", ".migrate-lock"] {
+                name.push(suffix);
+                let _ = std::fs::remove_file(&name);
+                name = file.clone().into_os_string();
+            }
+            Ok(())
         }
     }
 }
@@ -346,6 +374,12 @@ impl TestEnv {
             "a PostgreSQL-only test"
         );
         self.store.postgres().expect("a PostgreSQL store").pool()
+    }
+
+    /// The SQLite pool, for tests of SQLite itself (their own tables). Panics for another
+    /// store.
+    pub fn sqlite_pool(&self) -> &sqlx::SqlitePool {
+        self.store.sqlite().expect("a SQLite store").pool()
     }
 
     /// The queue the workers read.

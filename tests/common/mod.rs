@@ -198,6 +198,7 @@ macro_rules! store_tests {
     ($($tests:tt)+) => {
         $crate::common::store_tests!(@stores [$($tests)+]
             postgres => $crate::common::StoreKind::Postgres,
+            sqlite => $crate::common::StoreKind::Sqlite,
         );
     };
 }

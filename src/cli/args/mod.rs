@@ -96,8 +96,9 @@ pub enum Command {
 /// Where the checkpoint database is.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL URL of the checkpoint database, e.g.
-    /// postgres://user:password@host:5432/dbname.
+    /// The checkpoint store: postgres://user:password@host:5432/dbname (several hosts),
+    /// sqlite://PATH (one host; `run` and `migrate` create the file) or sqlite::memory:
+    /// (one process). See the README's "Choosing a store".
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 }

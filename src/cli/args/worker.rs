@@ -315,14 +315,11 @@ impl HandlerArgs {
 /// Options of `sqs-worker demo`.
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// PostgreSQL URL for the demo's checkpoints.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    /// Checkpoint store for the demo: postgres://…, sqlite://PATH or sqlite::memory:.
+    /// Without it the demo needs no database server: it checkpoints in a SQLite file in
+    /// the system's temp dir (sqs-worker-demo.sqlite), whose path the summary prints.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 
     /// SQS endpoint; the demo only runs against a local one (LocalStack).
     #[arg(

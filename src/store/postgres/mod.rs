@@ -1,7 +1,7 @@
 //! [`PostgresStore`]: the checkpoint store in PostgreSQL, for a fleet of workers.
 //!
 //! One row per event in `checkpoints`, keyed by `(scope, idempotency_key)`; `dead_letters`
-//! and the `redrives` audit beside it (see `migrations/`). One file per concern of the
+//! and the `redrives` audit beside it (see `migrations/postgres`). One file per concern of the
 //! contract: `claims.rs` ([`Claims`](super::Claims)), `steps.rs` ([`Steps`](super::Steps)
 //! and the step transaction), `dead_letters.rs` ([`DeadLetters`](super::DeadLetters)),
 //! `retention.rs` ([`Retention`](super::Retention)).
@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::PgPool;
 
-use super::{CheckpointStore, StoreError};
+use super::{CheckpointStore, StoreError, StoreKind};
 
 mod claims;
 mod dead_letters;
@@ -57,8 +57,15 @@ impl PostgresStore {
 
 #[async_trait]
 impl CheckpointStore for PostgresStore {
-    fn kind(&self) -> &'static str {
-        "postgresql"
+    fn kind(&self) -> StoreKind {
+        StoreKind::Postgres
+    }
+
+    /// sqlx's PostgreSQL migrator takes an advisory lock: several workers starting at once
+    /// take turns.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -84,8 +91,8 @@ impl CheckpointStore for PostgresStore {
     }
 }
 
-/// The embedded migrations in `migrations/`; `sqs-worker migrate` and tests apply them.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+/// The embedded migrations in `migrations/postgres`; `sqs-worker migrate` and tests apply them.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Connect to the checkpoint database.
 pub async fn connect_database(

@@ -1,0 +1,225 @@
+//! Steps in the checkpoint store's own transaction: [`Job::step_tx`] (PostgreSQL) and
+//! [`Job::step_tx_sqlite`] (SQLite). The handler's writes and the step's record commit
+//! together or not at all, so writes to the checkpoint database happen once per event.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::{Database, Postgres, Sqlite, Transaction};
+
+use crate::store::{CheckpointStore, Lease, PostgresStore, SqliteStore, StoreError, StoreKind};
+
+use super::error::{HandlerError, StepFuture};
+use super::job::Job;
+use super::steps::{STEP_TX_UNSUPPORTED, step_output_json};
+
+/// A store whose transactions a step can write in.
+trait StepTransactions {
+    type Db: Database;
+    const KIND: StoreKind;
+
+    /// The store of this kind behind `store`, if it is one.
+    fn of(store: &dyn CheckpointStore) -> Option<&Self>;
+
+    /// Begin the step's transaction if `lease` holds and step `index` is next.
+    async fn begin(
+        &self,
+        lease: &Lease,
+        index: usize,
+    ) -> Result<Option<Transaction<'static, Self::Db>>, StoreError>;
+
+    /// Record the step inside the transaction.
+    async fn record(
+        transaction: &mut Transaction<'_, Self::Db>,
+        lease: &Lease,
+        index: usize,
+        name: &str,
+        output: &Value,
+    ) -> Result<bool, StoreError>;
+}
+
+impl StepTransactions for PostgresStore {
+    type Db = Postgres;
+    const KIND: StoreKind = StoreKind::Postgres;
+
+    fn of(store: &dyn CheckpointStore) -> Option<&Self> {
+        store.postgres()
+    }
+
+    async fn begin(
+        &self,
+        lease: &Lease,
+        index: usize,
+    ) -> Result<Option<Transaction<'static, Postgres>>, StoreError> {
+        self.begin_step(lease, index).await
+    }
+
+    async fn record(
+        transaction: &mut Transaction<'_, Postgres>,
+        lease: &Lease,
+        index: usize,
+        name: &str,
+        output: &Value,
+    ) -> Result<bool, StoreError> {
+        PostgresStore::record_step_in(transaction, lease, index, name, output).await
+    }
+}
+
+impl StepTransactions for SqliteStore {
+    type Db = Sqlite;
+    const KIND: StoreKind = StoreKind::Sqlite;
+
+    fn of(store: &dyn CheckpointStore) -> Option<&Self> {
+        store.sqlite()
+    }
+
+    async fn begin(
+        &self,
+        lease: &Lease,
+        index: usize,
+    ) -> Result<Option<Transaction<'static, Sqlite>>, StoreError> {
+        self.begin_step(lease, index).await
+    }
+
+    async fn record(
+        transaction: &mut Transaction<'_, Sqlite>,
+        lease: &Lease,
+        index: usize,
+        name: &str,
+        output: &Value,
+    ) -> Result<bool, StoreError> {
+        SqliteStore::record_step_in(transaction, lease, index, name, output).await
+    }
+}
+
+/// Step transactions: writes in the checkpoint database, exactly once per event.
+impl Job {
+    /// Run a named step inside the checkpoint's own PostgreSQL transaction.
+    ///
+    /// `run` gets the transaction that also records the step: its writes and the step
+    /// record commit together or not at all, so writes to this database happen exactly once
+    /// per event. An error from `run` rolls everything back. The checkpoint row stays locked
+    /// until the transaction ends, so keep the step short. An output PostgreSQL cannot store
+    /// (NUL in a string) is a permanent [`UNSTORABLE_STEP_OUTPUT`](super::UNSTORABLE_STEP_OUTPUT)
+    /// and rolls back.
+    ///
+    /// The handler declares it: [`Handler::step_transactions`](crate::Handler::step_transactions)
+    /// answers `Some(StoreKind::Postgres)`, and a worker on another store refuses to start.
+    /// Undeclared, the step fails before `run` with the permanent reason
+    /// [`STEP_TX_UNSUPPORTED`].
+    ///
+    /// The closure returns a boxed future ([`StepFuture`]) because it borrows the
+    /// transaction; it may also borrow from the handler (`&self`, local variables).
+    ///
+    /// ```no_run
+    /// # async fn example(job: &mut sqs_worker::Job) -> Result<(), sqs_worker::HandlerError> {
+    /// let document_id = job.key().to_owned();
+    /// let document_id = &document_id; // borrowed by the step's future
+    /// let rows: u64 = job
+    ///     .step_tx("store_rows", |tx| {
+    ///         Box::pin(async move {
+    ///             let done = sqlx::query("insert into documents (id) values ($1) on conflict do nothing")
+    ///                 .bind(document_id)
+    ///                 .execute(&mut **tx)
+    ///                 .await?;
+    ///             Ok(done.rows_affected())
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    // `'a` bounds what the closure's future may borrow: `&'t mut Transaction<'a, _>` implies
+    // `'a: 't`, so a future living for `'t` may hold `&'a` references.
+    pub async fn step_tx<'a, T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'t> FnOnce(&'t mut Transaction<'a, Postgres>) -> StepFuture<'t, T>,
+    {
+        self.step_in_transaction::<PostgresStore, T, F>(name, run)
+            .await
+    }
+
+    /// Run a named step inside the checkpoint's own SQLite transaction: [`Job::step_tx`]
+    /// for the SQLite store, declared with `Some(StoreKind::Sqlite)`.
+    ///
+    /// The transaction begins with `BEGIN IMMEDIATE`: it holds SQLite's write lock, so
+    /// every other write to the file — other workers' claims included — waits until the
+    /// step commits. Keep it shorter still than on PostgreSQL.
+    pub async fn step_tx_sqlite<'a, T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'t> FnOnce(&'t mut Transaction<'a, Sqlite>) -> StepFuture<'t, T>,
+    {
+        self.step_in_transaction::<SqliteStore, T, F>(name, run)
+            .await
+    }
+
+    async fn step_in_transaction<'a, S, T, F>(
+        &mut self,
+        name: &str,
+        run: F,
+    ) -> Result<T, HandlerError>
+    where
+        S: StepTransactions,
+        T: Serialize + DeserializeOwned,
+        F: for<'t> FnOnce(&'t mut Transaction<'a, S::Db>) -> StepFuture<'t, T>,
+    {
+        if let Some(output) = self.replay(name)? {
+            return Ok(output);
+        }
+        let store = self.store.clone();
+        let store = match S::of(&*store) {
+            Some(store) if self.transactions == Some(S::KIND) => store,
+            _ => return Err(self.undeclared_transaction(name, S::KIND)),
+        };
+        if let Some(effect) = &self.unrecorded_effect {
+            return Err(HandlerError::retryable(format!(
+                "step {name:?} cannot run in the checkpoint's transaction: the earlier step \
+                 {effect:?} could not be recorded in this attempt"
+            )));
+        }
+        let index = self.next_step;
+        let transaction = store
+            .begin(&self.lease, index)
+            .await
+            .map_err(|e| HandlerError::retryable(format!("could not start step {name:?}: {e}")))?;
+        let Some(transaction) = transaction else {
+            return Err(self.lose_lease(name));
+        };
+        let mut transaction: Transaction<'a, S::Db> = transaction;
+        // On any error below the transaction is dropped, which rolls it back.
+        let output = run(&mut transaction).await?;
+        let value = step_output_json(name, &output)?;
+        let recorded = S::record(&mut transaction, &self.lease, index, name, &value)
+            .await
+            .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
+        if !recorded {
+            return Err(self.lose_lease(name));
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(|e| HandlerError::retryable(format!("could not commit step {name:?}: {e}")))?;
+        self.after_record(true, name, value)?;
+        Ok(output)
+    }
+
+    /// A step transaction of `kind` that the handler did not declare, or on a store of
+    /// another kind (only reachable when undeclared: a declared mismatch never starts).
+    fn undeclared_transaction(&self, name: &str, kind: StoreKind) -> HandlerError {
+        HandlerError::permanent_with_reason(
+            STEP_TX_UNSUPPORTED,
+            format!(
+                "step {name:?} asks for a {kind} transaction, but the handler declares {} and \
+                 the checkpoint store is {}; declare it with Handler::step_transactions \
+                 (checked against the store at start)",
+                match self.transactions {
+                    Some(declared) => format!("{declared} transactions"),
+                    None => "no step transactions".into(),
+                },
+                self.store.kind()
+            ),
+        )
+    }
+}

@@ -18,15 +18,19 @@ ENV SQLX_OFFLINE=true
 # change. The stub lib.rs and main.rs stand in for the real sources (no build.rs, no
 # [[bench]] or [[example]] sections: cargo needs nothing else to resolve the package).
 # aws-lc-sys (the AWS SDK's TLS) and ring compile C code with the image's gcc.
+# crates/ holds the SQLite store's SQL (a workspace member with its own .sqlx/): small, and
+# the workspace cannot resolve without it.
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo/ .cargo/
+COPY crates/ crates/
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
     && cargo build --release --locked --bin sqs-worker \
     && rm -rf src
 
-# The real sources. sqlx::migrate!() embeds migrations/; query!() reads .sqlx/.
+# The real sources. sqlx::migrate!() embeds migrations/postgres and migrations/sqlite;
+# query!() reads .sqlx/ (and crates/sqlite-sql/.sqlx/).
 COPY src/ src/
 COPY migrations/ migrations/
 COPY .sqlx/ .sqlx/

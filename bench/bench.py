@@ -1,10 +1,18 @@
 """Orchestrates the benchmark (bench/run): seeds queues, runs the release worker and the
 bare loop under /usr/bin/time, counts PostgreSQL transactions, checks correctness, prints
-the table. Standard library only."""
+the table. Standard library only.
+
+--store picks the checkpoint store the worker runs and the 3-step run use:
+  postgres (default): a fresh `sqsw_bench` database (dropped and created again), statements
+      per message counted from pg_stat_database, then the scale run (a table of many rows);
+  sqlite: a file in a fresh temp directory (removed at the end), no PostgreSQL needed;
+      statements per message are not counted ("—") and the scale run is skipped."""
 
 import argparse
 import json
 import os
+import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -18,7 +26,14 @@ WORKER = os.path.join(ROOT, f"target/{PROFILE}/sqs-worker")
 BENCH = os.path.join(ROOT, f"target/{PROFILE}/examples/bench")
 ADMIN = os.environ.get("ADMIN_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "sqsw_bench"
-DB_URL = ADMIN.rsplit("/", 1)[0] + "/" + DB_NAME
+STORE_NAMES = {"postgres": "PostgreSQL", "sqlite": "SQLite"}
+
+
+def pg_url(db_name):
+    return ADMIN.rsplit("/", 1)[0] + "/" + db_name
+
+
+DB_URL = pg_url(DB_NAME)
 ENV = dict(
     os.environ,
     AWS_ENDPOINT_URL=os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
@@ -70,20 +85,37 @@ def scope_of(queue):
     return queue.rsplit("/", 1)[1]
 
 
-def run_worker(queue, args, extra=(), db_name=DB_NAME):
-    before = transactions(db_name)
-    stdout, cpu, rss = timed([WORKER, "run", "--database-url", ADMIN.rsplit("/", 1)[0] + "/" + db_name, "--queue-url", queue, "--key", "/id", "--handler", "noop",
-                              "--no-migrate", "--exit-when-idle", "3", "--wait-time-seconds", "1",
-                              "--pollers", str(args.pollers), "--concurrency", str(args.concurrency),
-                              *extra])
+def counted(db_name, cmd):
+    """timed(cmd), plus the statements it sent to PostgreSQL database db_name; None for
+    statements when db_name is None (SQLite: pg_stat_database does not apply)."""
+    before = None if db_name is None else transactions(db_name)
+    stdout, cpu, rss = timed(cmd)
+    if db_name is None:
+        return stdout, cpu, rss, None
     time.sleep(0.5)  # statistics of ended backends are flushed at exit; let them land
-    statements = transactions(db_name) - before - 1  # minus the reading query itself
+    return stdout, cpu, rss, transactions(db_name) - before - 1  # minus the reading query itself
+
+
+def run_worker(queue, args, db_url, db_name=None, extra=()):
+    """The worker on db_url; db_name: its PostgreSQL database (statements counted), or None."""
+    stdout, cpu, rss, statements = counted(db_name, [
+        WORKER, "run", "--database-url", db_url, "--queue-url", queue, "--key", "/id", "--handler", "noop",
+        "--no-migrate", "--exit-when-idle", "3", "--wait-time-seconds", "1",
+        "--pollers", str(args.pollers), "--concurrency", str(args.concurrency), *extra])
     summary = json.loads(stdout.strip().splitlines()[-1])
     return summary, cpu, rss, statements
 
 
-def check(queue, unique, summary, db_url=DB_URL):
-    complete = int(psql(db_url, f"select count(*) from checkpoints where scope = '{scope_of(queue)}' and status = 'complete'"))
+def complete_checkpoints(db_url, scope):
+    if db_url.startswith("sqlite:"):
+        with sqlite3.connect(db_url.removeprefix("sqlite://")) as db:
+            return db.execute("select count(*) from checkpoints where scope = ? and status = 'complete'",
+                              (scope,)).fetchone()[0]
+    return int(psql(db_url, f"select count(*) from checkpoints where scope = '{scope}' and status = 'complete'"))
+
+
+def check(queue, unique, summary, db_url):
+    complete = complete_checkpoints(db_url, scope_of(queue))
     left = bench("count", "--queue-url", queue)["messages"]
     bench("delete-queue", "--queue-url", queue)
     ok = complete == unique and left == 0
@@ -97,14 +129,15 @@ def row(name, received, active_ms, cpu, rss, statements, correct, note=""):
             "correct": correct, "note": note}
 
 
-def startup_ms(args, repeats=5):
+def startup_ms(args, db_url, repeats=5):
     """Process start to the worker's 'worker starting' log line (its next call is the first
     ReceiveMessage), migrations already applied."""
     queue = fresh_queue()
     samples = []
     for _ in range(repeats):
         started = time.monotonic()
-        proc = subprocess.Popen([WORKER, "--log-format", "json", "run", "--queue-url", queue, "--handler", "noop",
+        proc = subprocess.Popen([WORKER, "--log-format", "json", "run", "--database-url", db_url,
+                                 "--queue-url", queue, "--handler", "noop",
                                  "--no-migrate", "--exit-when-idle", "0.2", "--wait-time-seconds", "0"],
                                 env=dict(ENV, RUST_LOG="info"), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         for line in proc.stderr:
@@ -126,13 +159,30 @@ def main():
     p.add_argument("--smoke", action="store_true", help="a few hundred messages, a small scale table")
     p.add_argument("--repeat", type=int, default=2, help="runs of the bare loop and of the worker; the best counts")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.add_argument("--store", choices=sorted(STORE_NAMES), default="postgres",
+                   help="the checkpoint store of the worker runs and the 3-step run (default: postgres)")
     args = p.parse_args()
     if args.smoke:
         args.messages, args.scale_rows, args.repeat = 300, 10_000, 1
 
-    psql(ADMIN, f"drop database if exists {DB_NAME}")
-    psql(ADMIN, f"create database {DB_NAME}")
-    subprocess.run([WORKER, "migrate"], env=ENV, check=True, capture_output=True)
+    if args.store == "sqlite":
+        tmp = tempfile.mkdtemp(prefix="sqsw-bench-")
+        try:
+            benchmark(args, "sqlite://" + os.path.join(os.path.abspath(tmp), "bench.sqlite"), None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        psql(ADMIN, f"drop database if exists {DB_NAME}")
+        psql(ADMIN, f"create database {DB_NAME}")
+        benchmark(args, DB_URL, DB_NAME)
+
+
+def benchmark(args, db_url, db_name):
+    """The runs and the table, on the store at db_url; db_name: its PostgreSQL database
+    (statements counted, scale run), or None (SQLite)."""
+    store = STORE_NAMES[args.store]
+    ENV["DATABASE_URL"] = db_url
+    subprocess.run([WORKER, "migrate", "--database-url", db_url], env=ENV, check=True, capture_output=True)
     n, rows = args.messages, []
     failures = []
 
@@ -154,9 +204,9 @@ def main():
             best_bare = r
         q = fresh_queue()
         unique = seed(q, n, args.duplicates)
-        summary, cpu, rss, statements = run_worker(q, args)
-        ok, note = check(q, unique, summary)
-        r = row("sqs-worker run --handler noop", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note)
+        summary, cpu, rss, statements = run_worker(q, args, db_url, db_name)
+        ok, note = check(q, unique, summary, db_url)
+        r = row(f"sqs-worker run --handler noop ({store})", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note)
         if not ok:
             failures.append(f"{r['name']}: {note}")
         if best_worker is None or r["rate"] > best_worker["rate"]:
@@ -167,49 +217,48 @@ def main():
     # The step path: a 3-step handler through the library API.
     q = fresh_queue()
     unique = seed(q, n, args.duplicates)
-    before = transactions()
-    stdout, cpu, rss = timed([BENCH, "steps", "--queue-url", q, "--database-url", DB_URL,
-                              "--pollers", str(args.pollers), "--concurrency", str(args.concurrency)])
-    time.sleep(0.5)
-    statements = transactions() - before - 1
+    stdout, cpu, rss, statements = counted(db_name, [
+        BENCH, "steps", "--queue-url", q, "--database-url", db_url,
+        "--pollers", str(args.pollers), "--concurrency", str(args.concurrency)])
     summary = json.loads(stdout)
-    ok, note = check(q, unique, summary)
-    rows.append(row("3-step handler (library)", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note))
+    ok, note = check(q, unique, summary, db_url)
+    rows.append(row(f"3-step handler (library, {store})", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note))
 
-    # At scale: the checkpoint table already holds many completed rows.
+    # At scale: the checkpoint table already holds many completed rows (PostgreSQL only).
     scale = None
-    if args.scale_rows:
+    scale_skipped = bool(args.scale_rows) and db_name is None
+    if args.scale_rows and not scale_skipped:
         t0 = time.monotonic()
-        psql(DB_URL, f"""insert into checkpoints (scope, idempotency_key, status, payload_sha256, first_message_id,
+        psql(db_url, f"""insert into checkpoints (scope, idempotency_key, status, payload_sha256, first_message_id,
                           last_message_id, created_at, updated_at, completed_at)
                         select 'bulk', 'old-' || g, 'complete', 'h', 'm', 'm', now() - interval '40 days',
                                now() - interval '40 days', now() - interval '40 days'
                         from generate_series(1, {args.scale_rows}) g""")
         # Let the bulk insert settle (statistics, hint bits, a checkpoint) so the run below
         # measures the table's size, not the aftermath of filling it.
-        psql(DB_URL, "vacuum (analyze) checkpoints")
-        psql(DB_URL, "checkpoint")
+        psql(db_url, "vacuum (analyze) checkpoints")
+        psql(db_url, "checkpoint")
         fill = time.monotonic() - t0
         # Alternate with runs on an empty database, so LocalStack's drift over a long run
         # weighs on both sides of the ratio alike.
-        empty_db = DB_NAME + "_empty"
+        empty_db = db_name + "_empty"
         psql(ADMIN, f"drop database if exists {empty_db}")
         psql(ADMIN, f"create database {empty_db}")
-        subprocess.run([WORKER, "migrate", "--database-url", ADMIN.rsplit("/", 1)[0] + "/" + empty_db],
+        subprocess.run([WORKER, "migrate", "--database-url", pg_url(empty_db)],
                        env=ENV, check=True, capture_output=True)
         best, best_empty = None, None
         for _ in range(args.repeat):
-            for db_name in (empty_db, DB_NAME):
+            for run_db in (empty_db, db_name):
                 q = fresh_queue()
                 unique = seed(q, n, args.duplicates)
-                summary, cpu, rss, statements = run_worker(q, args, db_name=db_name)
-                ok, note = check(q, unique, summary, ADMIN.rsplit("/", 1)[0] + "/" + db_name)
-                label = "empty table, alongside" if db_name == empty_db else f"{args.scale_rows:,} rows in the table"
-                r = row(f"sqs-worker run, {label}", summary["received"], summary["active_millis"], cpu, rss,
-                        statements, ok, note)
+                summary, cpu, rss, statements = run_worker(q, args, pg_url(run_db), run_db)
+                ok, note = check(q, unique, summary, pg_url(run_db))
+                label = "empty table, alongside" if run_db == empty_db else f"{args.scale_rows:,} rows in the table"
+                r = row(f"sqs-worker run, {label} ({store})", summary["received"], summary["active_millis"], cpu,
+                        rss, statements, ok, note)
                 if not ok:
                     failures.append(f"{r['name']}: {note}")
-                if db_name == empty_db:
+                if run_db == empty_db:
                     if best_empty is None or r["rate"] > best_empty["rate"]:
                         best_empty = r
                 elif best is None or r["rate"] > best["rate"]:
@@ -217,7 +266,7 @@ def main():
         rows += [best_empty, best]
         empty_rate = best_empty["rate"]
         psql(ADMIN, f"drop database {empty_db}")
-        out = subprocess.run([WORKER, "checkpoints", "prune", "--older-than", "30d", "--scope", "bulk", "--format", "json"],
+        out = subprocess.run([WORKER, "checkpoints", "prune", "--database-url", db_url, "--older-than", "30d", "--scope", "bulk", "--format", "json"],
                              env=ENV, check=True, capture_output=True, text=True)
         pruned = json.loads(out.stdout)
         scale = {"rows": args.scale_rows, "fill_seconds": fill, "rate_ratio": rows[-1]["rate"] / empty_rate if empty_rate else 0,
@@ -225,11 +274,12 @@ def main():
         if pruned["deleted"] != args.scale_rows:
             failures.append(f"prune deleted {pruned['deleted']} of {args.scale_rows} rows")
 
-    start_ms = startup_ms(args)
+    start_ms = startup_ms(args, db_url)
 
     base = rows[0]
     print()
-    print(f"{n:,} messages ({args.duplicates:.0%} duplicate deliveries), {args.pollers} pollers, concurrency {args.concurrency}")
+    print(f"{n:,} messages ({args.duplicates:.0%} duplicate deliveries), {args.pollers} pollers, concurrency {args.concurrency}, "
+          f"checkpoint store: {store}")
     print()
     print("| run | msgs/s | vs bare | CPU ms / 1,000 msgs | vs bare | peak RSS MB | PG statements / msg | correct |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -246,9 +296,11 @@ def main():
               f"{scale['rate_ratio']:.0%} of the empty-table runs alongside; `checkpoints prune --older-than 30d` deleted "
               f"{scale['pruned']['deleted']:,} rows in {scale['pruned']['statements']} statements, "
               f"{scale['pruned']['seconds']:.1f} s.")
+    elif scale_skipped:
+        print(f"Scale run ({args.scale_rows:,} rows) skipped: it is PostgreSQL-only (--store {args.store}).")
     print(f"Start to first ReceiveMessage (migrations applied, median of 5): {start_ms:.0f} ms")
     if args.json:
-        print(json.dumps({"rows": rows, "scale": scale, "startup_ms": start_ms}, indent=2))
+        print(json.dumps({"store": args.store, "rows": rows, "scale": scale, "startup_ms": start_ms}, indent=2))
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)
         sys.exit(1)

@@ -4,7 +4,8 @@
 //!   events (same key, new MessageId), with parallel SendMessageBatch calls;
 //! - `bare`: the ceiling — a receive + DeleteMessageBatch loop with the worker's pollers and
 //!   no database, deletes pipelined like the worker's acker;
-//! - `steps`: the step path — a 3-step handler through the library API.
+//! - `steps`: the step path — a 3-step handler through the library API, on the store its
+//!   `--database-url` names (PostgreSQL or SQLite).
 //!
 //! Each prints one JSON object on stdout; `bench/run` turns them into the table.
 
@@ -74,6 +75,7 @@ enum Command {
     Steps {
         #[arg(long)]
         queue_url: String,
+        /// The checkpoint store: `postgres://…` or `sqlite://PATH` (created if missing).
         #[arg(long)]
         database_url: String,
         #[arg(long, default_value_t = 2)]
@@ -285,7 +287,8 @@ async fn bare(
     Ok(())
 }
 
-/// Three steps, each recorded in the checkpoint: the step path's cost per event.
+/// Three steps, each recorded in the checkpoint: the step path's cost per event. No step
+/// transactions (`Handler::step_transactions` stays `None`), so it runs on any store.
 struct ThreeSteps;
 
 #[async_trait]
@@ -305,8 +308,9 @@ async fn steps(
     pollers: usize,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let pool = sqs_worker::connect_database(&database_url, 16).await?;
-    sqs_worker::MIGRATOR.run(&pool).await?;
+    // Whichever store the URL names (`postgres://…`, `sqlite://PATH`), migrated.
+    let store = sqs_worker::store::open(&database_url, 16).await?;
+    store.migrate().await?;
     let mut config = WorkerConfig::new(queue_url);
     config.key = KeySpec::new(vec!["/id".into()]).map_err(anyhow::Error::msg)?;
     config.pollers = pollers;
@@ -316,7 +320,7 @@ async fn steps(
     let summary = Worker::builder()
         .config(config)
         .sqs_client(client)
-        .pool(pool)
+        .store(store)
         .handler(ThreeSteps)
         .build()?
         .run()

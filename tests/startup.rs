@@ -81,7 +81,11 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
 
     let mut command = sqs_worker_command("postgres//no-scheme");
     command.args(run_args(env.queue_url()));
-    cases.push(("malformed database URL", command, "is not valid"));
+    cases.push((
+        "malformed database URL",
+        command,
+        "is not a checkpoint store URL",
+    ));
 
     let mut command = sqs_worker_command(&missing_database);
     command.args(run_args(env.queue_url()));
@@ -257,4 +261,84 @@ async fn http_get_opt(port: u16, path: &str) -> Option<(u16, String)> {
         .await
         .ok()?;
     Some(http_get(port, path).await)
+}
+
+/// `demo` with no `DATABASE_URL` and PostgreSQL unreachable (libpq's `PGHOST`/`PGPORT`
+/// pointed at a closed port) needs no database server: it checkpoints in a SQLite file in
+/// the temp dir, prints its summary and says where the file is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_needs_no_database_server() {
+    let env = TestEnv::on(StoreKind::Sqlite).await;
+    let temp = tempdir("demo");
+    let mut command = env.store_address().command();
+    command
+        .env_remove("DATABASE_URL")
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", closed_port().await.to_string())
+        .env("TMPDIR", &temp)
+        .args([
+            "demo",
+            "--orders",
+            "6",
+            "--queue-name",
+            queue_name(env.queue_url()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the demo ends on its own")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let file = temp.join("sqs-worker-demo.sqlite");
+    let count = |label: &str| -> u64 {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in:\n{stdout}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    assert_eq!(count("orders processed (charged once)"), 6, "{stdout}");
+    assert_eq!(count("charges made by the handler"), 6, "{stdout}");
+    assert!(
+        stdout.contains(&format!("SQLite file {}", file.display())),
+        "{stdout}"
+    );
+    assert!(file.exists(), "the demo's SQLite file");
+    let _ = std::fs::remove_dir_all(&temp);
+}
+
+/// `lambda` serving the runtime API refuses a SQLite store in one line (instances share no
+/// disk), before it reaches any runtime; `run` on the same store says once that checkpoints
+/// are local to this host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_refuses_sqlite_and_run_says_it_is_local() {
+    let env = TestEnv::on(StoreKind::Sqlite).await;
+    let mut command = env.store_address().command();
+    command.args(["lambda", "--handler", "noop"]);
+    let ended = run_briefly(command).await;
+    assert_eq!(ended.code, Some(2), "{}", ended.stderr);
+    assert!(
+        error_line(&ended).contains("lambda cannot checkpoint in SQLite"),
+        "{}",
+        ended.stderr
+    );
+
+    let mut command = env.store_address().command();
+    command
+        .args(run_args(env.queue_url()))
+        .args(["--exit-when-idle", "0.5"]);
+    let ended = run_briefly(command).await;
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    assert_eq!(
+        ended
+            .stderr
+            .matches("checkpoints are in a SQLite file")
+            .count(),
+        1,
+        "{}",
+        ended.stderr
+    );
 }

@@ -1,8 +1,6 @@
 //! Fail points for the chaos and race tests: async pauses compiled in only with the
 //! `failpoints` feature.
 
-use std::time::Duration;
-
 /// With the `failpoints` feature, a test can make the task reaching this point wait
 /// (`fail::cfg(name, "return(MILLIS)")`). The wait is asynchronous: fail's own `sleep` action
 /// would block the runtime thread, which is not what a slow call looks like.
@@ -13,7 +11,7 @@ pub(super) async fn pause_at(name: &'static str) {
         None
     })();
     if let Some(millis) = millis {
-        tokio::time::sleep(Duration::from_millis(millis)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
     }
 }
 

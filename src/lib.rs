@@ -1,13 +1,14 @@
 //! sqs-worker: an SQS consumer with exactly-once effects per event.
 //!
-//! SQS delivers at least once. Each event is claimed in a checkpoint store (PostgreSQL) under
+//! SQS delivers at least once. Each event is claimed in a checkpoint store (PostgreSQL for a
+//! fleet, a SQLite file for one host) under
 //! an idempotency key taken from the payload; complete events are skipped, unfinished ones are
 //! taken over when their lease expires, and two deliveries racing on two workers run once.
 //!
 //! Codemap:
 //! - [`worker`]: the poll loop ([`Worker`], [`WorkerConfig`], [`RunSummary`]).
-//! - [`store`]: the checkpoint store's contract ([`CheckpointStore`], [`Lease`]) and
-//!   [`PostgresStore`], the only SQL.
+//! - [`store`]: the checkpoint store's contract ([`CheckpointStore`], [`Lease`]), opened by
+//!   URL ([`store::open`]): [`PostgresStore`] and [`SqliteStore`], the only SQL.
 //! - [`sqs`]: the only code that talks to SQS.
 //! - [`message`]: pure parsing — keys, redrive markers.
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
@@ -25,7 +26,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use sqs_worker::{Handler, HandlerError, Job, PostgresStore, Worker, WorkerConfig};
+//! use sqs_worker::{Handler, HandlerError, Job, Worker, WorkerConfig};
 //! use sqs_worker::message::KeySpec;
 //!
 //! struct ChargeOrder;
@@ -41,12 +42,13 @@
 //! }
 //!
 //! # async fn example() -> anyhow::Result<()> {
-//! let store = PostgresStore::connect("postgres://localhost/app", 8).await?;
-//! sqs_worker::MIGRATOR.run(store.pool()).await?;
+//! // Or "sqlite:///var/lib/app/checkpoints.sqlite" for the workers of one host.
+//! let store = sqs_worker::store::open("postgres://localhost/app", 8).await?;
+//! store.migrate().await?;
 //! let mut config = WorkerConfig::new("https://sqs.eu-west-1.amazonaws.com/123/orders");
 //! config.key = KeySpec::new(vec!["/order_id".into()]).map_err(anyhow::Error::msg)?;
 //! let client = sqs_worker::sqs::client_from_env().await;
-//! let summary = Worker::new(config, client, Arc::new(store), Arc::new(ChargeOrder))
+//! let summary = Worker::new(config, client, store, Arc::new(ChargeOrder))
 //!     .run()
 //!     .await?;
 //! println!("{summary:?}");

@@ -112,6 +112,7 @@ async fn chaos_worker_process() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let kind = match env("CHAOS_STORE").as_str() {
         "sqlite" => StoreKind::Sqlite,
+        "dynamodb" => StoreKind::Dynamodb,
         _ => StoreKind::Postgres,
     };
     let address = StoreAddress {
@@ -267,6 +268,7 @@ impl Handler for ChaosHandler {
                 })
                 .await?
             }
+            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
         }
         self.point("after_effect");
         job.step("notify", || async { Ok(()) }).await?;
@@ -297,6 +299,7 @@ impl Database<'_> {
                     .await
                     .unwrap(),
             ),
+            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
         }
     }
 
@@ -308,6 +311,7 @@ impl Database<'_> {
                     .fetch_one(self.0.sqlite_pool())
                     .await
             }
+            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
         }
         .unwrap()
     }
@@ -317,6 +321,7 @@ impl Database<'_> {
         let rows: Vec<(String, i64)> = match self.0.store_kind() {
             StoreKind::Postgres => sqlx::query_as(SQL).fetch_all(self.0.pool()).await,
             StoreKind::Sqlite => sqlx::query_as(SQL).fetch_all(self.0.sqlite_pool()).await,
+            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
         }
         .unwrap();
         rows.into_iter().collect()
@@ -380,13 +385,7 @@ impl Fleet {
             .env("CHAOS_DIR", &self.dir)
             .env("CHAOS_QUEUE_URL", &self.queue_url)
             .env("CHAOS_DATABASE_URL", &self.database_url)
-            .env(
-                "CHAOS_STORE",
-                match self.store {
-                    StoreKind::Postgres => "postgres",
-                    StoreKind::Sqlite => "sqlite",
-                },
-            )
+            .env("CHAOS_STORE", self.store.name())
             .env("CHAOS_SQS_ENDPOINT", &self.sqs_endpoint)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -757,8 +756,8 @@ async fn chaos(plan: Plan) {
     let json = serde_json::to_string_pretty(&report).unwrap();
     println!("chaos report:\n{json}");
     let report_file = match plan.kind {
-        StoreKind::Postgres => "chaos-report.json",
-        StoreKind::Sqlite => "chaos-report-sqlite.json",
+        StoreKind::Postgres => "chaos-report.json".to_owned(),
+        other => format!("chaos-report-{}.json", other.name()),
     };
     std::fs::write(
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(report_file),

@@ -446,8 +446,8 @@ async fn stale_task_case(kind: StoreKind, ending: Ending) {
         .await;
     wait_for_start(|| held.started.load(Ordering::SeqCst)).await;
     // The lease and the visibility run out; another consumer receives the message (for
-    // 60 s) and takes the event over.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // 60 s) and takes the event over (once the store counts the lease as ended).
+    tokio::time::sleep(Duration::from_millis(2500) + env.store().lease_grace()).await;
     let taken = env
         .client()
         .receive_message()
@@ -632,7 +632,7 @@ async fn stale_checkpoints_are_listed_and_can_be_marked_failed(kind: StoreKind) 
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(2500) + store.lease_grace()).await;
     store
         .claim_batch(
             "s",

@@ -25,6 +25,13 @@ pub async fn prune_checkpoints(args: CheckpointsPruneArgs) -> anyhow::Result<()>
         );
     }
     let store = open_store(&args.database.database_url, 1).await?;
+    if store.kind() == sqs_worker::StoreKind::Dynamodb {
+        eprintln!(
+            "nothing to prune on DynamoDB: completed checkpoints carry a TTL (expires_at, \
+             30 days after completion) and DynamoDB deletes them itself"
+        );
+        return Ok(());
+    }
     let started = Instant::now();
     // Progress on stderr: one updating line on a terminal, a line per 20 statements otherwise.
     let terminal = std::io::stderr().is_terminal();

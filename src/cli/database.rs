@@ -30,7 +30,7 @@ pub(super) fn store_kind(url: &str) -> anyhow::Result<StoreKind> {
     StoreKind::of_url(url).ok_or_else(|| {
         OperatorError(format!(
             "{} is not a checkpoint store URL: use postgres://USER@HOST/DB, sqlite://PATH \
-             (a file, created by `migrate` or `run`) or sqlite::memory:",
+             (a file, created by `migrate` or `run`), sqlite::memory: or dynamodb://TABLE",
             redact_url(url)
         ))
         .into()

@@ -56,7 +56,7 @@ impl Job {
             .store
             .record_step(&self.lease, self.next_step, name, &value)
             .await
-            .map_err(|e| HandlerError::retryable(format!("could not record step {name:?}: {e}")))?;
+            .map_err(|e| record_failed(name, e))?;
         self.after_record(recorded, name, value)?;
         Ok(output)
     }
@@ -258,6 +258,17 @@ impl Job {
             )));
         }
         Ok(())
+    }
+}
+
+/// A step's record that failed: permanent when the store can never hold it (DynamoDB's item
+/// limit, as `unstorable_step_output` with the sizes), retryable otherwise.
+pub(super) fn record_failed(name: &str, error: crate::store::StoreError) -> HandlerError {
+    match error {
+        crate::store::StoreError::TooLarge(detail) => {
+            HandlerError::permanent_with_reason(UNSTORABLE_STEP_OUTPUT, detail)
+        }
+        other => HandlerError::retryable(format!("could not record step {name:?}: {other}")),
     }
 }
 

@@ -41,10 +41,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+pub mod dynamodb;
 pub mod postgres;
 pub mod sqlite;
 mod types;
 
+pub use dynamodb::DynamoStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use types::{
@@ -59,6 +61,13 @@ pub use types::{
 pub trait CheckpointStore: Claims + Steps + DeadLetters + Retention + Debug + Send + Sync {
     /// Which store this is (its `Display` is the name operators use: `postgresql`).
     fn kind(&self) -> StoreKind;
+
+    /// How long after its end a lease still counts as held: zero where the store's own clock
+    /// judges leases (PostgreSQL's, SQLite's host's), a margin for workers' clocks that
+    /// disagree where the workers judge them (DynamoDB).
+    fn lease_grace(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// Bring the store's schema up to date (`sqs-worker migrate`, and `run` at its start).
     /// Safe to run from several processes at once.
@@ -90,6 +99,11 @@ pub trait CheckpointStore: Claims + Steps + DeadLetters + Retention + Debug + Se
     fn sqlite(&self) -> Option<&SqliteStore> {
         None
     }
+
+    /// The DynamoDB store behind this one, if it is one. Other stores answer `None`.
+    fn dynamodb(&self) -> Option<&DynamoStore> {
+        None
+    }
 }
 
 /// The kinds of checkpoint store.
@@ -99,6 +113,8 @@ pub enum StoreKind {
     Postgres,
     /// [`SqliteStore`]: `sqlite://PATH` or `sqlite::memory:`.
     Sqlite,
+    /// [`DynamoStore`]: `dynamodb://TABLE`.
+    Dynamodb,
 }
 
 impl StoreKind {
@@ -108,6 +124,8 @@ impl StoreKind {
             Some(StoreKind::Postgres)
         } else if url.starts_with("sqlite:") {
             Some(StoreKind::Sqlite)
+        } else if url.starts_with("dynamodb://") {
+            Some(StoreKind::Dynamodb)
         } else {
             None
         }
@@ -118,6 +136,7 @@ impl StoreKind {
         match self {
             StoreKind::Postgres => "postgresql",
             StoreKind::Sqlite => "sqlite",
+            StoreKind::Dynamodb => "dynamodb",
         }
     }
 }
@@ -128,8 +147,8 @@ impl std::fmt::Display for StoreKind {
     }
 }
 
-/// Open the store a URL names — `postgres://…`, `sqlite://PATH` (created if missing) or
-/// `sqlite::memory:` — with at most `max_connections`. It is not migrated: see
+/// Open the store a URL names — `postgres://…`, `sqlite://PATH` (created if missing),
+/// `sqlite::memory:` or `dynamodb://TABLE` — with at most `max_connections` (SQL stores). It is not migrated: see
 /// [`CheckpointStore::migrate`].
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn CheckpointStore>, StoreError> {
     match StoreKind::of_url(url) {
@@ -137,6 +156,7 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn CheckpointS
             PostgresStore::connect(url, max_connections).await?,
         )),
         Some(StoreKind::Sqlite) => Ok(Arc::new(SqliteStore::connect(url, max_connections).await?)),
+        Some(StoreKind::Dynamodb) => Ok(Arc::new(DynamoStore::connect(url).await?)),
         None => Err(StoreError::UnknownUrl),
     }
 }

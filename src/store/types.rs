@@ -33,9 +33,17 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A store URL of no known kind.
     #[error(
-        "not a checkpoint store URL: use postgres://USER@HOST/DB, sqlite://PATH or sqlite::memory:"
+        "not a checkpoint store URL: use postgres://USER@HOST/DB, sqlite://PATH, \
+         sqlite::memory: or dynamodb://TABLE"
     )]
     UnknownUrl,
+    /// DynamoDB could not be reached or refused a request.
+    #[error("DynamoDB: {0}")]
+    Dynamo(String),
+    /// A record would pass the store's item size limit (DynamoDB's 400 KB): it can never be
+    /// stored, so retrying cannot help.
+    #[error("{0}")]
+    TooLarge(String),
     /// The store could not be set up (a lock file, say).
     #[error("{0}")]
     Config(String),

@@ -60,6 +60,14 @@ impl StoreAddress {
                     Err(other) => panic!("cannot open the SQLite store: {other}"),
                 }
             }
+            StoreKind::Dynamodb => {
+                let table = self
+                    .url
+                    .strip_prefix("dynamodb://")
+                    .expect("a DynamoDB URL");
+                let client = super::dynamodb_client(&super::dynamodb_endpoint()).await;
+                Ok(Arc::new(sqs_worker::store::DynamoStore::new(client, table)))
+            }
         }
     }
 
@@ -114,6 +122,7 @@ pub fn sqs_worker_command(database_url: &str) -> tokio::process::Command {
     command
         .env("DATABASE_URL", database_url)
         .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_ENDPOINT_URL_DYNAMODB", super::dynamodb_endpoint())
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
@@ -159,6 +168,18 @@ async fn create_store(kind: StoreKind, name: &str) -> (Store, StoreAddress) {
             store.migrate().await.unwrap();
             (store, address)
         }
+        StoreKind::Dynamodb => {
+            let address = StoreAddress {
+                kind,
+                url: format!("dynamodb://{name}"),
+            };
+            let store = address.connect(10).await.unwrap();
+            store.migrate().await.expect(
+                "the local DynamoDB endpoint must answer (localstack/up starts it: \
+                 AWS_ENDPOINT_URL_DYNAMODB)",
+            );
+            (store, address)
+        }
     }
 }
 
@@ -182,6 +203,23 @@ async fn drop_store(kind: StoreKind, name: &str) -> Result<(), sqlx::Error> {
                 name = file.clone().into_os_string();
             }
             Ok(())
+        }
+        StoreKind::Dynamodb => {
+            let client = super::dynamodb_client(&super::dynamodb_endpoint()).await;
+            match client.delete_table().table_name(name).send().await {
+                Ok(_) => Ok(()),
+                Err(error)
+                    if error
+                        .as_service_error()
+                        .is_some_and(|e| e.is_resource_not_found_exception()) =>
+                {
+                    Ok(())
+                }
+                Err(error) => Err(sqlx::Error::Protocol(format!(
+                    "DynamoDB: {}",
+                    aws_sdk_dynamodb::error::DisplayErrorContext(&error)
+                ))),
+            }
         }
     }
 }

@@ -42,6 +42,24 @@ pub fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
 }
 
+/// The local DynamoDB endpoint `localstack/up` starts (`AWS_ENDPOINT_URL_DYNAMODB`).
+pub fn dynamodb_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL_DYNAMODB").unwrap_or_else(|_| "http://127.0.0.1:8000".into())
+}
+
+/// A DynamoDB client for the local endpoint (test credentials, us-east-1).
+pub async fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test", "test", None, None, "local",
+        ))
+        .load()
+        .await;
+    aws_sdk_dynamodb::Client::new(&config)
+}
+
 /// The server-level database URL; each test creates its own database next to it.
 pub fn admin_database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -199,7 +217,26 @@ macro_rules! store_tests {
         $crate::common::store_tests!(@stores [$($tests)+]
             postgres => $crate::common::StoreKind::Postgres,
             sqlite => $crate::common::StoreKind::Sqlite,
+            dynamodb => $crate::common::StoreKind::Dynamodb,
         );
     };
 }
 pub(crate) use store_tests;
+
+/// [`store_tests!`] for what only the SQL stores have: their own transactions
+/// (`Job::step_tx`, `Job::step_tx_sqlite`) and tables a test writes itself.
+/// They run as `sql::postgres::…` and `sql::sqlite::…`.
+macro_rules! sql_store_tests {
+    ($($tests:tt)+) => {
+        /// The tests of what only the SQL stores have.
+        mod sql {
+            use super::*;
+
+            $crate::common::store_tests!(@stores [$($tests)+]
+                postgres => $crate::common::StoreKind::Postgres,
+                sqlite => $crate::common::StoreKind::Sqlite,
+            );
+        }
+    };
+}
+pub(crate) use sql_store_tests;

@@ -97,8 +97,9 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// The checkpoint store: postgres://user:password@host:5432/dbname (several hosts),
-    /// sqlite://PATH (one host; `run` and `migrate` create the file) or sqlite::memory:
-    /// (one process). See the README's "Choosing a store".
+    /// dynamodb://TABLE (Lambda and serverless; `migrate` creates the table; endpoint from
+    /// AWS_ENDPOINT_URL_DYNAMODB when local), sqlite://PATH (one host; `run` and `migrate`
+    /// create the file) or sqlite::memory: (one process). See the README's "Choosing a store".
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 }

@@ -10,8 +10,8 @@ use super::{DatabaseArgs, KeyArgs, OutputFormat, parse_duration};
 /// Options of `sqs-worker redrive`.
 #[derive(Debug, Clone, Args)]
 pub struct RedriveArgs {
-    /// The checkpoint store, as for `run`: postgres://…, sqlite://PATH (not needed with
-    /// --native).
+    /// The checkpoint store, as for `run`: postgres://…, dynamodb://TABLE, sqlite://PATH
+    /// (not needed with --native).
     #[arg(
         long,
         env = "DATABASE_URL",

@@ -1,14 +1,26 @@
 """Orchestrates the benchmark (bench/run): seeds queues, runs the release worker and the
-bare loop under /usr/bin/time, counts PostgreSQL transactions, checks correctness, prints
-the table. Standard library only.
+bare loop under /usr/bin/time, counts PostgreSQL transactions (or DynamoDB requests),
+checks correctness, prints the table. Standard library only (boto3 used if importable).
 
 --store picks the checkpoint store the worker runs and the 3-step run use:
   postgres (default): a fresh `sqsw_bench` database (dropped and created again), statements
       per message counted from pg_stat_database, then the scale run (a table of many rows);
   sqlite: a file in a fresh temp directory (removed at the end), no PostgreSQL needed;
-      statements per message are not counted ("—") and the scale run is skipped."""
+      statements per message are not counted ("—") and the scale run is skipped;
+  dynamodb (bench/run --store dynamodb): a fresh table `sqsw-bench-<hex>` on the endpoint
+      in AWS_ENDPOINT_URL_DYNAMODB (default Dynoxide on 127.0.0.1:8000, which localstack/up
+      starts), created with `sqs-worker migrate`. Requests per message are counted in a
+      separate run of the worker (and of the 3-step handler) through a counting HTTP proxy
+      in this script, so the speed runs go straight to the endpoint; the breakdown by
+      operation is printed under the table. Completed checkpoints are counted with a
+      consistent Scan if boto3 is importable, else the worker's own summary is checked
+      (`processed` = unique events; the note says which). The table is deleted at the end
+      with boto3; without it, it is left (Dynoxide keeps it in memory only). No scale run.
+"""
 
 import argparse
+import http.client
+import http.server
 import json
 import os
 import shutil
@@ -17,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +40,7 @@ WORKER = os.path.join(ROOT, f"target/{PROFILE}/sqs-worker")
 BENCH = os.path.join(ROOT, f"target/{PROFILE}/examples/bench")
 ADMIN = os.environ.get("ADMIN_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "sqsw_bench"
-STORE_NAMES = {"postgres": "PostgreSQL", "sqlite": "SQLite"}
+STORE_NAMES = {"postgres": "PostgreSQL", "sqlite": "SQLite", "dynamodb": "DynamoDB"}
 
 
 def pg_url(db_name):
@@ -40,6 +54,8 @@ ENV = dict(
     AWS_ACCESS_KEY_ID="test",
     AWS_SECRET_ACCESS_KEY="test",
     AWS_REGION="us-east-1",
+    # The DynamoDB store's endpoint (Dynoxide from localstack/up); AWS_ENDPOINT_URL is SQS's.
+    AWS_ENDPOINT_URL_DYNAMODB=os.environ.get("AWS_ENDPOINT_URL_DYNAMODB", "http://127.0.0.1:8000"),
     DATABASE_URL=DB_URL,
     RUST_LOG=os.environ.get("RUST_LOG", "warn"),
     RUST_BACKTRACE="0",
@@ -57,11 +73,12 @@ def transactions(db_name=DB_NAME):
     return int(psql(ADMIN, f"select xact_commit + xact_rollback from pg_stat_database where datname = '{db_name}'"))
 
 
-def timed(cmd):
-    """Run cmd under /usr/bin/time; returns (stdout, user+sys seconds, peak RSS in MB)."""
+def timed(cmd, env=None):
+    """Run cmd under /usr/bin/time (in env, default ENV); returns (stdout, user+sys seconds,
+    peak RSS in MB)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
         out = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", t.name] + cmd,
-                             env=ENV, check=True, capture_output=True, text=True)
+                             env=env or ENV, check=True, capture_output=True, text=True)
         user, system, rss_kb = t.read().split()[-3:]
     return out.stdout, float(user) + float(system), int(rss_kb) / 1024
 
@@ -96,17 +113,154 @@ def counted(db_name, cmd):
     return stdout, cpu, rss, transactions(db_name) - before - 1  # minus the reading query itself
 
 
+def worker_cmd(queue, args, db_url, extra=()):
+    return [WORKER, "run", "--database-url", db_url, "--queue-url", queue, "--key", "/id", "--handler", "noop",
+            "--no-migrate", "--exit-when-idle", "3", "--wait-time-seconds", "1",
+            "--pollers", str(args.pollers), "--concurrency", str(args.concurrency), *extra]
+
+
+def last_json(stdout):
+    """The worker's summary: the last line it prints."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_worker(queue, args, db_url, db_name=None, extra=()):
     """The worker on db_url; db_name: its PostgreSQL database (statements counted), or None."""
-    stdout, cpu, rss, statements = counted(db_name, [
-        WORKER, "run", "--database-url", db_url, "--queue-url", queue, "--key", "/id", "--handler", "noop",
-        "--no-migrate", "--exit-when-idle", "3", "--wait-time-seconds", "1",
-        "--pollers", str(args.pollers), "--concurrency", str(args.concurrency), *extra])
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    return summary, cpu, rss, statements
+    stdout, cpu, rss, statements = counted(db_name, worker_cmd(queue, args, db_url, extra))
+    return last_json(stdout), cpu, rss, statements
+
+
+# Hop-by-hop headers: each side of the proxy has its own connection (and the proxy answers
+# `Expect: 100-continue` itself). Everything else is forwarded as it came.
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
+              "expect", "content-length"}
+
+
+class RequestCounter:
+    """A counting HTTP proxy in front of the DynamoDB endpoint, for a run whose
+    AWS_ENDPOINT_URL_DYNAMODB is `url`: forwards each request as it came (method, path,
+    headers with the signed Host, body) and relays the answer (status, headers, body),
+    counting requests by operation (the X-Amz-Target header). Serves on a free port of
+    127.0.0.1 while the `with` block runs."""
+
+    def __init__(self, upstream):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.counts, self.lock = {}, threading.Lock()
+
+    def __enter__(self):
+        counter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+
+            def do_POST(self):
+                counter.forward(self)
+
+            do_GET = do_PUT = do_DELETE = do_POST
+
+            def finish(self):
+                super().finish()
+                if hasattr(self, "upstream"):
+                    self.upstream.close()
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *_):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    def forward(self, h):
+        operation = h.headers.get("X-Amz-Target", "").rsplit(".", 1)[-1] or f"{h.command} {h.path}"
+        with self.lock:
+            self.counts[operation] = self.counts.get(operation, 0) + 1
+        if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while size := int(h.rfile.readline().split(b";")[0], 16):
+                chunks.append(h.rfile.read(size))
+                h.rfile.readline()
+            while h.rfile.readline().strip():  # trailers
+                pass
+            body = b"".join(chunks)
+        else:
+            body = h.rfile.read(int(h.headers.get("Content-Length", 0)))
+        # One upstream connection per client connection (the handler serves one).
+        if not hasattr(h, "upstream"):
+            h.upstream = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port or 80, timeout=60)
+        try:
+            h.upstream.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in h.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    h.upstream.putheader(name, value)
+            h.upstream.putheader("Content-Length", str(len(body)))
+            h.upstream.endheaders(body)
+            response = h.upstream.getresponse()
+            status, reason, headers, data = response.status, response.reason, response.getheaders(), response.read()
+        except (OSError, http.client.HTTPException) as e:
+            # No retry here: the client's retry is a request of its own, counted as such.
+            h.upstream.close()
+            status, reason, headers, data = 502, "Bad Gateway", [], f"proxy: {e!r}".encode()
+        h.send_response_only(status, reason)
+        for name, value in headers:
+            if name.lower() not in HOP_BY_HOP:
+                h.send_header(name, value)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+
+def proxied(cmd):
+    """Run cmd with its DynamoDB requests through a RequestCounter (a counting run, apart
+    from the timed ones); returns (stdout, requests, {operation: requests})."""
+    with RequestCounter(ENV["AWS_ENDPOINT_URL_DYNAMODB"]) as counter:
+        stdout, _, _ = timed(cmd, dict(ENV, AWS_ENDPOINT_URL_DYNAMODB=counter.url))
+    return stdout, counter.total, dict(sorted(counter.counts.items(), key=lambda kv: -kv[1]))
+
+
+def dynamodb():
+    """A boto3 DynamoDB client on the store's endpoint, or None if boto3 is not importable."""
+    try:
+        import boto3
+    except ImportError:
+        return None
+    return boto3.client("dynamodb", endpoint_url=ENV["AWS_ENDPOINT_URL_DYNAMODB"], region_name=ENV["AWS_REGION"],
+                        aws_access_key_id=ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"])
+
+
+def drop_table(table):
+    client = dynamodb()
+    if client is None:
+        print(f"Table {table} left on {ENV['AWS_ENDPOINT_URL_DYNAMODB']}: no boto3 to delete it "
+              "(Dynoxide keeps tables in memory: it goes when the server stops).")
+        return
+    try:
+        client.delete_table(TableName=table)
+    except client.exceptions.ResourceNotFoundException:
+        pass  # never created (migrate failed)
 
 
 def complete_checkpoints(db_url, scope):
+    """Completed checkpoints of scope; None for DynamoDB without boto3 (no way to read)."""
+    if db_url.startswith("dynamodb://"):
+        client = dynamodb()
+        if client is None:
+            return None
+        # The store's partition key `C#{scope}#{key}`, the scope's `%` and `#` escaped.
+        prefix = "C#" + scope.replace("%", "%25").replace("#", "%23") + "#"
+        pages = client.get_paginator("scan").paginate(
+            TableName=db_url.removeprefix("dynamodb://"), Select="COUNT", ConsistentRead=True,
+            FilterExpression="begins_with(pk, :p) AND #s = :complete", ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":p": {"S": prefix}, ":complete": {"S": "complete"}})
+        return sum(page["Count"] for page in pages)
     if db_url.startswith("sqlite:"):
         with sqlite3.connect(db_url.removeprefix("sqlite://")) as db:
             return db.execute("select count(*) from checkpoints where scope = ? and status = 'complete'",
@@ -118,8 +272,12 @@ def check(queue, unique, summary, db_url):
     complete = complete_checkpoints(db_url, scope_of(queue))
     left = bench("count", "--queue-url", queue)["messages"]
     bench("delete-queue", "--queue-url", queue)
+    if complete is None:  # DynamoDB without boto3: the worker's own count
+        complete, what = summary["processed"], "events processed (worker summary; no boto3 to scan the table)"
+    else:
+        what = "events complete" + (" (table scan)" if db_url.startswith("dynamodb://") else "")
     ok = complete == unique and left == 0
-    return ok, f"{complete}/{unique} events complete, {left} left in queue"
+    return ok, f"{complete}/{unique} {what}, {left} left in queue"
 
 
 def row(name, received, active_ms, cpu, rss, statements, correct, note=""):
@@ -171,6 +329,12 @@ def main():
             benchmark(args, "sqlite://" + os.path.join(os.path.abspath(tmp), "bench.sqlite"), None)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    elif args.store == "dynamodb":
+        table = "sqsw-bench-" + uuid.uuid4().hex[:10]
+        try:
+            benchmark(args, "dynamodb://" + table, None)
+        finally:
+            drop_table(table)
     else:
         psql(ADMIN, f"drop database if exists {DB_NAME}")
         psql(ADMIN, f"create database {DB_NAME}")
@@ -179,12 +343,26 @@ def main():
 
 def benchmark(args, db_url, db_name):
     """The runs and the table, on the store at db_url; db_name: its PostgreSQL database
-    (statements counted, scale run), or None (SQLite)."""
+    (statements counted, scale run), or None (SQLite, DynamoDB)."""
     store = STORE_NAMES[args.store]
     ENV["DATABASE_URL"] = db_url
     subprocess.run([WORKER, "migrate", "--database-url", db_url], env=ENV, check=True, capture_output=True)
     n, rows = args.messages, []
     failures = []
+    # DynamoDB: the requests of a counting run through RequestCounter, per row it counts for:
+    # (row, requests, messages, {operation: requests}).
+    requests = []
+
+    def count_requests(r, cmd, queue, unique):
+        """A separate run of cmd on a fresh queue through the counting proxy: its requests
+        per message go in row r's statements column (the timed runs use no proxy)."""
+        stdout, total, operations = proxied(cmd)
+        summary = last_json(stdout)
+        ok, note = check(queue, unique, summary, db_url)
+        if not ok:
+            failures.append(f"{r['name']}, counting run through the proxy: {note}")
+        r["statements_per_message"] = total / summary["received"] if summary["received"] else None
+        requests.append((r, total, summary["received"], operations))
 
     # The ceiling (receive + delete, same pollers, same ReceiveMessage request, no database)
     # and the worker, alternated and each run `--repeat` times; the best run of each counts,
@@ -213,16 +391,23 @@ def benchmark(args, db_url, db_name):
             best_worker = r
     rows += [best_bare, best_worker]
     empty_rate = best_worker["rate"]
+    if args.store == "dynamodb":
+        q = fresh_queue()
+        count_requests(best_worker, worker_cmd(q, args, db_url), q, seed(q, n, args.duplicates))
 
     # The step path: a 3-step handler through the library API.
+    def steps_cmd(queue):
+        return [BENCH, "steps", "--queue-url", queue, "--database-url", db_url,
+                "--pollers", str(args.pollers), "--concurrency", str(args.concurrency)]
     q = fresh_queue()
     unique = seed(q, n, args.duplicates)
-    stdout, cpu, rss, statements = counted(db_name, [
-        BENCH, "steps", "--queue-url", q, "--database-url", db_url,
-        "--pollers", str(args.pollers), "--concurrency", str(args.concurrency)])
+    stdout, cpu, rss, statements = counted(db_name, steps_cmd(q))
     summary = json.loads(stdout)
     ok, note = check(q, unique, summary, db_url)
     rows.append(row(f"3-step handler (library, {store})", summary["received"], summary["active_millis"], cpu, rss, statements, ok, note))
+    if args.store == "dynamodb":
+        q = fresh_queue()
+        count_requests(rows[-1], steps_cmd(q), q, seed(q, n, args.duplicates))
 
     # At scale: the checkpoint table already holds many completed rows (PostgreSQL only).
     scale = None
@@ -281,7 +466,7 @@ def benchmark(args, db_url, db_name):
     print(f"{n:,} messages ({args.duplicates:.0%} duplicate deliveries), {args.pollers} pollers, concurrency {args.concurrency}, "
           f"checkpoint store: {store}")
     print()
-    print("| run | msgs/s | vs bare | CPU ms / 1,000 msgs | vs bare | peak RSS MB | PG statements / msg | correct |")
+    print("| run | msgs/s | vs bare | CPU ms / 1,000 msgs | vs bare | peak RSS MB | DB statements or requests / msg | correct |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         spm = "—" if r["statements_per_message"] is None else f"{r['statements_per_message']:.3f}"
@@ -291,6 +476,10 @@ def benchmark(args, db_url, db_name):
         if not r["correct"]:
             failures.append(f"{r['name']}: {r['note']}")
     print()
+    for r, total, received, operations in requests:
+        print(f"DynamoDB requests, {r['name']} (a separate run through a counting proxy): {total:,} for "
+              f"{received:,} messages = {total / received if received else 0:.3f} / msg: "
+              + ", ".join(f"{op} {count:,} ({count / received if received else 0:.3f})" for op, count in operations.items()))
     if scale:
         print(f"Scale: {scale['rows']:,} completed rows (filled in {scale['fill_seconds']:.1f} s): throughput "
               f"{scale['rate_ratio']:.0%} of the empty-table runs alongside; `checkpoints prune --older-than 30d` deleted "
@@ -300,7 +489,10 @@ def benchmark(args, db_url, db_name):
         print(f"Scale run ({args.scale_rows:,} rows) skipped: it is PostgreSQL-only (--store {args.store}).")
     print(f"Start to first ReceiveMessage (migrations applied, median of 5): {start_ms:.0f} ms")
     if args.json:
-        print(json.dumps({"store": args.store, "rows": rows, "scale": scale, "startup_ms": start_ms}, indent=2))
+        print(json.dumps({"store": args.store, "rows": rows, "scale": scale, "startup_ms": start_ms,
+                          "dynamodb_requests": [{"run": r["name"], "requests": total, "messages": received,
+                                                 "operations": operations}
+                                                for r, total, received, operations in requests]}, indent=2))
     if failures:
         print("FAILED: " + "; ".join(failures), file=sys.stderr)
         sys.exit(1)

@@ -48,8 +48,8 @@ struct Plan {
     events: usize,
     /// Sending is spread over this long, so kills and outages land while work flows.
     send_over: Duration,
-    /// Cut the workers' database connections and take the database away (PostgreSQL:
-    /// through its proxy; a SQLite file has no connection to cut).
+    /// Take the database away through its proxy (PostgreSQL: also cut the workers'
+    /// connections first; DynamoDB: its endpoint; a SQLite file has nothing to cut).
     database_faults: bool,
 }
 
@@ -57,6 +57,13 @@ const FULL: Plan = Plan {
     kind: StoreKind::Postgres,
     events: 300,
     send_over: Duration::from_secs(30),
+    database_faults: true,
+};
+
+const REDUCED_DYNAMODB: Plan = Plan {
+    kind: StoreKind::Dynamodb,
+    events: 150,
+    send_over: Duration::from_secs(20),
     database_faults: true,
 };
 
@@ -268,7 +275,27 @@ impl Handler for ChaosHandler {
                 })
                 .await?
             }
-            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
+            StoreKind::Dynamodb => {
+                // Moved in (the future may borrow only the transaction); a fresh item per
+                // run, so a second effect of one event would show as a second item.
+                let effect = format!("E#{key}#{pid}#{}", fastrand::u64(..));
+                job.step_tx_dynamodb("effect", move |tx| {
+                    Box::pin(async move {
+                        let put = aws_sdk_dynamodb::types::Put::builder()
+                            .table_name(tx.table())
+                            .item("pk", aws_sdk_dynamodb::types::AttributeValue::S(effect))
+                            .build()
+                            .expect("table and item are set");
+                        tx.push(
+                            aws_sdk_dynamodb::types::TransactWriteItem::builder()
+                                .put(put)
+                                .build(),
+                        );
+                        Ok(())
+                    })
+                })
+                .await?
+            }
         }
         self.point("after_effect");
         job.step("notify", || async { Ok(()) }).await?;
@@ -290,41 +317,97 @@ const INSERT_EFFECT: &str = "insert into chaos_effects (key, pid) values ($1, $2
 struct Database<'a>(&'a TestEnv);
 
 impl Database<'_> {
-    async fn execute(&self, sql: &str) {
+    /// Create the effects table (the SQL stores; DynamoDB's effects are items of the
+    /// checkpoint table).
+    async fn create_effects(&self) {
+        const SQL: &str = "create table chaos_effects (key text not null, pid integer not null)";
         match self.0.store_kind() {
-            StoreKind::Postgres => drop(sqlx::query(sql).execute(self.0.pool()).await.unwrap()),
+            StoreKind::Postgres => drop(sqlx::query(SQL).execute(self.0.pool()).await.unwrap()),
             StoreKind::Sqlite => drop(
-                sqlx::query(sql)
+                sqlx::query(SQL)
                     .execute(self.0.sqlite_pool())
                     .await
                     .unwrap(),
             ),
-            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
+            StoreKind::Dynamodb => {}
         }
     }
 
-    async fn count(&self, sql: &str) -> i64 {
+    async fn count_complete(&self) -> i64 {
+        const SQL: &str = "select count(*) from checkpoints where status = 'complete'";
         match self.0.store_kind() {
-            StoreKind::Postgres => sqlx::query_scalar(sql).fetch_one(self.0.pool()).await,
-            StoreKind::Sqlite => {
-                sqlx::query_scalar(sql)
-                    .fetch_one(self.0.sqlite_pool())
-                    .await
-            }
-            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
+            StoreKind::Postgres => sqlx::query_scalar(SQL)
+                .fetch_one(self.0.pool())
+                .await
+                .unwrap(),
+            StoreKind::Sqlite => sqlx::query_scalar(SQL)
+                .fetch_one(self.0.sqlite_pool())
+                .await
+                .unwrap(),
+            StoreKind::Dynamodb => self
+                .scan("C#")
+                .await
+                .iter()
+                .filter(|item| {
+                    item.get("status")
+                        .and_then(|v| v.as_s().ok())
+                        .map(String::as_str)
+                        == Some("complete")
+                })
+                .count() as i64,
         }
-        .unwrap()
     }
 
     async fn effect_counts(&self) -> HashMap<String, i64> {
         const SQL: &str = "select key, count(*) from chaos_effects group by key";
         let rows: Vec<(String, i64)> = match self.0.store_kind() {
-            StoreKind::Postgres => sqlx::query_as(SQL).fetch_all(self.0.pool()).await,
-            StoreKind::Sqlite => sqlx::query_as(SQL).fetch_all(self.0.sqlite_pool()).await,
-            StoreKind::Dynamodb => unreachable!("the chaos suite has no DynamoDB plan yet"),
-        }
-        .unwrap();
+            StoreKind::Postgres => sqlx::query_as(SQL).fetch_all(self.0.pool()).await.unwrap(),
+            StoreKind::Sqlite => sqlx::query_as(SQL)
+                .fetch_all(self.0.sqlite_pool())
+                .await
+                .unwrap(),
+            StoreKind::Dynamodb => {
+                let mut counts: HashMap<String, i64> = HashMap::new();
+                for item in self.scan("E#").await {
+                    let pk = item["pk"].as_s().unwrap();
+                    let key = pk.split('#').nth(1).unwrap().to_owned();
+                    *counts.entry(key).or_default() += 1;
+                }
+                return counts;
+            }
+        };
         rows.into_iter().collect()
+    }
+
+    /// Every item of the DynamoDB table whose key starts with `prefix` (consistent reads).
+    async fn scan(
+        &self,
+        prefix: &str,
+    ) -> Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+        let store = self.0.store().dynamodb().expect("a DynamoDB store");
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let page = store
+                .client()
+                .scan()
+                .table_name(store.table())
+                .filter_expression("begins_with(pk, :prefix)")
+                .expression_attribute_values(
+                    ":prefix",
+                    aws_sdk_dynamodb::types::AttributeValue::S(prefix.into()),
+                )
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .unwrap();
+            items.extend(page.items.unwrap_or_default());
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return items;
+            }
+        }
     }
 }
 
@@ -361,6 +444,8 @@ struct Fleet {
     dir: PathBuf,
     queue_url: String,
     database_url: String,
+    /// Where the workers reach DynamoDB (through the proxy, on DynamoDB).
+    dynamodb_endpoint: String,
     store: StoreKind,
     sqs_endpoint: String,
     metrics_addr: SocketAddr,
@@ -385,6 +470,7 @@ impl Fleet {
             .env("CHAOS_DIR", &self.dir)
             .env("CHAOS_QUEUE_URL", &self.queue_url)
             .env("CHAOS_DATABASE_URL", &self.database_url)
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &self.dynamodb_endpoint)
             .env("CHAOS_STORE", self.store.name())
             .env("CHAOS_SQS_ENDPOINT", &self.sqs_endpoint)
             .env("AWS_ACCESS_KEY_ID", "test")
@@ -518,6 +604,11 @@ async fn chaos_kills_and_outages_lose_nothing_and_repeat_no_effect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_dynamodb_loses_nothing_and_repeats_no_effect() {
+    chaos(REDUCED_DYNAMODB).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_sqlite_loses_nothing_and_repeats_no_effect() {
     chaos(REDUCED_SQLITE).await;
 }
@@ -532,16 +623,16 @@ async fn chaos(plan: Plan) {
         .await;
     let client = env.client();
     let db = Database(&env);
-    db.execute("create table chaos_effects (key text not null, pid integer not null)")
-        .await;
+    db.create_effects().await;
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("chaos"));
     std::fs::create_dir_all(&dir).unwrap();
 
     // The workers reach both services only through the proxies (a SQLite file directly).
     let sqs_proxy = Proxy::start(sqs_server()).await;
-    let db_proxy = match plan.database_faults {
-        true => Some(Proxy::start(database_server()).await),
-        false => None,
+    let db_proxy = match (plan.database_faults, plan.kind) {
+        (true, StoreKind::Dynamodb) => Some(Proxy::start(dynamodb_server()).await),
+        (true, _) => Some(Proxy::start(database_server()).await),
+        (false, _) => None,
     };
     let database_name = env.database_url().rsplit('/').next().unwrap().to_owned();
     let metrics_addr = {
@@ -551,12 +642,16 @@ async fn chaos(plan: Plan) {
     let mut fleet = Fleet {
         dir: dir.clone(),
         queue_url: env.queue_url().to_owned(),
-        database_url: match &db_proxy {
-            Some(proxy) => format!(
+        database_url: match (&db_proxy, plan.kind) {
+            (Some(proxy), StoreKind::Postgres) => format!(
                 "{}?application_name={APP_NAME}",
                 env.database_url_via(proxy.addr)
             ),
-            None => env.database_url().to_owned(),
+            _ => env.database_url().to_owned(),
+        },
+        dynamodb_endpoint: match &db_proxy {
+            Some(proxy) => format!("http://{}", proxy.addr),
+            None => dynamodb_endpoint(),
         },
         store: plan.kind,
         sqs_endpoint: format!("http://{}", sqs_proxy.addr),
@@ -611,12 +706,12 @@ async fn chaos(plan: Plan) {
     // The faults, in order, while the sender runs: cut the workers' database connections,
     // a database outage, an SQS outage. /readyz of the unarmed worker must say so.
     let faults = {
-        let pool = db_proxy.as_ref().map(|_| env.pool().clone());
+        let pool = (plan.kind == StoreKind::Postgres).then(|| env.pool().clone());
         let database_name = database_name.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let (mut terminated, mut database_seen) = (0, false);
-            if let (Some(pool), Some(db_proxy)) = (&pool, &db_proxy) {
+            if let Some(pool) = &pool {
                 terminated = sqlx::query_scalar(
                     "select count(pg_terminate_backend(pid)) from pg_stat_activity \
                      where datname = $1 and application_name = $2",
@@ -627,6 +722,8 @@ async fn chaos(plan: Plan) {
                 .await
                 .unwrap();
                 tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            if let Some(db_proxy) = &db_proxy {
                 database_seen = outage(db_proxy, metrics_addr, "database", DATABASE_OUTAGE).await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
@@ -666,9 +763,7 @@ async fn chaos(plan: Plan) {
     // Calm: whoever dies from an armed point now comes back unarmed; wait for the work to end.
     fleet.arm = false;
     let done = || async {
-        let complete = db
-            .count("select count(*) from checkpoints where status = 'complete'")
-            .await;
+        let complete = db.count_complete().await;
         complete as usize == events
             && env.messages_in().await == 0
             && env.dlq_messages_in().await == 0
@@ -745,7 +840,11 @@ async fn chaos(plan: Plan) {
     let kills = report.kills_from_outside + report.kills_at_points.values().sum::<usize>();
     // Each kill can interrupt at most the events its worker had in hand; each fault at most
     // those every worker had in hand. Nothing else may run a handler twice.
-    let faults = if plan.database_faults { 3 } else { 1 };
+    let faults = match (plan.database_faults, plan.kind) {
+        (true, StoreKind::Postgres) => 3,
+        (true, _) => 2,
+        (false, _) => 1,
+    };
     report.rerun_bound = (kills + faults * WORKERS) * CONCURRENCY;
     report.database_locked_errors = std::fs::read_dir(&dir)
         .unwrap()

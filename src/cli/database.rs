@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sqs_worker::startup;
 use sqs_worker::startup::Verdict;
-use sqs_worker::store::{self, CheckpointStore, StoreKind};
+use sqs_worker::store::{self, CheckpointStore, DynamoStore, StoreKind};
 
 use super::output::{OperatorError, redact_url};
 
@@ -81,6 +82,21 @@ async fn open(url: &str, connections: u32) -> anyhow::Result<Arc<dyn CheckpointS
         .with_context(|| format!("cannot open the checkpoint store at {}", redact_url(url)))
 }
 
+/// Open a store for a worker: DynamoDB's with its checkpoints' TTL (`--retention`).
+async fn open_for_worker(
+    url: &str,
+    connections: u32,
+    retention: Duration,
+) -> anyhow::Result<Arc<dyn CheckpointStore>> {
+    if store_kind(url)? != StoreKind::Dynamodb {
+        return open(url, connections).await;
+    }
+    let store = DynamoStore::connect(url)
+        .await
+        .with_context(|| format!("cannot open the checkpoint store at {url}"))?;
+    Ok(Arc::new(store.with_retention(retention)))
+}
+
 /// `sqs-worker migrate`: create the SQLite file if missing, bring the schema up to date.
 pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
     if store_kind(database_url)? == StoreKind::Postgres {
@@ -117,6 +133,7 @@ pub async fn open_migrated_store(
 pub(super) async fn open_migrated(
     database_url: &str,
     connections: u32,
+    retention: Duration,
     migrate: bool,
     deadline: std::time::Instant,
 ) -> anyhow::Result<Arc<dyn CheckpointStore>> {
@@ -129,7 +146,7 @@ pub(super) async fn open_migrated(
         )
         .await?;
     }
-    let store = open(database_url, connections).await?;
+    let store = open_for_worker(database_url, connections, retention).await?;
     if migrate {
         store.migrate().await.context(
             "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",

@@ -43,6 +43,7 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
     let store = open_migrated(
         &args.database.database_url,
         (config.concurrency as u32).clamp(2, 64),
+        args.processing.retention,
         !args.processing.no_migrate,
         deadline,
     )
@@ -83,6 +84,7 @@ pub async fn lambda(args: LambdaArgs) -> anyhow::Result<()> {
     let store = open_migrated(
         &args.database.database_url,
         (config.concurrency as u32).clamp(2, 64),
+        args.processing.retention,
         !args.processing.no_migrate,
         deadline,
     )

@@ -23,6 +23,7 @@ use crate::store::{CheckpointStore, StoreKind};
 pub use error::*;
 pub use job::*;
 pub use steps::*;
+pub use transactions::DynamoTransaction;
 
 /// User code that handles one event.
 #[async_trait]

@@ -1,5 +1,6 @@
-//! Steps in the checkpoint store's own transaction: [`Job::step_tx`] (PostgreSQL) and
-//! [`Job::step_tx_sqlite`] (SQLite). The handler's writes and the step's record commit
+//! Steps in the checkpoint store's own transaction: [`Job::step_tx`] (PostgreSQL),
+//! [`Job::step_tx_sqlite`] (SQLite) and [`Job::step_tx_dynamodb`] (DynamoDB's
+//! `TransactWriteItems`). The handler's writes and the step's record commit
 //! together or not at all, so writes to the checkpoint database happen once per event.
 
 use serde::Serialize;
@@ -7,11 +8,14 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sqlx::{Database, Postgres, Sqlite, Transaction};
 
+use aws_sdk_dynamodb::types::TransactWriteItem;
+
+use crate::store::dynamodb::StepCommit;
 use crate::store::{CheckpointStore, Lease, PostgresStore, SqliteStore, StoreError, StoreKind};
 
 use super::error::{HandlerError, StepFuture};
 use super::job::Job;
-use super::steps::{STEP_TX_UNSUPPORTED, step_output_json};
+use super::steps::{STEP_TX_UNSUPPORTED, record_failed, step_output_json};
 
 /// A store whose transactions a step can write in.
 trait StepTransactions {
@@ -221,5 +225,89 @@ impl Job {
                 self.store.kind()
             ),
         )
+    }
+}
+
+/// The DynamoDB form of a step transaction: the handler adds its own writes (put, update,
+/// delete, condition check, on its own tables or this one) and they are written together
+/// with the step's record in one `TransactWriteItems`, or not at all.
+#[derive(Debug)]
+pub struct DynamoTransaction {
+    items: Vec<TransactWriteItem>,
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl DynamoTransaction {
+    /// Add a write (at most [`MAX_STEP_ITEMS`](crate::store::dynamodb::MAX_STEP_ITEMS) per step).
+    pub fn push(&mut self, item: TransactWriteItem) {
+        self.items.push(item);
+    }
+
+    /// The checkpoint table's name: a handler may keep items of its own there, under
+    /// partition keys that do not start with `C#`, `DL#` or `RD#` (the store's).
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The store's client, for reads the step makes before deciding what to write (a read
+    /// is not part of the transaction: guard what it saw with a condition check).
+    pub fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
+    }
+}
+
+impl Job {
+    /// Run a named step whose writes to DynamoDB happen together with its record: the
+    /// DynamoDB store's form of [`Job::step_tx`], declared with `Some(StoreKind::Dynamodb)`.
+    ///
+    /// `run` adds its writes to the [`DynamoTransaction`] and returns the step's output; the
+    /// writes and the step's record then go in one `TransactWriteItems` (the record
+    /// conditional on the lease and on the step being next), so they happen once per event.
+    /// If one of the handler's own conditions fails, nothing is written and the step fails
+    /// retryably (the next attempt reads again); more than [`MAX_STEP_ITEMS`](crate::store::dynamodb::MAX_STEP_ITEMS) writes is a
+    /// permanent `unstorable_step_output`.
+    pub async fn step_tx_dynamodb<T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: for<'t> FnOnce(&'t mut DynamoTransaction) -> StepFuture<'t, T>,
+    {
+        if let Some(output) = self.replay(name)? {
+            return Ok(output);
+        }
+        let store = self.store.clone();
+        let store = match store.dynamodb() {
+            Some(store) if self.transactions == Some(StoreKind::Dynamodb) => store,
+            _ => return Err(self.undeclared_transaction(name, StoreKind::Dynamodb)),
+        };
+        if let Some(effect) = &self.unrecorded_effect {
+            return Err(HandlerError::retryable(format!(
+                "step {name:?} cannot run in a transaction with its record: the earlier step \
+                 {effect:?} could not be recorded in this attempt"
+            )));
+        }
+        let mut transaction = DynamoTransaction {
+            items: Vec::new(),
+            client: store.client().clone(),
+            table: store.table().to_owned(),
+        };
+        let output = run(&mut transaction).await?;
+        let value = step_output_json(name, &output)?;
+        let index = self.next_step;
+        let commit = store
+            .commit_step(&self.lease, index, name, &value, transaction.items)
+            .await
+            .map_err(|e| record_failed(name, e))?;
+        match commit {
+            StepCommit::Recorded => {
+                self.after_record(true, name, value)?;
+                Ok(output)
+            }
+            StepCommit::LeaseLost => Err(self.lose_lease(name)),
+            StepCommit::ItemsRefused(items) => Err(HandlerError::retryable(format!(
+                "step {name:?}: the condition of its own write(s) {items:?} failed, so nothing \
+                 was written; the next attempt runs the step again"
+            ))),
+        }
     }
 }

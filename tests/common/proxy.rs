@@ -73,6 +73,13 @@ pub fn database_server() -> SocketAddr {
     resolve(host_port, 5432)
 }
 
+/// The local DynamoDB server's address, from AWS_ENDPOINT_URL_DYNAMODB.
+pub fn dynamodb_server() -> SocketAddr {
+    let url = super::dynamodb_endpoint();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    resolve(after_scheme.split('/').next().unwrap(), 80)
+}
+
 /// LocalStack's address, from AWS_ENDPOINT_URL: where an SQS proxy forwards to.
 pub fn sqs_server() -> SocketAddr {
     let url = super::endpoint();

@@ -11,7 +11,7 @@ use sqs_worker::handlers::{ExecHandler, HttpHandler, HttpHeader, NoopHandler};
 use sqs_worker::message::{Envelope, KeySpec};
 use sqs_worker::worker::{PayloadMismatch, WorkerConfig};
 
-use super::{DatabaseArgs, parse_seconds};
+use super::{DatabaseArgs, parse_duration, parse_seconds};
 
 /// Built-in handlers selectable without a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -176,6 +176,13 @@ pub struct ProcessingArgs {
     /// migrate` once per deploy instead of on every cold start).
     #[arg(long, env = "SQS_WORKER_NO_MIGRATE")]
     pub no_migrate: bool,
+
+    /// DynamoDB store only: how long a completed checkpoint is kept (its TTL), a number and
+    /// a unit (30d, 12h). Keep it above SQS's longest retention (14 days): a duplicate
+    /// arriving after its checkpoint expired runs its event again. The SQL stores keep
+    /// checkpoints until `checkpoints prune`.
+    #[arg(long, value_name = "DURATION", env = "SQS_WORKER_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
 }
 
 impl ProcessingArgs {

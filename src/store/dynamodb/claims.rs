@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditi
 use futures_util::future::join_all;
 
 use super::item::{Item, Values, checkpoint_pk, get_n, get_s, n, s, steps_json};
-use super::{DynamoStore, SKEW_MARGIN, dynamo, millis, now_ms};
+use super::{DynamoStore, SKEW_MARGIN, dynamo, millis};
 use crate::message::Pass;
 use crate::store::{
     Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, storable_text,
@@ -346,7 +346,7 @@ impl Claims for DynamoStore {
         terms: &ClaimTerms,
         requests: &[ClaimRequest],
     ) -> Result<HashMap<String, ClaimOutcome>, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let claims = by_key(requests);
         let outcomes = join_all(
             claims
@@ -368,7 +368,7 @@ impl Claims for DynamoStore {
         scope: &str,
         entries: &[(String, String)],
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let expires = (now + millis(self.retention)) / 1000;
         let results = join_all(entries.iter().map(|(key, token)| {
             let values = Values::default()
@@ -400,7 +400,7 @@ impl Claims for DynamoStore {
     async fn release(&self, lease: &Lease, error: &str) -> Result<bool, StoreError> {
         let values = Values::default()
             .set("error", s(storable_text(error)))
-            .set("now", n(now_ms()));
+            .set("now", n(self.now()));
         self.update_held(
             lease,
             "SET last_error = :error, updated_at = :now \
@@ -411,7 +411,7 @@ impl Claims for DynamoStore {
     }
 
     async fn release_unstarted(&self, lease: &Lease) -> Result<bool, StoreError> {
-        let values = Values::default().set("one", n(1)).set("now", n(now_ms()));
+        let values = Values::default().set("one", n(1)).set("now", n(self.now()));
         self.update_held(
             lease,
             "SET attempts = attempts - :one, updated_at = :now \
@@ -422,7 +422,7 @@ impl Claims for DynamoStore {
     }
 
     async fn renew_lease(&self, lease: &Lease, duration: Duration) -> Result<bool, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let values = Values::default()
             .set("end", n(now + millis(duration)))
             .set("now", n(now));
@@ -458,7 +458,7 @@ impl Claims for DynamoStore {
         duration: Duration,
         run_limit: Duration,
     ) -> Result<bool, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let values = Values::default()
             .set("end", n(now + millis(duration)))
             .set("run_end", n(now + millis(run_limit.max(duration))))
@@ -475,7 +475,7 @@ impl Claims for DynamoStore {
         let values = Values::default()
             .set("failed", s("failed"))
             .set("error", s(storable_text(error)))
-            .set("now", n(now_ms()));
+            .set("now", n(self.now()));
         self.update_held(
             lease,
             "SET #status = :failed, last_error = :error, updated_at = :now \

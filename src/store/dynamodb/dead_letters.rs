@@ -13,7 +13,7 @@ use super::item::{
     DEAD_LETTERS, Item, LIST_PK, LIST_SK, LISTING, Values, checkpoint_pk, dead_letter,
     dead_letter_pk, n, redrive_pk, s,
 };
-use super::{DynamoStore, SKEW_MARGIN, dynamo, millis, now_ms};
+use super::{DynamoStore, SKEW_MARGIN, dynamo, millis};
 use crate::message::Pass;
 use crate::store::{
     DeadLetter, DeadLetters, NewDeadLetter, RedriveCounts, StoreError, storable_text,
@@ -244,7 +244,7 @@ impl DeadLetters for DynamoStore {
     ) -> Result<Option<i64>, StoreError> {
         let reason = storable_text(letter.reason);
         let error = storable_text(letter.error);
-        let now = now_ms();
+        let now = self.now();
         let mut id = now * 1000;
         loop {
             let item = self.letter_item(id, letter, &reason, &error, now);
@@ -277,7 +277,7 @@ impl DeadLetters for DynamoStore {
         message_id: &str,
         error: &str,
     ) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let values = Values::default()
             .name("status")
             .name("steps")
@@ -371,7 +371,7 @@ impl DeadLetters for DynamoStore {
             .key("pk", s(dead_letter_pk(id)))
             .update_expression("SET requeued_at = :now")
             .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":now", n(self.now()))
             .send()
             .await
             .map_err(dynamo)?;
@@ -386,7 +386,7 @@ impl DeadLetters for DynamoStore {
         max_redrives: i32,
         dry_run: bool,
     ) -> Result<i64, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let mut id = now * 1000;
         loop {
             let item = Item::from([
@@ -424,7 +424,7 @@ impl DeadLetters for DynamoStore {
             .expression_attribute_values(":skipped", count(counts.skipped_complete))
             .expression_attribute_values(":exhausted", count(counts.exhausted))
             .expression_attribute_values(":failed", count(counts.failed))
-            .expression_attribute_values(":now", n(now_ms()))
+            .expression_attribute_values(":now", n(self.now()))
             .send()
             .await
             .map_err(dynamo)?;

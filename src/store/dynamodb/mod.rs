@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
@@ -43,6 +43,8 @@ mod item;
 mod retention;
 mod steps;
 
+pub use steps::{MAX_STEP_ITEMS, StepCommit};
+
 /// How long after its end a lease still counts as held, for clocks that disagree.
 pub const SKEW_MARGIN: Duration = Duration::from_secs(2);
 
@@ -55,6 +57,8 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     retention: Duration,
+    /// Added to this process's clock (tests of workers whose clocks disagree).
+    skew_ms: i64,
 }
 
 impl DynamoStore {
@@ -64,6 +68,7 @@ impl DynamoStore {
             client,
             table: table.into(),
             retention: DEFAULT_RETENTION,
+            skew_ms: 0,
         }
     }
 
@@ -90,6 +95,18 @@ impl DynamoStore {
     pub fn with_retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
+    }
+
+    /// Judge leases by a clock `skew_ms` milliseconds ahead of this process's (behind, when
+    /// negative): how the tests play a worker whose clock is off.
+    pub fn with_clock_skew(mut self, skew_ms: i64) -> Self {
+        self.skew_ms = skew_ms;
+        self
+    }
+
+    /// Now by this store's clock, in epoch milliseconds (see "Time").
+    pub(super) fn now(&self) -> i64 {
+        now_ms() + self.skew_ms
     }
 
     /// The table's name.
@@ -244,16 +261,33 @@ impl CheckpointStore for DynamoStore {
     }
 }
 
-/// A DynamoDB call's failure, as one line with its cause.
+/// A DynamoDB call's failure, as one line: the service's code and message, or the chain of
+/// causes of a failure to reach it (no SDK dump).
 pub(super) fn dynamo<E>(error: SdkError<E>) -> StoreError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    StoreError::Dynamo(DisplayErrorContext(&error).to_string())
+    if let Some(service) = error.as_service_error() {
+        return StoreError::Dynamo(format!(
+            "{}: {}",
+            service.code().unwrap_or("error"),
+            service.message().unwrap_or("no message")
+        ));
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    StoreError::Dynamo(text)
 }
 
-/// Now, in epoch milliseconds (the workers' clock: see "Time").
-pub(super) fn now_ms() -> i64 {
+/// Now by this process's clock, in epoch milliseconds.
+fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::item::{Item, Values, checkpoint, get_n, n, s};
-use super::{DynamoStore, SKEW_MARGIN, dynamo, millis, now_ms};
+use super::{DynamoStore, SKEW_MARGIN, dynamo, millis};
 use crate::store::{Checkpoint, Retention, StoreError, storable_text};
 
 #[async_trait]
@@ -21,7 +21,7 @@ impl Retention for DynamoStore {
         idle_for: Duration,
         limit: i64,
     ) -> Result<Vec<Checkpoint>, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let mut values = Values::default()
             .name("status")
             .set("in_progress", s("in_progress"))
@@ -70,7 +70,7 @@ impl Retention for DynamoStore {
         idle_for: Duration,
         reason: &str,
     ) -> Result<bool, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let values = Values::default()
             .name("status")
             .set("in_progress", s("in_progress"))

@@ -1,14 +1,19 @@
-//! Steps in DynamoDB: appended with `list_append`, only at their index and under the lease.
+//! Steps in DynamoDB: appended with `list_append`, only at their index and under the lease;
+//! and the step transaction — the handler's own items and the step's record in one
+//! `TransactWriteItems` ([`crate::Job::step_tx_dynamodb`]).
 
 use async_trait::async_trait;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 use serde_json::Value;
 
-use super::item::{Values, step_value};
-use super::{DynamoStore, now_ms, rfc3339};
+use super::item::{Values, checkpoint_pk, n, s, step_value};
+use super::{DynamoStore, rfc3339};
 use crate::store::{Lease, Steps, StoreError};
 
-/// What DynamoDB says when an item would pass its 400 KB limit.
-const ITEM_TOO_LARGE: &str = "Item size has exceeded the maximum allowed size";
+/// What DynamoDB says when an item would pass its 400 KB limit ("Item size has exceeded…"
+/// for a put, "Item size to update has exceeded…" for an update).
+const ITEM_TOO_LARGE: &str = "exceeded the maximum allowed size";
 
 #[async_trait]
 impl Steps for DynamoStore {
@@ -19,7 +24,7 @@ impl Steps for DynamoStore {
         name: &str,
         output: &Value,
     ) -> Result<bool, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         let values = Values::default()
             .name("status")
             .name("steps")
@@ -57,5 +62,111 @@ impl Steps for DynamoStore {
             }
             other => other,
         }
+    }
+}
+
+/// What a step's `TransactWriteItems` came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepCommit {
+    /// The handler's items and the step's record were written together.
+    Recorded,
+    /// The lease is no longer ours (or the step is already recorded): nothing was written.
+    LeaseLost,
+    /// A condition on one of the handler's own items failed: nothing was written. The
+    /// positions of the refused items (0-based, in the order the handler added them).
+    ItemsRefused(Vec<usize>),
+}
+
+/// The most items a handler may add to one step: DynamoDB's 100 per transaction, less the
+/// step's own record.
+pub const MAX_STEP_ITEMS: usize = 99;
+
+impl DynamoStore {
+    /// Write the handler's `items` and step `index`'s record in one `TransactWriteItems`:
+    /// both or neither, the record conditional on the lease and on the step being next.
+    pub async fn commit_step(
+        &self,
+        lease: &Lease,
+        index: usize,
+        name: &str,
+        output: &Value,
+        mut items: Vec<TransactWriteItem>,
+    ) -> Result<StepCommit, StoreError> {
+        if items.len() > MAX_STEP_ITEMS {
+            return Err(StoreError::TooLarge(format!(
+                "step {name:?} adds {} items to its transaction; DynamoDB allows {} besides \
+                 the step's own record",
+                items.len(),
+                MAX_STEP_ITEMS
+            )));
+        }
+        let now = self.now();
+        let values = Values::default()
+            .name("status")
+            .name("steps")
+            .set("token", s(&lease.token))
+            .set("in_progress", s("in_progress"))
+            .set("index", n(index as i64))
+            .set(
+                "step",
+                AttributeValue::L(vec![step_value(name, output, &rfc3339(now))]),
+            )
+            .set("now", n(now));
+        let record = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(checkpoint_pk(&lease.scope, &lease.key)))
+            .update_expression("SET #steps = list_append(#steps, :step), updated_at = :now")
+            .condition_expression(
+                "lease_owner = :token AND #status = :in_progress AND size(#steps) = :index",
+            )
+            .set_expression_attribute_names(Some(values.names))
+            .set_expression_attribute_values(Some(values.values))
+            .build()
+            .expect("update fields are set");
+        let handler_items = items.len();
+        items.push(TransactWriteItem::builder().update(record).build());
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        let error = match result {
+            Ok(_) => return Ok(StepCommit::Recorded),
+            Err(error) => error,
+        };
+        let reasons: Vec<Option<String>> = match error.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(e)) => e
+                .cancellation_reasons()
+                .iter()
+                .map(|r| r.code().map(str::to_owned))
+                .collect(),
+            _ => {
+                let message = super::dynamo(error);
+                return match message {
+                    StoreError::Dynamo(m) if m.contains(ITEM_TOO_LARGE) => {
+                        Err(StoreError::TooLarge(format!(
+                            "step {name:?}'s output ({} bytes as JSON) would push the event's \
+                             item past DynamoDB's 400 KB limit",
+                            output.to_string().len()
+                        )))
+                    }
+                    other => Err(other),
+                };
+            }
+        };
+        let failed = |i: usize| {
+            reasons.get(i).cloned().flatten().as_deref() == Some("ConditionalCheckFailed")
+        };
+        if failed(handler_items) {
+            return Ok(StepCommit::LeaseLost);
+        }
+        let refused: Vec<usize> = (0..handler_items).filter(|&i| failed(i)).collect();
+        if refused.is_empty() {
+            return Err(StoreError::Dynamo(format!(
+                "the step's transaction was cancelled: {reasons:?}"
+            )));
+        }
+        Ok(StepCommit::ItemsRefused(refused))
     }
 }

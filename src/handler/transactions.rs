@@ -231,14 +231,18 @@ impl Job {
 /// The DynamoDB form of a step transaction: the handler adds its own writes (put, update,
 /// delete, condition check, on its own tables or this one) and they are written together
 /// with the step's record in one `TransactWriteItems`, or not at all.
+///
+/// Its lifetime `'a` is what the step's future may borrow (the handler, earlier steps'
+/// outputs), as with [`Job::step_tx`]'s transaction.
 #[derive(Debug)]
-pub struct DynamoTransaction {
+pub struct DynamoTransaction<'a> {
     items: Vec<TransactWriteItem>,
     client: aws_sdk_dynamodb::Client,
     table: String,
+    borrows: std::marker::PhantomData<&'a ()>,
 }
 
-impl DynamoTransaction {
+impl DynamoTransaction<'_> {
     /// Add a write (at most [`MAX_STEP_ITEMS`](crate::store::dynamodb::MAX_STEP_ITEMS) per step).
     pub fn push(&mut self, item: TransactWriteItem) {
         self.items.push(item);
@@ -267,10 +271,14 @@ impl Job {
     /// If one of the handler's own conditions fails, nothing is written and the step fails
     /// retryably (the next attempt reads again); more than [`MAX_STEP_ITEMS`](crate::store::dynamodb::MAX_STEP_ITEMS) writes is a
     /// permanent `unstorable_step_output`.
-    pub async fn step_tx_dynamodb<T, F>(&mut self, name: &str, run: F) -> Result<T, HandlerError>
+    pub async fn step_tx_dynamodb<'a, T, F>(
+        &mut self,
+        name: &str,
+        run: F,
+    ) -> Result<T, HandlerError>
     where
         T: Serialize + DeserializeOwned,
-        F: for<'t> FnOnce(&'t mut DynamoTransaction) -> StepFuture<'t, T>,
+        F: for<'t> FnOnce(&'t mut DynamoTransaction<'a>) -> StepFuture<'t, T>,
     {
         if let Some(output) = self.replay(name)? {
             return Ok(output);
@@ -290,6 +298,7 @@ impl Job {
             items: Vec::new(),
             client: store.client().clone(),
             table: store.table().to_owned(),
+            borrows: std::marker::PhantomData,
         };
         let output = run(&mut transaction).await?;
         let value = step_output_json(name, &output)?;

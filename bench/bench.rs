@@ -308,7 +308,7 @@ async fn steps(
     pollers: usize,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    // Whichever store the URL names (`postgres://…`, `sqlite://PATH`), migrated.
+    // Whichever store the URL names (`postgres://…`, `sqlite://PATH`, `dynamodb://TABLE`), migrated.
     let store = sqs_worker::store::open(&database_url, 16).await?;
     store.migrate().await?;
     let mut config = WorkerConfig::new(queue_url);

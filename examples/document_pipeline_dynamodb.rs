@@ -362,7 +362,10 @@ async fn main() -> anyhow::Result<()> {
         "step runs: transform (one failed once)",
         &runs(&pipeline.transform_runs),
     );
-    line("step runs: store", &runs(&pipeline.store_runs));
+    line(
+        "step runs: store (+1 per dedupe race)",
+        &runs(&pipeline.store_runs),
+    );
     line("document items in the pipeline table", &rows);
     line("distinct contents (dedupe items)", &contents);
     println!();
@@ -378,9 +381,18 @@ async fn main() -> anyhow::Result<()> {
         "expected {documents} documents stored and processed, got {rows} rows and {} processed",
         summary.processed
     );
+    // Two documents share one content: when both read "no dedupe item yet" at once, one
+    // transaction is cancelled by its condition and that event is retried, running `store`
+    // again (and writing nothing the first time). So `store` runs once per document plus
+    // once per retry other than the flaky `transform`'s.
+    let race_retries = (summary.retried as usize).saturating_sub(1);
     anyhow::ensure!(
-        runs(&pipeline.fetch_runs) == documents && runs(&pipeline.store_runs) == documents,
-        "fetch and store should run once per document"
+        runs(&pipeline.fetch_runs) == documents,
+        "fetch should run once per document"
+    );
+    anyhow::ensure!(
+        runs(&pipeline.store_runs) == documents + race_retries,
+        "store should run once per document, plus once per dedupe race ({race_retries})"
     );
     anyhow::ensure!(
         runs(&pipeline.transform_runs) == documents + 1,

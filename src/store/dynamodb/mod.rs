@@ -231,10 +231,14 @@ impl CheckpointStore for DynamoStore {
         SKEW_MARGIN
     }
 
+    /// A read of a key no item has: a data-plane request, like the worker's own (the
+    /// readiness probe runs every few seconds in every worker, and `DescribeTable` is a
+    /// control-plane call with far lower rate limits).
     async fn ping(&self) -> Result<(), StoreError> {
         self.client
-            .describe_table()
+            .get_item()
             .table_name(&self.table)
+            .key(PK, item::s("PING"))
             .send()
             .await
             .map_err(dynamo)?;

@@ -1,4 +1,5 @@
-//! From an SQS message to an event: the idempotency key and the redrive markers.
+//! From an SQS message to an event: the idempotency key, the redrive markers, and the
+//! producer's trace context ([`trace`]).
 //!
 //! Pure functions, no I/O, so the worker, the Lambda adapter and the operator tools agree on
 //! what a message *is*. The key comes from the payload and never from the SQS MessageId:
@@ -7,6 +8,7 @@
 mod fingerprint;
 mod keys;
 mod markers;
+pub mod trace;
 
 pub use fingerprint::*;
 pub use keys::*;

@@ -99,14 +99,7 @@ async fn open_for_worker(
 
 /// `sqs-worker migrate`: create the SQLite file if missing, bring the schema up to date.
 pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
-    if store_kind(database_url)? == StoreKind::Postgres {
-        check_postgres(database_url).await?;
-    }
-    let store = open(database_url, 2).await?;
-    store
-        .migrate()
-        .await
-        .context("applying migrations failed")?;
+    let store = open_migrated_store(database_url, 2).await?;
     tracing::info!(store = %store.kind(), "database schema is up to date");
     Ok(())
 }

@@ -42,6 +42,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub mod dynamodb;
+mod epoch;
 pub mod postgres;
 pub mod sqlite;
 mod types;
@@ -49,6 +50,7 @@ mod types;
 pub use dynamodb::DynamoStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub(crate) use types::passes_by_key;
 pub use types::{
     Checkpoint, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, DeadLetter, Lease, NewDeadLetter,
     RecordedStep, RedriveCounts, StoreError, parse_steps, storable_text,

@@ -3,6 +3,7 @@
 //! them, and the store's error.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -92,6 +93,19 @@ pub struct ClaimRequest {
     /// Digests of the fingerprinted fields, stored on first sight so that a later mismatch
     /// can name the fields that differ.
     pub field_digests: Option<String>,
+}
+
+/// Per key of a batch: the latest pass any of its deliveries carries (so that a redrive
+/// sharing the batch with a plain duplicate still counts), and whether any of them may
+/// reclaim a failed event.
+pub(crate) fn passes_by_key(requests: &[ClaimRequest]) -> HashMap<&str, (Pass, bool)> {
+    let mut per_key: HashMap<&str, (Pass, bool)> = HashMap::new();
+    for r in requests {
+        let (pass, reclaim) = per_key.entry(&r.key).or_default();
+        *pass = (*pass).max(r.pass);
+        *reclaim |= r.reclaim_failed;
+    }
+    per_key
 }
 
 /// What a claim found. Every outcome but a concurrent insert carries the payload fingerprint

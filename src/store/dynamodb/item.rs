@@ -10,9 +10,9 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::store::epoch::time;
 use crate::store::{Checkpoint, DeadLetter};
 
 /// An item: attribute name → value.
@@ -58,10 +58,6 @@ pub(super) fn get_s(item: &Item, name: &str) -> Option<String> {
 
 pub(super) fn get_n(item: &Item, name: &str) -> Option<i64> {
     item.get(name)?.as_n().ok()?.parse().ok()
-}
-
-fn time(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
 /// A step as stored: `{name, output (JSON text), completed_at}`.

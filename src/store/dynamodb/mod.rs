@@ -24,7 +24,7 @@
 //! DynamoDB deletes it after the retention (default 30 days) without any statement of ours.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -34,6 +34,8 @@ use aws_sdk_dynamodb::types::{
     ProjectionType, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 
+pub(super) use super::epoch::millis;
+use super::epoch::now_ms;
 use super::{CheckpointStore, StoreError, StoreKind};
 use item::{LIST_PK, LIST_SK, LISTING, PK, TTL};
 
@@ -288,18 +290,6 @@ where
         source = cause.source();
     }
     StoreError::Dynamo(text)
-}
-
-/// Now by this process's clock, in epoch milliseconds.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// A duration in milliseconds.
-pub(super) fn millis(duration: Duration) -> i64 {
-    duration.as_millis().min(i64::MAX as u128) as i64
 }
 
 /// `ms` as RFC 3339, for steps' `completed_at` (as the SQL stores write it).

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::PostgresStore;
-use crate::message::Pass;
 use crate::store::{
-    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, storable_text,
+    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, passes_by_key,
+    storable_text,
 };
 
 /// A remaining time as the database computed it: never negative, below SQS's 12-hour limit.
@@ -37,14 +37,9 @@ struct ClaimColumns {
 
 impl ClaimColumns {
     fn new(requests: &[ClaimRequest]) -> Self {
-        // One pass per key: the latest any delivery of it in this batch carries, so that a
-        // redrive sharing the batch with a plain duplicate still counts.
-        let mut latest: HashMap<&str, Pass> = HashMap::new();
-        for r in requests {
-            let pass = latest.entry(&r.key).or_default();
-            *pass = (*pass).max(r.pass);
-        }
-        let pass = |r: &ClaimRequest| latest[r.key.as_str()];
+        // One pass per key: the latest any delivery of it in this batch carries.
+        let latest = passes_by_key(requests);
+        let pass = |r: &ClaimRequest| latest[r.key.as_str()].0;
         Self {
             keys: requests.iter().map(|r| r.key.clone()).collect(),
             fingerprints: requests.iter().map(|r| r.payload_sha256.clone()).collect(),

@@ -9,21 +9,16 @@ use serde_json::{Value, json};
 use sqs_worker_sqlite_sql::claims::{self as sql, ClaimParams, ClaimedRow};
 
 use super::{SqliteStore, millis, now_ms};
-use crate::message::Pass;
 use crate::store::{
-    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, storable_text,
+    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, passes_by_key,
+    storable_text,
 };
 
 /// The deliveries of a batch as the claim statement reads them: a JSON array with, for each
 /// delivery, its key's latest pass and whether any delivery of the key may reclaim a failed
 /// row (as PostgreSQL's store computes them).
 fn deliveries(requests: &[ClaimRequest]) -> String {
-    let mut per_key: HashMap<&str, (Pass, bool)> = HashMap::new();
-    for r in requests {
-        let (pass, reclaim) = per_key.entry(&r.key).or_default();
-        *pass = (*pass).max(r.pass);
-        *reclaim |= r.reclaim_failed;
-    }
+    let per_key = passes_by_key(requests);
     let rows: Vec<Value> = requests
         .iter()
         .map(|r| {

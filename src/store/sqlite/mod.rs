@@ -27,13 +27,14 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+// Every statement is bound with `now` in epoch milliseconds (see "Time").
+pub(super) use super::epoch::{millis, now_ms, time};
 use super::{CheckpointStore, StoreError, StoreKind};
 
 mod claims;
@@ -141,7 +142,11 @@ impl CheckpointStore for SqliteStore {
     /// makes them take turns.
     async fn migrate(&self) -> Result<(), StoreError> {
         let _lock = match &self.path {
-            Some(path) => Some(lock_file(path.with_extension(lock_extension(path))).await?),
+            Some(path) => {
+                let mut lock = path.clone().into_os_string();
+                lock.push(".migrate-lock");
+                Some(lock_file(lock.into()).await?)
+            }
             None => None,
         };
         SQLITE_MIGRATOR.run(&self.pool).await?;
@@ -150,13 +155,6 @@ impl CheckpointStore for SqliteStore {
 
     fn sqlite(&self) -> Option<&SqliteStore> {
         Some(self)
-    }
-}
-
-fn lock_extension(path: &std::path::Path) -> String {
-    match path.extension() {
-        Some(extension) => format!("{}.migrate-lock", extension.to_string_lossy()),
-        None => "migrate-lock".into(),
     }
 }
 
@@ -175,21 +173,4 @@ async fn lock_file(path: PathBuf) -> Result<std::fs::File, StoreError> {
     .await
     .map_err(|e| StoreError::Config(format!("migration lock task failed: {e}")))?;
     Ok(locked.map_err(sqlx::Error::Io)?)
-}
-
-/// Now, in epoch milliseconds: the time every statement is bound with.
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// A duration in milliseconds, as the statements add it to `now`.
-pub(super) fn millis(duration: Duration) -> i64 {
-    duration.as_millis().min(i64::MAX as u128) as i64
-}
-
-/// A stored time (epoch milliseconds) as operators see it.
-pub(super) fn time(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }

@@ -144,6 +144,50 @@ async fn a_step_past_the_item_limit_is_refused_as_too_large() {
     );
 }
 
+/// A last step too large for the item, travelling with its completion: that event is
+/// answered `TooLarge` (the worker sends it to the DLQ as `unstorable_step_output`) and
+/// stays unfinished, while the other completion of the same call lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_last_step_is_too_large_fails_alone() {
+    use sqs_worker::store::{Completion, NewStep, Written};
+    let env = TestEnv::builder()
+        .store(StoreKind::Dynamodb)
+        .no_queue()
+        .start()
+        .await;
+    let store = env.store();
+    store
+        .claim_batch(
+            "s",
+            "a#1",
+            &claim_terms(Duration::from_secs(60)),
+            &[claim_request("big"), claim_request("small")],
+        )
+        .await
+        .unwrap();
+    let events = [
+        Completion {
+            last_step: Some(NewStep {
+                index: 0,
+                name: "huge".into(),
+                output: json!("x".repeat(450 * 1024)),
+            }),
+            ..Completion::new("big", "a#1")
+        },
+        Completion::new("small", "a#1"),
+    ];
+    let written = store.complete_events("s", &events).await.unwrap();
+    assert!(
+        matches!(&written[0], Written::TooLarge(detail) if detail.contains("400 KB")),
+        "{written:?}"
+    );
+    assert_eq!(written[1], Written::Done);
+    let big = env.checkpoint("s", "big").await;
+    assert_eq!(big.status, "in_progress");
+    assert!(big.steps.as_array().unwrap().is_empty());
+    assert_eq!(env.checkpoint("s", "small").await.status, "complete");
+}
+
 /// Puts `ROW#{key}` (only if absent) in the step's `TransactWriteItems`, and fails its first
 /// attempt after adding it.
 struct PutRow {

@@ -52,8 +52,9 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub(crate) use types::passes_by_key;
 pub use types::{
-    Checkpoint, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, DeadLetter, Lease, NewDeadLetter,
-    RecordedStep, RedriveCounts, StoreError, parse_steps, storable_text,
+    Checkpoint, Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Completion, DeadLetter, Lease,
+    NewDeadLetter, NewStep, RecordedStep, RedriveCounts, StepRecord, StoreError, Written,
+    parse_steps, storable_text,
 };
 
 /// The whole contract: everything a worker, the Lambda adapter and the operator commands
@@ -183,14 +184,37 @@ pub trait Claims: Send + Sync {
         requests: &[ClaimRequest],
     ) -> Result<HashMap<String, ClaimOutcome>, StoreError>;
 
-    /// Mark events complete and end their leases. Each entry is `(key, lease token)`,
-    /// fenced by that token. Returns the entries that are complete under their token (a
-    /// retry recognises its own commit); one missing had its lease taken by another claim.
+    /// Mark events complete and end their leases, each fenced by its lease token; an event's
+    /// last step, when given, is appended (at its index) by the same write, so the step and
+    /// the completion are durable together or not at all. One answer per event, in order:
+    /// [`Written::Done`] when it is complete under its token (a retry recognises its own
+    /// commit), [`Written::NotHeld`] when another claim took its lease (or the step is not
+    /// next), [`Written::TooLarge`] when its last step can never be stored.
+    async fn complete_events(
+        &self,
+        scope: &str,
+        events: &[Completion],
+    ) -> Result<Vec<Written>, StoreError>;
+
+    /// [`Claims::complete_events`] without steps: each entry is `(key, lease token)`.
+    /// Returns the entries that are complete under their token.
     async fn complete_batch(
         &self,
         scope: &str,
         entries: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, StoreError>;
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let events: Vec<Completion> = entries
+            .iter()
+            .map(|(key, token)| Completion::new(key, token))
+            .collect();
+        let written = self.complete_events(scope, &events).await?;
+        Ok(entries
+            .iter()
+            .zip(written)
+            .filter(|(_, written)| *written == Written::Done)
+            .map(|(entry, _)| entry.clone())
+            .collect())
+    }
 
     /// Give the lease back after a retryable failure, with `error` as the event's last
     /// error, so the next delivery can claim at once. False when the lease was not ours.
@@ -231,16 +255,44 @@ pub trait Claims: Send + Sync {
 /// Steps: a handler's completed steps, recorded before the next one starts.
 #[async_trait]
 pub trait Steps: Send + Sync {
+    /// Append the steps of several events of `scope` in one round trip where the store
+    /// allows it (SQL: one statement; DynamoDB: parallel conditional writes): each only if
+    /// its token still holds the event's lease and exactly `index` steps are recorded. One
+    /// answer per record, in order ([`Written::NotHeld`]: the lease was lost, or the step is
+    /// already there).
+    async fn record_steps(
+        &self,
+        scope: &str,
+        records: &[StepRecord],
+    ) -> Result<Vec<Written>, StoreError>;
+
     /// Append step number `index` (0-based) named `name` with its `output`, only if the
     /// lease is still ours and exactly `index` steps are recorded. False otherwise (the
-    /// lease was lost, or the step is already there).
+    /// lease was lost, or the step is already there); [`StoreError::TooLarge`] when it can
+    /// never be stored.
     async fn record_step(
         &self,
         lease: &Lease,
         index: usize,
         name: &str,
         output: &Value,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        let record = StepRecord {
+            key: lease.key.clone(),
+            token: lease.token.clone(),
+            step: NewStep {
+                index,
+                name: name.to_owned(),
+                output: output.clone(),
+            },
+        };
+        let written = self.record_steps(&lease.scope, &[record]).await?;
+        match written.into_iter().next() {
+            Some(Written::Done) => Ok(true),
+            Some(Written::TooLarge(detail)) => Err(StoreError::TooLarge(detail)),
+            Some(Written::NotHeld) | None => Ok(false),
+        }
+    }
 }
 
 /// Dead letters (messages that ended for good), failures without a key, and the audit of

@@ -191,6 +191,77 @@ pub struct RecordedStep {
     pub output: Value,
 }
 
+/// A step's record before it is stored: its place in the event's steps, its name and its
+/// output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewStep {
+    /// The step's index: how many steps are recorded before it.
+    pub index: usize,
+    /// The step's name.
+    pub name: String,
+    /// Its output, as JSON.
+    pub output: Value,
+}
+
+/// A step to record for the claim `token` holds on `key` (see [`crate::store::Steps::record_steps`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// The event's idempotency key.
+    pub key: String,
+    /// The lease token the record is fenced by.
+    pub token: String,
+    /// The step.
+    pub step: NewStep,
+}
+
+/// An event to mark complete (see [`crate::store::Claims::complete_events`]): fenced by its
+/// lease token, with the record of its last step when that travels with the completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The event's idempotency key.
+    pub key: String,
+    /// The lease token the completion is fenced by.
+    pub token: String,
+    /// The handler's last step, recorded by the same write that completes the event (the
+    /// handler returned right after it, so nothing could start in between).
+    pub last_step: Option<NewStep>,
+}
+
+impl Completion {
+    /// Complete `key` under `token`, with no step to record.
+    pub fn new(key: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            token: token.into(),
+            last_step: None,
+        }
+    }
+}
+
+/// What became of one fenced write of a batch (a step's record, a completion).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Written (a completion: or found complete under the same token, as a retry of its
+    /// own statement finds it).
+    Done,
+    /// Not written: the lease is not the token's any more, or the step is not next.
+    NotHeld,
+    /// Not written, and it never can be: the record passes the store's item limit
+    /// (DynamoDB's 400 KB). The text says by how much.
+    TooLarge(String),
+}
+
+impl Written {
+    /// The answer of a store without an item limit (PostgreSQL, SQLite): written or not held.
+    pub(crate) fn done_if(done: bool) -> Self {
+        if done {
+            Written::Done
+        } else {
+            Written::NotHeld
+        }
+    }
+}
+
 /// Read the `steps` column; entries without a name become unnamed steps, which then fail the
 /// plan check instead of being skipped silently.
 pub fn parse_steps(steps: &Value) -> Vec<RecordedStep> {

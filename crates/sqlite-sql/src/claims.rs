@@ -130,10 +130,15 @@ pub struct CompletedRow {
     pub lease_owner: String,
 }
 
-/// Complete the events of `entries` (a JSON array of `[key, token]` pairs) whose lease the
-/// token holds; a row already complete under the same token comes back too (a retry), so
-/// rows are rewritten as they are when already complete.
-pub async fn complete_batch<'e>(
+/// Complete the events of `entries` — a JSON array of `[key, token, step]`, where `step` is
+/// `null` or `{"index", "name", "output"}` (the event's last step, appended by the same
+/// write) — whose lease the token holds and, with a step, whose next step it is. A row
+/// already complete under the same token comes back too (a retry), rewritten as it is.
+///
+/// The rows are found through `(key, token) in (…)`, which SQLite answers from the primary
+/// key; each row's step is then looked up among the entries. (`update … from json_each`
+/// made the planner scan every row of the scope once per entry.)
+pub async fn complete_events<'e>(
     executor: impl SqliteExecutor<'e>,
     scope: &str,
     entries: &str,
@@ -142,13 +147,33 @@ pub async fn complete_batch<'e>(
     sqlx::query_as!(
         CompletedRow,
         r#"
+        with entry as (
+            select value ->> 0 as key, value -> 2 as step from json_each(?2)
+        )
         update checkpoints
-        set completed_at = iif(status = 'complete', completed_at, ?3),
+        set steps = iif(status = 'in_progress',
+                        coalesce((select json_insert(steps, '$[#]', json_object(
+                                      'name', step ->> 'name',
+                                      'output', json(step -> 'output'),
+                                      'completed_at',
+                                      strftime('%Y-%m-%dT%H:%M:%fZ', ?3 / 1000.0, 'unixepoch')))
+                                  from entry
+                                  where entry.key = checkpoints.idempotency_key
+                                    and step ->> 'index' is not null),
+                                 steps),
+                        steps),
+            completed_at = iif(status = 'complete', completed_at, ?3),
             updated_at = iif(status = 'complete', updated_at, ?3),
             status = 'complete', lease_expires_at = null, run_deadline_at = null
         where scope = ?1 and status in ('in_progress', 'complete')
           and (idempotency_key, lease_owner) in
               (select value ->> 0, value ->> 1 from json_each(?2))
+          and (status = 'complete'
+               or coalesce((select json_array_length(checkpoints.steps) = step ->> 'index'
+                            from entry
+                            where entry.key = checkpoints.idempotency_key
+                              and step ->> 'index' is not null),
+                           true))
         returning idempotency_key as "key!: String", lease_owner as "lease_owner!: String"
         "#,
         scope,

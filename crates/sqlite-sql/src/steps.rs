@@ -43,6 +43,41 @@ pub async fn record_step<'e>(executor: impl SqliteExecutor<'e>, s: NewStep<'_>) 
     Ok(done.rows_affected())
 }
 
+/// Append the steps of `records` — a JSON array of `[key, token, index, name, output]` —
+/// each where its token holds the event's lease and exactly `index` steps are recorded, in
+/// one statement. Returns the keys whose step was appended. The rows are found through
+/// `(key, token, steps recorded) in (…)`, from the primary key (see `complete_events`);
+/// the unary `+` keeps the planner off the status index, whose in-progress rows it would
+/// otherwise read one by one.
+pub async fn record_steps<'e>(
+    executor: impl SqliteExecutor<'e>,
+    scope: &str,
+    records: &str,
+    now: i64,
+) -> Result<Vec<String>> {
+    sqlx::query_scalar!(
+        r#"
+        update checkpoints
+        set steps = json_insert(steps, '$[#]', (
+                select json_object(
+                    'name', r.value ->> 3, 'output', json(r.value -> 4),
+                    'completed_at', strftime('%Y-%m-%dT%H:%M:%fZ', ?3 / 1000.0, 'unixepoch'))
+                from json_each(?2) as r
+                where r.value ->> 0 = checkpoints.idempotency_key)),
+            updated_at = ?3
+        where scope = ?1 and +status = 'in_progress'
+          and (idempotency_key, lease_owner, json_array_length(steps)) in
+              (select value ->> 0, value ->> 1, value ->> 2 from json_each(?2))
+        returning idempotency_key as "key!: String"
+        "#,
+        scope,
+        records,
+        now,
+    )
+    .fetch_all(executor)
+    .await
+}
+
 /// Whether `token` holds the lease and step `index` is next (inside a step transaction,
 /// which already holds SQLite's write lock).
 pub async fn step_is_next<'e>(

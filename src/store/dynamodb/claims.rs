@@ -13,7 +13,8 @@ use super::item::{Item, Values, checkpoint_pk, get_n, get_s, n, s, steps_json};
 use super::{DynamoStore, SKEW_MARGIN, dynamo, millis};
 use crate::message::Pass;
 use crate::store::{
-    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, storable_text,
+    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Completion, Lease, StoreError, Written,
+    storable_text,
 };
 
 /// A pass as one number that orders like `(requeue_generation, redrive_count)`: DynamoDB
@@ -282,6 +283,54 @@ impl DynamoStore {
 
     /// An `UpdateItem` on a held lease: `update` if `lease` holds the event in progress
     /// (and `extra_condition`). False when the lease was not ours.
+    /// Complete one event under its token (see [`Claims::complete_events`]). With a last
+    /// step, the write appends it too, conditional on the step being next; if that condition
+    /// fails, the item is read to tell a retry of this very write (complete under the same
+    /// token) from a lost lease.
+    async fn complete_one(&self, scope: &str, event: &Completion) -> Result<Written, StoreError> {
+        let now = self.now();
+        let expires = (now + millis(self.retention)) / 1000;
+        let completion = Values::default()
+            .set("complete", s("complete"))
+            .set("expires", n(expires));
+        const COMPLETE: &str = ", #status = :complete, completed_at = if_not_exists(completed_at, \
+            :now), expires_at = :expires REMOVE lease_expires_at, run_deadline_at";
+        let Some(step) = &event.last_step else {
+            let completed = self
+                .update_if(
+                    scope,
+                    &event.key,
+                    &format!("SET updated_at = :now{COMPLETE}"),
+                    "lease_owner = :token AND #status IN (:in_progress, :complete)",
+                    completion
+                        .name("status")
+                        .set("in_progress", s("in_progress"))
+                        .set("token", s(&event.token))
+                        .set("now", n(now)),
+                )
+                .await?;
+            return Ok(Written::done_if(completed));
+        };
+        let written = self
+            .append_step(
+                scope,
+                &event.key,
+                &event.token,
+                step,
+                Some((COMPLETE, completion)),
+            )
+            .await?;
+        if written != Written::NotHeld {
+            return Ok(written);
+        }
+        let item = self.get(scope, &event.key).await?;
+        let complete_here = item.as_ref().is_some_and(|item| {
+            get_s(item, "status").as_deref() == Some("complete")
+                && get_s(item, "lease_owner").as_deref() == Some(event.token.as_str())
+        });
+        Ok(Written::done_if(complete_here))
+    }
+
     pub(super) async fn update_held(
         &self,
         lease: &Lease,
@@ -363,38 +412,17 @@ impl Claims for DynamoStore {
 
     /// A completed item keeps its token as lease owner (a retry recognises its own
     /// completion) and gets its TTL.
-    async fn complete_batch(
+    /// One conditional `UpdateItem` per event, all at once; an event's last step is
+    /// appended by its completion's own write.
+    async fn complete_events(
         &self,
         scope: &str,
-        entries: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let now = self.now();
-        let expires = (now + millis(self.retention)) / 1000;
-        let results = join_all(entries.iter().map(|(key, token)| {
-            let values = Values::default()
-                .name("status")
-                .set("complete", s("complete"))
-                .set("in_progress", s("in_progress"))
-                .set("token", s(token))
-                .set("now", n(now))
-                .set("expires", n(expires));
-            self.update_if(
-                scope,
-                key,
-                "SET #status = :complete, completed_at = if_not_exists(completed_at, :now), \
-                 updated_at = :now, expires_at = :expires REMOVE lease_expires_at, run_deadline_at",
-                "lease_owner = :token AND #status IN (:in_progress, :complete)",
-                values,
-            )
-        }))
-        .await;
-        let mut done = Vec::new();
-        for (entry, result) in entries.iter().zip(results) {
-            if result? {
-                done.push(entry.clone());
-            }
-        }
-        Ok(done)
+        events: &[Completion],
+    ) -> Result<Vec<Written>, StoreError> {
+        join_all(events.iter().map(|e| self.complete_one(scope, e)))
+            .await
+            .into_iter()
+            .collect()
     }
 
     async fn release(&self, lease: &Lease, error: &str) -> Result<bool, StoreError> {

@@ -5,11 +5,12 @@
 use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
+use futures_util::future::join_all;
 use serde_json::Value;
 
 use super::item::{Values, checkpoint_pk, n, s, step_value};
 use super::{DynamoStore, rfc3339};
-use crate::store::{Lease, Steps, StoreError};
+use crate::store::{Lease, NewStep, StepRecord, Steps, StoreError, Written};
 
 /// What DynamoDB says when an item would pass its 400 KB limit ("Item size has exceeded…"
 /// for a put, "Item size to update has exceeded…" for an update).
@@ -17,52 +18,76 @@ const ITEM_TOO_LARGE: &str = "exceeded the maximum allowed size";
 
 #[async_trait]
 impl Steps for DynamoStore {
-    async fn record_step(
+    /// One conditional `UpdateItem` per record, all at once: DynamoDB has no batch form of
+    /// a conditional update (a transaction would fail every record for one lost lease).
+    async fn record_steps(
         &self,
-        lease: &Lease,
-        index: usize,
-        name: &str,
-        output: &Value,
-    ) -> Result<bool, StoreError> {
+        scope: &str,
+        records: &[StepRecord],
+    ) -> Result<Vec<Written>, StoreError> {
+        join_all(
+            records
+                .iter()
+                .map(|r| self.append_step(scope, &r.key, &r.token, &r.step, None)),
+        )
+        .await
+        .into_iter()
+        .collect()
+    }
+}
+
+impl DynamoStore {
+    /// Append `step` to the checkpoint of `key` if `token` holds its lease and the step is
+    /// next — and, with `completion`, complete the event by the same write (the extra `SET`
+    /// clauses and values). [`Written::TooLarge`] when the step would pass the item limit.
+    pub(super) async fn append_step(
+        &self,
+        scope: &str,
+        key: &str,
+        token: &str,
+        step: &NewStep,
+        completion: Option<(&str, Values)>,
+    ) -> Result<Written, StoreError> {
         let now = self.now();
-        let values = Values::default()
+        let (also_set, values) = completion.unwrap_or(("", Values::default()));
+        let values = values
             .name("status")
             .name("steps")
-            .set(
-                "token",
-                aws_sdk_dynamodb::types::AttributeValue::S(lease.token.clone()),
-            )
-            .set("in_progress", super::item::s("in_progress"))
-            .set("index", super::item::n(index as i64))
+            .set("token", s(token))
+            .set("in_progress", s("in_progress"))
+            .set("index", n(step.index as i64))
             .set(
                 "step",
-                aws_sdk_dynamodb::types::AttributeValue::L(vec![step_value(
-                    name,
-                    output,
-                    &rfc3339(now),
-                )]),
+                AttributeValue::L(vec![step_value(&step.name, &step.output, &rfc3339(now))]),
             )
-            .set("now", super::item::n(now));
+            .set("now", n(now));
         let recorded = self
             .update_if(
-                &lease.scope,
-                &lease.key,
-                "SET #steps = list_append(#steps, :step), updated_at = :now",
+                scope,
+                key,
+                &format!("SET #steps = list_append(#steps, :step), updated_at = :now{also_set}"),
                 "lease_owner = :token AND #status = :in_progress AND size(#steps) = :index",
                 values,
             )
             .await;
         match recorded {
+            Ok(true) => Ok(Written::Done),
+            Ok(false) => Ok(Written::NotHeld),
             Err(StoreError::Dynamo(message)) if message.contains(ITEM_TOO_LARGE) => {
-                Err(StoreError::TooLarge(format!(
-                    "step {name:?}'s output ({} bytes as JSON) would push the event's item \
-                     past DynamoDB's 400 KB limit",
-                    output.to_string().len()
-                )))
+                Ok(Written::TooLarge(too_large(&step.name, &step.output)))
             }
-            other => other,
+            Err(other) => Err(other),
         }
     }
+}
+
+/// Why a step's output cannot be stored, with its size.
+fn too_large(name: &str, output: &Value) -> String {
+    format!(
+        "step {name:?}'s output ({} bytes as JSON) would push the event's item past \
+         DynamoDB's 400 KB limit",
+        output.to_string().len()
+    )
 }
 
 /// What a step's `TransactWriteItems` came to.
@@ -145,11 +170,7 @@ impl DynamoStore {
                 let message = super::dynamo(error);
                 return match message {
                     StoreError::Dynamo(m) if m.contains(ITEM_TOO_LARGE) => {
-                        Err(StoreError::TooLarge(format!(
-                            "step {name:?}'s output ({} bytes as JSON) would push the event's \
-                             item past DynamoDB's 400 KB limit",
-                            output.to_string().len()
-                        )))
+                        Err(StoreError::TooLarge(too_large(name, output)))
                     }
                     other => Err(other),
                 };

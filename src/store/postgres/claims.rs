@@ -1,16 +1,17 @@
 //! Claims and leases in PostgreSQL: the batch claim, completion, release, renewals, the
 //! start of a waiting event's run, and marking a claimed event failed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use super::PostgresStore;
+use super::steps::StepColumns;
 use crate::store::{
-    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, passes_by_key,
-    storable_text,
+    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Completion, Lease, StoreError, Written,
+    passes_by_key, storable_text,
 };
 
 /// A remaining time as the database computed it: never negative, below SQS's 12-hour limit.
@@ -236,50 +237,85 @@ impl Claims for PostgresStore {
 
     /// The completing token stays recorded as the lease owner, so a retry of this statement
     /// after a lost reply recognises its own commit; rows are locked in key order, as claims
-    /// lock them, so the two cannot deadlock.
-    async fn complete_batch(
+    /// lock them, so the two cannot deadlock. The rows are found by primary key (`scope` and
+    /// `idempotency_key = any(…)`) and only then matched to their tokens and steps: joined
+    /// to the `unnest` directly, with `status` in the same condition, the planner read every
+    /// row of the scope (and, through the status index, every completed row of the table) per
+    /// statement — 13 ms on a table of 5,000 rows, and the cost of a large table. Events
+    /// with a last step and those without are two updates of the statement, so `steps` is
+    /// written only where a step is appended.
+    async fn complete_events(
         &self,
         scope: &str,
-        entries: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        if entries.is_empty() {
+        events: &[Completion],
+    ) -> Result<Vec<Written>, StoreError> {
+        if events.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
-        let owners: Vec<String> = entries.iter().map(|(_, o)| o.clone()).collect();
+        let columns = StepColumns::of_completions(events);
         let rows = sqlx::query!(
             r#"
             with locked as (
-                select c.idempotency_key, c.status, done.lease_owner
+                select c.idempotency_key, c.status, c.lease_owner,
+                       jsonb_array_length(c.steps) as recorded
                 from checkpoints c
-                join unnest($2::text[], $3::text[]) as done(idempotency_key, lease_owner)
-                  on c.idempotency_key = done.idempotency_key
-                 and c.lease_owner = done.lease_owner
-                where c.scope = $1 and c.status in ('in_progress', 'complete')
+                where c.scope = $1 and c.idempotency_key = any($2::text[])
+                  and c.lease_owner = any($3::text[])
                 order by c.idempotency_key
-                for update of c
+                for update
+            ),
+            ours as (
+                select locked.idempotency_key, locked.status, locked.lease_owner,
+                       done.step_index, done.step_name, done.step_output
+                from locked
+                join unnest($2::text[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                     as done(idempotency_key, lease_owner, step_index, step_name, step_output)
+                  on locked.idempotency_key = done.idempotency_key
+                 and locked.lease_owner = done.lease_owner
+                where locked.status = 'complete'
+                   or (locked.status = 'in_progress'
+                       and (done.step_index < 0 or locked.recorded = done.step_index))
             ),
             completed as (
                 update checkpoints as c
                 set status = 'complete', lease_expires_at = null, run_deadline_at = null,
                     completed_at = now(), updated_at = now()
-                from locked
-                where c.scope = $1 and c.idempotency_key = locked.idempotency_key
-                  and locked.status = 'in_progress'
+                from ours
+                where c.scope = $1 and c.idempotency_key = ours.idempotency_key
+                  and ours.status = 'in_progress' and ours.step_index < 0
+                returning c.idempotency_key
+            ),
+            completed_with_step as (
+                update checkpoints as c
+                set status = 'complete', lease_expires_at = null, run_deadline_at = null,
+                    completed_at = now(), updated_at = now(),
+                    steps = c.steps || jsonb_build_array(jsonb_build_object(
+                        'name', ours.step_name, 'output', ours.step_output::jsonb,
+                        'completed_at', now()))
+                from ours
+                where c.scope = $1 and c.idempotency_key = ours.idempotency_key
+                  and ours.status = 'in_progress' and ours.step_index >= 0
                 returning c.idempotency_key
             )
             select idempotency_key as "idempotency_key!", lease_owner as "lease_owner!"
-            from locked
+            from ours
             "#,
             scope,
-            &keys,
-            &owners,
+            &columns.keys,
+            &columns.tokens,
+            &columns.indexes,
+            &columns.names,
+            &columns.outputs,
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
+        let done: HashSet<(String, String)> = rows
             .into_iter()
             .map(|row| (row.idempotency_key, row.lease_owner))
+            .collect();
+        Ok(events
+            .iter()
+            .map(|e| Written::done_if(done.contains(&(e.key.clone(), e.token.clone()))))
             .collect())
     }
 

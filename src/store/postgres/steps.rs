@@ -1,24 +1,129 @@
 //! Steps in PostgreSQL: appending a step at its index, and the step transaction that
 //! lets a handler's writes commit together with the step's record ([`crate::Job::step_tx`]).
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::PostgresStore;
-use crate::store::{Lease, Steps, StoreError};
+use crate::store::{Completion, Lease, NewStep, StepRecord, Steps, StoreError, Written};
+
+/// The steps of a statement, one array per column (`unnest` makes rows of them). An event
+/// completing without a step has index -1 and empty texts: a bound array cannot be checked
+/// for nulls by the query macros.
+pub(super) struct StepColumns {
+    pub(super) keys: Vec<String>,
+    pub(super) tokens: Vec<String>,
+    pub(super) indexes: Vec<i32>,
+    pub(super) names: Vec<String>,
+    /// JSON text, cast to `jsonb` in the statement.
+    pub(super) outputs: Vec<String>,
+}
+
+impl StepColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            keys: Vec::with_capacity(n),
+            tokens: Vec::with_capacity(n),
+            indexes: Vec::with_capacity(n),
+            names: Vec::with_capacity(n),
+            outputs: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, key: &str, token: &str, step: Option<&NewStep>) {
+        self.keys.push(key.to_owned());
+        self.tokens.push(token.to_owned());
+        match step {
+            Some(step) => {
+                self.indexes.push(step.index.min(i32::MAX as usize) as i32);
+                self.names.push(step.name.clone());
+                self.outputs.push(step.output.to_string());
+            }
+            None => {
+                self.indexes.push(-1);
+                self.names.push(String::new());
+                self.outputs.push(String::new());
+            }
+        }
+    }
+
+    pub(super) fn of_records(records: &[StepRecord]) -> Self {
+        let mut columns = Self::with_capacity(records.len());
+        for r in records {
+            columns.push(&r.key, &r.token, Some(&r.step));
+        }
+        columns
+    }
+
+    pub(super) fn of_completions(events: &[Completion]) -> Self {
+        let mut columns = Self::with_capacity(events.len());
+        for e in events {
+            columns.push(&e.key, &e.token, e.last_step.as_ref());
+        }
+        columns
+    }
+}
 
 #[async_trait]
 impl Steps for PostgresStore {
-    async fn record_step(
+    /// One statement for every record: rows found by primary key and locked in key order
+    /// (as claims and completions lock them), each appended only under its token and at its
+    /// index.
+    async fn record_steps(
         &self,
-        lease: &Lease,
-        index: usize,
-        name: &str,
-        output: &Value,
-    ) -> Result<bool, StoreError> {
-        let mut connection = self.pool.acquire().await?;
-        Self::record_step_in(&mut connection, lease, index, name, output).await
+        scope: &str,
+        records: &[StepRecord],
+    ) -> Result<Vec<Written>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let columns = StepColumns::of_records(records);
+        let recorded = sqlx::query_scalar!(
+            r#"
+            with locked as (
+                select c.idempotency_key, c.status, c.lease_owner,
+                       jsonb_array_length(c.steps) as recorded
+                from checkpoints c
+                where c.scope = $1 and c.idempotency_key = any($2::text[])
+                  and c.lease_owner = any($3::text[])
+                order by c.idempotency_key
+                for update
+            ),
+            ours as (
+                select locked.idempotency_key, r.name, r.output
+                from locked
+                join unnest($2::text[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                     as r(idempotency_key, lease_owner, step_index, name, output)
+                  on locked.idempotency_key = r.idempotency_key
+                 and locked.lease_owner = r.lease_owner
+                 and locked.recorded = r.step_index
+                where locked.status = 'in_progress'
+            )
+            update checkpoints as c
+            set steps = c.steps || jsonb_build_array(jsonb_build_object(
+                    'name', ours.name, 'output', ours.output::jsonb, 'completed_at', now())),
+                updated_at = now()
+            from ours
+            where c.scope = $1 and c.idempotency_key = ours.idempotency_key
+            returning c.idempotency_key as "idempotency_key!"
+            "#,
+            scope,
+            &columns.keys,
+            &columns.tokens,
+            &columns.indexes,
+            &columns.names,
+            &columns.outputs,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let recorded: HashSet<String> = recorded.into_iter().collect();
+        Ok(records
+            .iter()
+            .map(|r| Written::done_if(recorded.contains(&r.key)))
+            .collect())
     }
 }
 

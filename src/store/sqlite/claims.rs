@@ -1,7 +1,7 @@
 //! Claims and leases in SQLite: the batch claim, completion, release, renewals, the start of
 //! a waiting event's run, and marking a claimed event failed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,8 +10,8 @@ use sqs_worker_sqlite_sql::claims::{self as sql, ClaimParams, ClaimedRow};
 
 use super::{SqliteStore, millis, now_ms};
 use crate::store::{
-    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Lease, StoreError, passes_by_key,
-    storable_text,
+    Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Claims, Completion, Lease, StoreError, Written,
+    passes_by_key, storable_text,
 };
 
 /// The deliveries of a batch as the claim statement reads them: a JSON array with, for each
@@ -105,17 +105,31 @@ impl Claims for SqliteStore {
             .collect())
     }
 
-    async fn complete_batch(
+    async fn complete_events(
         &self,
         scope: &str,
-        entries: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        if entries.is_empty() {
+        events: &[Completion],
+    ) -> Result<Vec<Written>, StoreError> {
+        if events.is_empty() {
             return Ok(Vec::new());
         }
-        let pairs = serde_json::to_string(entries).expect("pairs of strings serialize");
-        let rows = sql::complete_batch(&self.pool, scope, &pairs, now_ms()).await?;
-        Ok(rows.into_iter().map(|r| (r.key, r.lease_owner)).collect())
+        let entries: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                let step = e.last_step.as_ref().map(
+                    |step| json!({"index": step.index, "name": step.name, "output": step.output}),
+                );
+                json!([e.key, e.token, step])
+            })
+            .collect();
+        let entries = Value::Array(entries).to_string();
+        let rows = sql::complete_events(&self.pool, scope, &entries, now_ms()).await?;
+        let done: HashSet<(String, String)> =
+            rows.into_iter().map(|r| (r.key, r.lease_owner)).collect();
+        Ok(events
+            .iter()
+            .map(|e| Written::done_if(done.contains(&(e.key.clone(), e.token.clone()))))
+            .collect())
     }
 
     async fn release(&self, lease: &Lease, error: &str) -> Result<bool, StoreError> {

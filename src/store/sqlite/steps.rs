@@ -1,25 +1,41 @@
 //! Steps in SQLite: appending a step at its index, and the step transaction that lets a
 //! handler's writes commit together with the step's record ([`crate::Job::step_tx_sqlite`]).
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use sqs_worker_sqlite_sql::steps::{self as sql, NewStep};
 
 use super::{SqliteStore, now_ms};
-use crate::store::{Lease, Steps, StoreError};
+use crate::store::{Lease, StepRecord, Steps, StoreError, Written};
 
 #[async_trait]
 impl Steps for SqliteStore {
-    async fn record_step(
+    /// One statement for every record (SQLite runs one writer at a time: one write instead
+    /// of one per step is what group commit buys here).
+    async fn record_steps(
         &self,
-        lease: &Lease,
-        index: usize,
-        name: &str,
-        output: &Value,
-    ) -> Result<bool, StoreError> {
-        let mut connection = self.pool.acquire().await?;
-        Self::record_step_in(&mut connection, lease, index, name, output).await
+        scope: &str,
+        records: &[StepRecord],
+    ) -> Result<Vec<Written>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Value> = records
+            .iter()
+            .map(|r| json!([r.key, r.token, r.step.index, r.step.name, r.step.output]))
+            .collect();
+        let rows = Value::Array(rows).to_string();
+        let recorded: HashSet<String> = sql::record_steps(&self.pool, scope, &rows, now_ms())
+            .await?
+            .into_iter()
+            .collect();
+        Ok(records
+            .iter()
+            .map(|r| Written::done_if(recorded.contains(&r.key)))
+            .collect())
     }
 }
 

@@ -165,6 +165,7 @@ impl LambdaWorker {
                 received_at: Instant::now(),
                 lease_cap: Some(finish_by),
                 tokens: tokens.clone(),
+                rechecks: 0,
             };
             // Claim retries and visibility changes must not outlast the invocation either:
             // what is not started by then is reported failed and redelivered.

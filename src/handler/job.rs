@@ -1,19 +1,27 @@
 //! [`Job`]: one event as the handler sees it — its key, payload, attempt and pass.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{CheckpointStore, Lease, RecordedStep, StoreKind};
+use crate::store::{CheckpointStore, Lease, NewStep, RecordedStep, StoreKind};
+
+use super::recorder::StepRecorder;
+
+/// The record of a job's latest step while it waits to be written: before the next step
+/// starts, or with the event's completion. Shared with the worker, which writes it when the
+/// handler ends (with the completion, or on its own after a failure or a stop).
+pub(crate) type PendingStep = Arc<Mutex<Option<NewStep>>>;
 
 /// One event to handle, and the record of its completed steps.
 #[derive(Debug, Clone)]
 pub struct Job {
     pub(crate) lease: Lease,
     pub(crate) message_id: String,
-    pub(crate) body: String,
+    /// The unwrapped event, when an envelope held it; `None`: the body is the event.
+    pub(crate) body: Option<String>,
     pub(crate) raw_body: String,
     pub(crate) json: Option<Value>,
     pub(crate) attributes: HashMap<String, String>,
@@ -21,6 +29,10 @@ pub struct Job {
     pub(crate) redrive_count: u32,
     pub(crate) final_pass: bool,
     pub(crate) store: Arc<dyn CheckpointStore>,
+    /// Writes step records, a group of events' at a time.
+    pub(crate) recorder: StepRecorder,
+    /// The latest step's record, not written yet.
+    pub(crate) pending: PendingStep,
     /// The store kind whose transactions the handler declared it uses, checked against the
     /// store at start ([`crate::Handler::step_transactions`]).
     pub(crate) transactions: Option<StoreKind>,
@@ -52,7 +64,7 @@ impl Job {
     /// The event as text: the message body, unwrapped from its SNS or EventBridge envelope
     /// when `--envelope` says so.
     pub fn body(&self) -> &str {
-        &self.body
+        self.body.as_deref().unwrap_or(&self.raw_body)
     }
 
     /// The SQS message body exactly as received, envelope included.

@@ -13,6 +13,7 @@
 
 mod error;
 mod job;
+mod recorder;
 mod steps;
 mod transactions;
 
@@ -22,6 +23,7 @@ use crate::store::{CheckpointStore, StoreKind};
 
 pub use error::*;
 pub use job::*;
+pub(crate) use recorder::StepRecorder;
 pub use steps::*;
 pub use transactions::DynamoTransaction;
 

@@ -5,13 +5,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::store::RecordedStep;
+use crate::store::{NewStep, RecordedStep, StepRecord, Written};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::{HandlerError, plan_mismatch};
 use super::job::Job;
+use super::recorder::RecordError;
 
 /// How long [`Job::step_effect`] waits before each further attempt to record a step after a
 /// database error. Short on purpose: the whole wait runs inside the handler timeout, and a
@@ -26,14 +27,20 @@ pub(super) const EFFECT_RECORD_RETRY_DELAYS: [Duration; 3] = [
 impl Job {
     /// Run a named step once per event.
     ///
-    /// The first time, `run` is called and its output is stored in the checkpoint before this
-    /// returns. On a later attempt (a retry, or another worker taking over), the stored output
-    /// is returned and `run` is not called. Steps must be called in the same order on every
-    /// attempt: a different order is a permanent `plan_mismatch`.
+    /// The first time, `run` is called and its output is recorded in the checkpoint before
+    /// the next step starts: the record is written when the next step is called (before its
+    /// closure runs), or, for the handler's last step, together with the event's completion
+    /// (one write for both). Records of many events running at once share one statement
+    /// (group commit). On a later attempt (a retry, or another worker taking over), the
+    /// stored output is returned and `run` is not called. Steps must be called in the same
+    /// order on every attempt: a different order is a permanent `plan_mismatch`.
     ///
     /// `run` itself may still execute twice if the process dies after it and before the
     /// record is written; make its effect idempotent (for example with [`Job::key`] as an
     /// idempotency key downstream), or use [`Job::step_tx`] for writes to this database.
+    /// A record that cannot be written fails the *next* step (or the completion) instead of
+    /// this one: `LeaseLost` when another worker took the event, retryable after a database
+    /// error.
     ///
     /// An output PostgreSQL cannot store — a string or field name holding the NUL character
     /// — fails the step with the permanent reason [`UNSTORABLE_STEP_OUTPUT`] (the same code
@@ -50,14 +57,10 @@ impl Job {
         if self.unrecorded_effect.is_some() {
             return self.run_unrecorded(name, run).await;
         }
+        self.write_pending_step().await?;
         let output = run().await?;
         let value = step_output_json(name, &output)?;
-        let recorded = self
-            .store
-            .record_step(&self.lease, self.next_step, name, &value)
-            .await
-            .map_err(|e| record_failed(name, e))?;
-        self.after_record(recorded, name, value)?;
+        self.defer_record(name, value);
         Ok(output)
     }
 
@@ -97,6 +100,7 @@ impl Job {
         if self.unrecorded_effect.is_some() {
             return self.run_unrecorded(name, run).await;
         }
+        self.write_pending_step().await?;
         let output = run().await?;
         // From here on the effect has happened: no error may make the worker retry it.
         let value = match step_output_json(name, &output) {
@@ -111,22 +115,23 @@ impl Job {
         let mut retry_delays = EFFECT_RECORD_RETRY_DELAYS.iter();
         let mut had_error = false;
         loop {
-            match self
-                .store
-                .record_step(&self.lease, index, name, &value)
-                .await
-            {
-                Ok(true) => {
+            match self.write_record(index, name, &value).await {
+                Ok(Written::Done) => {
                     self.after_record(true, name, value)?;
                     return Ok(output);
                 }
                 // After an error the earlier write may have committed (the connection broke
                 // after the commit): then the step is ours and already there.
-                Ok(false) if had_error && self.step_is_recorded(index, name).await => {
+                Ok(Written::NotHeld) if had_error && self.step_is_recorded(index, name).await => {
                     self.after_record(true, name, value)?;
                     return Ok(output);
                 }
-                Ok(false) => return Err(self.lose_lease(name)),
+                Ok(Written::NotHeld) => return Err(self.lose_lease(name)),
+                Ok(Written::TooLarge(detail)) => {
+                    tracing::error!(step = name, %detail, "the effect happened but its output cannot be recorded; completing the event without the record");
+                    self.unrecorded_effect = Some(name.to_owned());
+                    return Ok(output);
+                }
                 Err(error) => {
                     had_error = true;
                     let Some(delay) = retry_delays.next() else {
@@ -143,6 +148,70 @@ impl Job {
                     tokio::time::sleep(*delay).await;
                 }
             }
+        }
+    }
+
+    /// Write one step's record now (with whatever other events' records are waiting).
+    pub(super) async fn write_record(
+        &self,
+        index: usize,
+        name: &str,
+        output: &Value,
+    ) -> Result<Written, RecordError> {
+        let record = StepRecord {
+            key: self.lease.key.clone(),
+            token: self.lease.token.clone(),
+            step: NewStep {
+                index,
+                name: name.to_owned(),
+                output: output.clone(),
+            },
+        };
+        self.recorder.record(record).await
+    }
+
+    /// Keep a completed step's record to be written before the next step starts, or with
+    /// the event's completion.
+    fn defer_record(&mut self, name: &str, output: Value) {
+        let step = NewStep {
+            index: self.next_step,
+            name: name.to_owned(),
+            output: output.clone(),
+        };
+        *self.pending.lock().expect("not poisoned") = Some(step);
+        self.recorded.push(RecordedStep {
+            name: name.to_owned(),
+            output,
+        });
+        self.next_step += 1;
+    }
+
+    /// Write the previous step's record, if it is still waiting: it must be durable before
+    /// another step starts. A record refused because the lease is gone ends the attempt as
+    /// `LeaseLost`; one that can never be stored fails it permanently.
+    pub(super) async fn write_pending_step(&mut self) -> Result<(), HandlerError> {
+        let Some(step) = self.pending.lock().expect("not poisoned").take() else {
+            return Ok(());
+        };
+        let name = step.name.clone();
+        let record = StepRecord {
+            key: self.lease.key.clone(),
+            token: self.lease.token.clone(),
+            step,
+        };
+        match self.recorder.record(record).await {
+            Ok(Written::Done) => {
+                tracing::debug!(step = %name, "step recorded");
+                Ok(())
+            }
+            Ok(Written::NotHeld) => Err(self.lose_lease(&name)),
+            Ok(Written::TooLarge(detail)) => Err(HandlerError::permanent_with_reason(
+                UNSTORABLE_STEP_OUTPUT,
+                detail,
+            )),
+            Err(error) => Err(HandlerError::retryable(format!(
+                "could not record step {name:?}: {error}"
+            ))),
         }
     }
 

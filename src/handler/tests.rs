@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{CheckpointStore, Lease, SqliteStore, StoreKind};
 
-use super::{Handler, check_step_transactions};
+use super::{Handler, StepRecorder, check_step_transactions};
 
 use super::error::HandlerError;
 use super::job::Job;
@@ -55,17 +55,20 @@ fn outputs_that_merely_look_like_nul_are_stored() {
 async fn job_on_sqlite(transactions: Option<StoreKind>) -> Job {
     let store = SqliteStore::connect("sqlite::memory:", 1).await.unwrap();
     store.migrate().await.unwrap();
+    let store: Arc<dyn CheckpointStore> = Arc::new(store);
     Job {
         lease: Lease::new("s", "k", "w#1"),
         message_id: "m".into(),
-        body: "{}".into(),
+        body: None,
         raw_body: "{}".into(),
         json: None,
         attributes: HashMap::new(),
         attempt: 1,
         redrive_count: 0,
         final_pass: false,
-        store: Arc::new(store),
+        recorder: StepRecorder::start(store.clone(), "s".into()),
+        pending: Default::default(),
+        store,
         transactions,
         recorded: Vec::new(),
         next_step: 0,

@@ -183,6 +183,8 @@ impl Job {
                  {effect:?} could not be recorded in this attempt"
             )));
         }
+        // The previous step's record first: the transaction opens only at the next index.
+        self.write_pending_step().await?;
         let index = self.next_step;
         let transaction = store
             .begin(&self.lease, index)
@@ -294,6 +296,7 @@ impl Job {
                  {effect:?} could not be recorded in this attempt"
             )));
         }
+        self.write_pending_step().await?;
         let mut transaction = DynamoTransaction {
             items: Vec::new(),
             client: store.client().clone(),

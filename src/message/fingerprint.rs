@@ -1,7 +1,10 @@
 //! Payload fingerprints: the hash that tells a duplicate from a key reused with other
 //! content, and the per-field digests that say which fields differ.
 
+use std::fmt::Write;
+
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::keys::{KeySpec, body_sha256};
 
@@ -27,7 +30,7 @@ pub(super) fn fingerprint(
             .map(|object| {
                 let fields = object
                     .iter()
-                    .map(|(name, value)| (format!("/{}", escape_pointer_token(name)), value));
+                    .map(|(name, value)| (escape_pointer_token(name), value));
                 field_digest_text(fields)
             });
         return (body_hash.to_owned(), digests);
@@ -52,20 +55,73 @@ pub(super) fn fingerprint(
     text.push(']');
     (
         format!("fields:{}", body_sha256(&text)),
-        Some(field_digest_text(chosen.into_iter())),
+        Some(field_digest_text(
+            chosen
+                .into_iter()
+                .map(|(pointer, value)| (Pointer(pointer), value)),
+        )),
     )
 }
 
-/// `{"/pointer": "<16 hex digits of SHA-256>"}`: enough to tell which fields changed.
-pub(super) fn field_digest_text<'a>(fields: impl Iterator<Item = (String, &'a Value)>) -> String {
-    let map: serde_json::Map<String, Value> = fields
-        .map(|(pointer, value)| {
-            let mut text = String::new();
-            write_canonical_json(&mut text, value);
-            (pointer, Value::String(body_sha256(&text)[..16].to_owned()))
-        })
-        .collect();
-    Value::Object(map).to_string()
+/// A JSON pointer to a field: given whole, or as a top-level field's escaped name (the
+/// leading `/` is added when the pointer is written, which saves building it per field).
+pub(super) enum PointerText {
+    Whole(String),
+    TopLevel(String),
+}
+use PointerText::Whole as Pointer;
+
+impl PointerText {
+    fn write_json(&self, out: &mut String) {
+        match self {
+            PointerText::Whole(pointer) => write_json_string(out, pointer),
+            // JSON leaves `/` unescaped: the literal is `"/` and the escaped name.
+            PointerText::TopLevel(name) => {
+                out.push_str("\"/");
+                let quoted = serde_json::to_string(name).expect("a string serializes");
+                out.push_str(&quoted[1..]);
+            }
+        }
+    }
+
+    fn sort_key(&self) -> (&str, &str) {
+        match self {
+            PointerText::Whole(pointer) => (pointer.as_str(), ""),
+            PointerText::TopLevel(name) => ("/", name.as_str()),
+        }
+    }
+}
+
+/// `{"/pointer": "<16 hex digits of SHA-256>"}`: enough to tell which fields changed. Written
+/// straight into one string, in pointer order (as a `serde_json::Map` of them serializes):
+/// this runs for every message, and built as JSON values it cost some 30 allocations each.
+pub(super) fn field_digest_text<'a>(
+    fields: impl Iterator<Item = (PointerText, &'a Value)>,
+) -> String {
+    let mut fields: Vec<(PointerText, &Value)> = fields.collect();
+    fields.sort_by(|a, b| a.0.sort_key().cmp(&b.0.sort_key()));
+    // A pointer named twice (`--fingerprint /a --fingerprint /a`) is one field.
+    fields.dedup_by(|a, b| a.0.sort_key() == b.0.sort_key());
+    let mut out = String::with_capacity(2 + fields.len() * 32);
+    let mut canonical = String::new();
+    out.push('{');
+    for (i, (pointer, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        pointer.write_json(&mut out);
+        canonical.clear();
+        write_canonical_json(&mut canonical, value);
+        let digest = Sha256::digest(canonical.as_bytes());
+        out.push_str(":\"");
+        for byte in &digest[..8] {
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 0xf)] as char);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 /// The fields whose digests differ between two [`EventIdentity::field_digests`](super::EventIdentity::field_digests) texts (a
@@ -91,9 +147,21 @@ pub fn differing_fields(stored: Option<&str>, arrived: Option<&str>) -> Option<V
     )
 }
 
-/// RFC 6901: `~` becomes `~0` and `/` becomes `~1` inside a pointer token.
-pub(super) fn escape_pointer_token(name: &str) -> String {
-    name.replace('~', "~0").replace('/', "~1")
+/// RFC 6901: `~` becomes `~0` and `/` becomes `~1` inside a pointer token (as a top-level
+/// field's pointer).
+pub(super) fn escape_pointer_token(name: &str) -> PointerText {
+    if name.contains(['~', '/']) {
+        PointerText::TopLevel(name.replace('~', "~0").replace('/', "~1"))
+    } else {
+        PointerText::TopLevel(name.to_owned())
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `text` as a JSON string literal, escaped as serde_json escapes it.
+fn write_json_string(out: &mut String, text: &str) {
+    out.push_str(&serde_json::to_string(text).expect("a string serializes"));
 }
 
 /// JSON text with object keys sorted at every level, whatever map type serde_json was built
@@ -108,7 +176,7 @@ pub(super) fn write_canonical_json(out: &mut String, value: &Value) {
                 if i > 0 {
                     out.push(',');
                 }
-                out.push_str(&Value::String(name.clone()).to_string());
+                write_json_string(out, name);
                 out.push(':');
                 write_canonical_json(out, value);
             }
@@ -124,6 +192,7 @@ pub(super) fn write_canonical_json(out: &mut String, value: &Value) {
             }
             out.push(']');
         }
-        scalar => out.push_str(&scalar.to_string()),
+        // Display writes the scalar's JSON straight into `out`.
+        scalar => write!(out, "{scalar}").expect("writing to a String cannot fail"),
     }
 }

@@ -133,8 +133,9 @@ pub enum Envelope {
 pub struct EventIdentity {
     /// The idempotency key (at most [`MAX_KEY_BYTES`] bytes, no control characters).
     pub key: String,
-    /// The event (the unwrapped body) as text.
-    pub body: String,
+    /// The event as text when an envelope was unwrapped to get it; `None` when the body
+    /// itself is the event (see [`EventIdentity::event`]), which saves a copy of every body.
+    pub unwrapped: Option<String>,
     /// The event parsed as JSON, when it is JSON.
     pub json: Option<Value>,
     /// The payload fingerprint: SHA-256 of the event text, or with fingerprint pointers
@@ -144,6 +145,13 @@ pub struct EventIdentity {
     /// that a mismatch can name the fields that differ; `None` when the event is not a JSON
     /// object (or has too many fields to list).
     pub field_digests: Option<String>,
+}
+
+impl EventIdentity {
+    /// The event as text: the unwrapped event, or `raw` (the message body it came from).
+    pub fn event<'a>(&'a self, raw: &'a str) -> &'a str {
+        self.unwrapped.as_deref().unwrap_or(raw)
+    }
 }
 
 /// SHA-256 of a text, hex: the payload fingerprint, and the key when there are no pointers.
@@ -157,10 +165,14 @@ pub fn fallback_key(body: &str) -> String {
     format!("sha256:{}", body_sha256(body))
 }
 
-/// Unwrap the event from a message body.
-pub fn unwrap_envelope(envelope: Envelope, raw: &str) -> Result<(String, Option<Value>), KeyError> {
+/// Unwrap the event from a message body: its text (`None` when the body itself is the
+/// event) and its JSON, when it is JSON.
+pub fn unwrap_envelope(
+    envelope: Envelope,
+    raw: &str,
+) -> Result<(Option<String>, Option<Value>), KeyError> {
     match envelope {
-        Envelope::Raw => Ok((raw.to_owned(), serde_json::from_str(raw).ok())),
+        Envelope::Raw => Ok((None, serde_json::from_str(raw).ok())),
         Envelope::Sns => {
             let outer = serde_json::from_str::<Value>(raw).ok();
             let message = outer.as_ref().and_then(|o| {
@@ -172,17 +184,17 @@ pub fn unwrap_envelope(envelope: Envelope, raw: &str) -> Result<(String, Option<
             match (message, outer) {
                 (Some(message), _) => {
                     let json = serde_json::from_str(&message).ok();
-                    Ok((message, json))
+                    Ok((Some(message), json))
                 }
                 // Raw message delivery: SNS passed the message through unwrapped.
-                (None, outer) => Ok((raw.to_owned(), outer)),
+                (None, outer) => Ok((None, outer)),
             }
         }
         Envelope::Eventbridge => {
             let outer = serde_json::from_str::<Value>(raw)
                 .map_err(|e| KeyError::InvalidEnvelope(format!("EventBridge event: {e}")))?;
             match (outer.get("detail"), outer.get("detail-type")) {
-                (Some(detail), Some(_)) => Ok((detail.to_string(), Some(detail.clone()))),
+                (Some(detail), Some(_)) => Ok((Some(detail.to_string()), Some(detail.clone()))),
                 _ => Err(KeyError::InvalidEnvelope(
                     "EventBridge event: it needs \"detail\" and \"detail-type\" fields".into(),
                 )),
@@ -197,20 +209,21 @@ pub fn derive_identity(
     envelope: Envelope,
     raw: &str,
 ) -> Result<EventIdentity, KeyError> {
-    let (body, json) = unwrap_envelope(envelope, raw)?;
-    let body_hash = body_sha256(&body);
+    let (unwrapped, json) = unwrap_envelope(envelope, raw)?;
+    let body = unwrapped.as_deref().unwrap_or(raw);
+    let body_hash = body_sha256(body);
     let (fingerprint, field_digests) = fingerprint(spec, &body_hash, json.as_ref());
     if !spec.needs_json() {
         return Ok(EventIdentity {
             key: format!("sha256:{body_hash}"),
-            body,
+            unwrapped,
             json,
             fingerprint,
             field_digests,
         });
     }
     let Some(json) = json else {
-        let error = serde_json::from_str::<Value>(&body)
+        let error = serde_json::from_str::<Value>(body)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -246,7 +259,7 @@ pub fn derive_identity(
     }
     Ok(EventIdentity {
         key: bound_key_length(parts.join("|")),
-        body,
+        unwrapped,
         json: Some(json),
         fingerprint,
         field_digests,

@@ -107,7 +107,7 @@ fn sns_notifications_are_unwrapped_and_raw_delivery_passes_through() {
     .to_string();
     let id = derive_identity(&spec(&["/order_id"]), Envelope::Sns, &notification).unwrap();
     assert_eq!(id.key, "o-9");
-    assert_eq!(id.body, inner);
+    assert_eq!(id.unwrapped.as_deref(), Some(inner));
     assert_eq!(id.fingerprint, body_sha256(inner));
     // The same event re-published (new SNS MessageId) has the same fingerprint.
     let republished = notification.replace("sns-1", "sns-2");
@@ -405,10 +405,12 @@ fn absurd_marker_values_count_as_absent() {
 #[test]
 fn whole_event_fingerprints_list_the_top_level_fields() {
     let s = spec(&["/id"]);
-    let first = derive_identity_raw(&s, r#"{"id":"a","amount":5,"sent_at":"10:00"}"#).unwrap();
+    let body = r#"{"id":"a","amount":5,"sent_at":"10:00"}"#;
+    let first = derive_identity_raw(&s, body).unwrap();
     let again = derive_identity_raw(&s, r#"{"id":"a","amount":5,"sent_at":"10:05"}"#).unwrap();
     assert_ne!(first.fingerprint, again.fingerprint);
-    assert_eq!(first.fingerprint, body_sha256(&first.body));
+    assert_eq!(first.fingerprint, body_sha256(first.event(body)));
+    assert_eq!(first.unwrapped, None, "a raw body is not copied");
     assert_eq!(
         differing_fields(
             first.field_digests.as_deref(),
@@ -497,4 +499,66 @@ fn passes_order_by_requeue_then_redrive() {
     let m = parse_markers([(ATTR_REQUEUE_GENERATION, Some("soon"))]);
     assert_eq!(m.requeue_generation, 0);
     assert_eq!(m.problems.len(), 1);
+}
+
+/// The digests' text as it was built before (a `serde_json::Map` of pointer → the first 16
+/// hex digits of the value's canonical JSON): digests stored by earlier versions must still
+/// compare equal.
+fn digests_as_stored_before(fields: &[(String, &serde_json::Value)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(pointer, value)| {
+            let mut text = String::new();
+            write_canonical_json(&mut text, value);
+            (
+                pointer.clone(),
+                serde_json::Value::String(body_sha256(&text)[..16].to_owned()),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+#[test]
+fn field_digests_keep_the_form_stored_before() {
+    let body =
+        r#"{"zeta":1,"a/b":{"y":[1,2.5,null],"x":"é\"q"},"m~n":true,"":"empty","é":"\u202e"}"#;
+    let event: serde_json::Value = serde_json::from_str(body).unwrap();
+    let whole = derive_identity_raw(&spec(&["/zeta"]), body).unwrap();
+    let fields: Vec<(String, &serde_json::Value)> = event
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, value)| {
+            (
+                format!("/{}", name.replace('~', "~0").replace('/', "~1")),
+                value,
+            )
+        })
+        .collect();
+    assert_eq!(
+        whole.field_digests.unwrap(),
+        digests_as_stored_before(&fields)
+    );
+
+    let chosen = KeySpec::new(vec!["/zeta".into()])
+        .unwrap()
+        .with_fingerprint(vec![
+            "/a~1b/x".into(),
+            "/zeta".into(),
+            "/missing".into(),
+            "/zeta".into(),
+        ])
+        .unwrap();
+    let picked = derive_identity(&chosen, Envelope::Raw, body).unwrap();
+    let null = serde_json::Value::Null;
+    let fields = [
+        ("/a~1b/x".to_owned(), &event["a/b"]["x"]),
+        ("/zeta".to_owned(), &event["zeta"]),
+        ("/missing".to_owned(), &null),
+    ];
+    assert_eq!(
+        picked.field_digests.unwrap(),
+        digests_as_stored_before(&fields)
+    );
 }

@@ -199,22 +199,25 @@ impl SqsQueue {
             .send()
             .await
             .map_err(|e| SqsError::new("ReceiveMessage", e))?;
+        // The output is ours: its strings move into the messages instead of being copied
+        // (a body can be 1 MiB, and ten of them come per call).
         Ok(output
-            .messages()
-            .iter()
+            .messages
+            .unwrap_or_default()
+            .into_iter()
             .map(|m| ReceivedMessage {
-                message_id: m.message_id().unwrap_or_default().to_owned(),
-                receipt_handle: m.receipt_handle().unwrap_or_default().to_owned(),
-                body: m.body().unwrap_or_default().to_owned(),
+                message_id: m.message_id.unwrap_or_default(),
+                receipt_handle: m.receipt_handle.unwrap_or_default(),
+                body: m.body.unwrap_or_default(),
                 system_attributes: m
-                    .attributes()
+                    .attributes
                     .map(|a| {
-                        a.iter()
-                            .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+                        a.into_iter()
+                            .map(|(k, v)| (k.as_str().to_owned(), v))
                             .collect()
                     })
                     .unwrap_or_default(),
-                message_attributes: m.message_attributes().cloned().unwrap_or_default(),
+                message_attributes: m.message_attributes.unwrap_or_default(),
             })
             .collect())
     }

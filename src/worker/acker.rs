@@ -1,6 +1,5 @@
 //! The acker: one task that batches checkpoint completions and DeleteMessageBatch calls.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +8,18 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Lease;
+use crate::store::{Completion, Lease, NewStep, Written};
 
 use super::retry::retry_database;
 use super::shared::Shared;
 
 pub(super) enum AckKind {
-    /// Mark the checkpoint complete (fenced by the lease token), then delete the receipts.
-    Complete { lease: Lease },
+    /// Mark the checkpoint complete (fenced by the lease token) — appending the handler's
+    /// last step, when its record is still to be written —, then delete the receipts.
+    Complete {
+        lease: Lease,
+        last_step: Option<NewStep>,
+    },
     /// Just delete the receipts.
     Delete,
 }
@@ -26,6 +29,12 @@ pub(super) enum AckResult {
     Done,
     LeaseLost,
     Failed(String),
+    /// The last step's record can never be stored: nothing was written or deleted, and the
+    /// receipts come back to be settled otherwise.
+    TooLarge {
+        detail: String,
+        receipts: Vec<String>,
+    },
 }
 
 pub(super) struct AckRequest {
@@ -168,50 +177,60 @@ pub(super) async fn run_acker(
     while settling.join_next().await.is_some() {}
 }
 
-async fn settle_acks(shared: &Shared, batch: Vec<AckRequest>) {
-    let keys: Vec<(String, String)> = batch
-        .iter()
-        .filter_map(|r| match &r.kind {
-            AckKind::Complete { lease } => Some((lease.key.clone(), lease.token.clone())),
+async fn settle_acks(shared: &Shared, mut batch: Vec<AckRequest>) {
+    let events: Vec<Completion> = batch
+        .iter_mut()
+        .filter_map(|r| match &mut r.kind {
+            AckKind::Complete { lease, last_step } => Some(Completion {
+                key: lease.key.clone(),
+                token: lease.token.clone(),
+                last_step: last_step.take(),
+            }),
             AckKind::Delete => None,
         })
         .collect();
     // The handlers' work is done: keep trying for half a lease (their messages stay hidden
     // and their leases held meanwhile) rather than have them run again after an outage.
-    let completed: Result<HashSet<(String, String)>, String> =
+    let completed: Result<Vec<Written>, String> =
         retry_database(shared, "marking events complete", shared.lease / 2, || {
-            shared.store.complete_batch(&shared.scope, &keys)
+            shared.store.complete_events(&shared.scope, &events)
         })
         .await
-        .map(|done| done.into_iter().collect())
         .map_err(|error| format!("cannot mark events complete: {error}"));
     if let Err(error) = &completed {
-        tracing::error!(%error, events = keys.len(), "not deleting them; they will be delivered again");
+        tracing::error!(%error, events = events.len(), "not deleting them; they will be delivered again");
     }
     // Chaos tests kill the process here: checkpoints complete, messages not deleted.
     #[cfg(feature = "failpoints")]
-    if !keys.is_empty() && completed.is_ok() {
+    if !events.is_empty() && completed.is_ok() {
         fail::fail_point!("sqs_worker::completed");
     }
 
+    let mut outcomes = completed.as_ref().map(|written| written.iter());
     let mut to_delete: Vec<String> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
     for request in batch {
         // Only a completed (or plain delete) request may delete: no message is deleted
         // before its checkpoint says complete or failed.
-        let result = match (&request.kind, &completed) {
-            (AckKind::Delete, _) => AckResult::Done,
-            (AckKind::Complete { lease }, Ok(done))
-                if done.contains(&(lease.key.clone(), lease.token.clone())) =>
-            {
+        let written = match (&request.kind, &mut outcomes) {
+            (AckKind::Delete, _) => Ok(Written::Done),
+            (AckKind::Complete { .. }, Ok(written)) => {
+                Ok(written.next().cloned().unwrap_or(Written::NotHeld))
+            }
+            (AckKind::Complete { .. }, Err(error)) => Err(error.clone()),
+        };
+        let result = match written {
+            Ok(Written::Done) => {
+                to_delete.extend(request.receipts);
                 AckResult::Done
             }
-            (AckKind::Complete { .. }, Ok(_)) => AckResult::LeaseLost,
-            (AckKind::Complete { .. }, Err(error)) => AckResult::Failed(error.clone()),
+            Ok(Written::NotHeld) => AckResult::LeaseLost,
+            Ok(Written::TooLarge(detail)) => AckResult::TooLarge {
+                detail,
+                receipts: request.receipts,
+            },
+            Err(error) => AckResult::Failed(error),
         };
-        if matches!(result, AckResult::Done) {
-            to_delete.extend(request.receipts);
-        }
         replies.push((request.reply, result));
     }
     // A failed delete does not change the answer: the event is settled, and the message

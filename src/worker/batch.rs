@@ -98,6 +98,7 @@ pub(crate) async fn handle_batch(
         lease_token,
         lease,
         permits,
+        rechecks: context.rechecks,
         ..Routed::default()
     };
     for planned in plan_batch(parsed, &outcomes, shared.config.on_payload_mismatch) {
@@ -106,6 +107,12 @@ pub(crate) async fn handle_batch(
     if !routed.busy.is_empty() {
         shared.change_visibility(&routed.busy).await;
     }
+    recheck_here(
+        shared,
+        tracker,
+        std::mem::take(&mut routed.recheck),
+        context,
+    );
     let tokens = &context.tokens;
     if shared.fifo {
         start_groups(shared, tracker, routed, tokens);
@@ -212,9 +219,15 @@ pub(super) struct Routed {
     pub(super) claimed: Vec<ClaimedEvent>,
     /// Busy deliveries and when they come back.
     busy: Vec<(String, Duration)>,
+    /// Deliveries of events this process is claiming or settling right now, with their
+    /// permits: claimed again here in a moment (see [`recheck_here`]).
+    recheck: Vec<(ReceivedMessage, Option<OwnedSemaphorePermit>)>,
     /// FIFO: the first position in each group that did not get its claim, and about when it
     /// is visible again; later messages of that group must wait for it.
     pub(super) blocked_from: HashMap<String, (usize, Duration)>,
+    /// How many times this batch's deliveries were looked at again here (see
+    /// [`recheck_here`]).
+    rechecks: u32,
 }
 
 impl Routed {
@@ -277,11 +290,26 @@ impl Routed {
         parsed: Parsed,
         retry_after: Duration,
     ) {
-        let Some((p, retry_after)) =
+        let Some((p, deferral)) =
             busy_delivery(shared, tracker, parsed, retry_after, &mut self.permits)
         else {
             return;
         };
+        let retry_after = match deferral {
+            Deferral::Here if !shared.fifo && self.rechecks < MAX_RECHECKS => {
+                self.recheck.push((p.message, self.permits.pop()));
+                return;
+            }
+            Deferral::Here => OWN_CLAIM_RETRY,
+            Deferral::Elsewhere(retry_after) => retry_after,
+        };
+        shared.counters.busy_deferred.add(1);
+        tracing::info!(
+            message_id = %p.message.message_id,
+            key = %p.key(),
+            retry_in_secs = retry_after.as_secs_f64(),
+            "event is leased by another worker; this delivery comes back when that lease (or, near maxReceiveCount, that run) ends"
+        );
         self.block(&p, retry_after);
         let receipt = p.message.receipt_handle;
         self.busy
@@ -346,23 +374,31 @@ async fn skip_duplicate(shared: &Shared, parsed: Parsed) {
         .await;
 }
 
+/// Where a busy delivery's event is held.
+enum Deferral {
+    /// By this process: claimed by another of its batches, or settling here.
+    Here,
+    /// By another claim: it comes back after this long.
+    Elsewhere(Duration),
+}
+
 /// A delivery of an event leased by a claim: it rides along when the event runs here (with
-/// the same payload), comes back in a moment when this process is claiming or settling the
-/// event, and otherwise when the holder's run must have ended. `None` when it needs no
-/// visibility change (it rides along, or went the mismatch way).
+/// the same payload), is looked at again in a moment when this process is claiming or
+/// settling the event, and otherwise comes back when the holder's run must have ended.
+/// `None` when it needs nothing more (it rides along, or went the mismatch way).
 fn busy_delivery(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     parsed: Parsed,
     retry_after: Duration,
     permits: &mut Vec<OwnedSemaphorePermit>,
-) -> Option<(Parsed, Duration)> {
+) -> Option<(Parsed, Deferral)> {
     let identity = parsed
         .identity
         .as_ref()
         .expect("busy deliveries have a key");
     let key = identity.key.clone();
-    let retry_after = match shared.ride_along(identity, &parsed.message.receipt_handle) {
+    let deferral = match shared.ride_along(identity, &parsed.message.receipt_handle) {
         RideAlong::Attached => {
             tracing::info!(
                 message_id = %parsed.message.message_id,
@@ -375,26 +411,54 @@ fn busy_delivery(
             spawn_mismatch(shared, tracker, parsed, first, permits.pop());
             return None;
         }
-        // Completion is a statement away: look again in a second, not a lease.
-        RideAlong::Settling => OWN_CLAIM_RETRY,
+        // Completion is a statement away: look again in a moment, not a lease.
+        RideAlong::Settling => Deferral::Here,
         // Another batch of ours claims it right now (its run is about to be registered):
         // likewise.
         RideAlong::NotHere
             if shared.claimed_elsewhere_here(&key) || shared.settled_here_recently(&key) =>
         {
-            OWN_CLAIM_RETRY
+            Deferral::Here
         }
-        RideAlong::NotHere => retry_after,
+        RideAlong::NotHere => Deferral::Elsewhere(retry_after),
     };
-    shared.counters.busy_deferred.add(1);
-    tracing::info!(
-        message_id = %parsed.message.message_id,
-        %key,
-        retry_in_secs = retry_after.as_secs_f64(),
-        "event is leased by another worker; this delivery comes back when that lease (or, near maxReceiveCount, that run) ends"
-    );
-    Some((parsed, retry_after))
+    Some((parsed, deferral))
 }
 
-/// When a delivery of an event this worker is claiming or settling comes back.
+/// Claim again, in a moment and in a task of their own, deliveries whose event this process
+/// was claiming or settling: by then the event runs here (they ride along) or is complete
+/// (they are deleted as duplicates). Handing them to SQS for a second instead kept them
+/// out of sight for a whole second each, and the last of a run's duplicates set its end.
+/// They keep their permits and their receive time (their lease is what is left of their
+/// visibility); after [`MAX_RECHECKS`] looks they go back to SQS like any busy delivery.
+fn recheck_here(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    recheck: Vec<(ReceivedMessage, Option<OwnedSemaphorePermit>)>,
+    context: &BatchContext,
+) {
+    if recheck.is_empty() {
+        return;
+    }
+    let (messages, permits): (Vec<_>, Vec<_>) = recheck.into_iter().unzip();
+    let context = BatchContext {
+        received_at: context.received_at,
+        lease_cap: context.lease_cap,
+        tokens: context.tokens.clone(),
+        rechecks: context.rechecks + 1,
+    };
+    let (shared, tracker_inner) = (shared.clone(), tracker.clone());
+    tracker.spawn(async move {
+        tokio::time::sleep(RECHECK_AFTER * (1 << context.rechecks.min(4))).await;
+        let permits = permits.into_iter().flatten().collect();
+        handle_batch(&shared, &tracker_inner, messages, permits, &context).await;
+    });
+}
+
+/// When a delivery of an event this worker is claiming or settling comes back, once it has
+/// been looked at again here [`MAX_RECHECKS`] times.
 const OWN_CLAIM_RETRY: Duration = Duration::from_secs(1);
+/// The first wait before such a delivery is claimed again here; it doubles per look.
+const RECHECK_AFTER: Duration = Duration::from_millis(25);
+/// Looks in this process before such a delivery goes back to SQS for a second.
+const MAX_RECHECKS: u32 = 3;

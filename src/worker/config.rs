@@ -19,8 +19,11 @@ pub struct WorkerConfig {
     pub envelope: Envelope,
     /// What to do when a key arrives again with a different payload.
     pub on_payload_mismatch: PayloadMismatch,
-    /// Concurrent long polls.
+    /// Long polls kept while the queue is quiet (at least 1); more are added while
+    /// receives come back full and permits are free.
     pub pollers: usize,
+    /// Most concurrent long polls (raised to `pollers` if below it).
+    pub max_pollers: usize,
     /// Most messages in flight at once.
     pub concurrency: usize,
     /// Long-poll wait per ReceiveMessage (at most 20 s).
@@ -61,7 +64,8 @@ impl WorkerConfig {
             key: KeySpec::default(),
             envelope: Envelope::Raw,
             on_payload_mismatch: PayloadMismatch::DeadLetter,
-            pollers: 2,
+            pollers: 1,
+            max_pollers: 10,
             concurrency: 20,
             wait_time: Duration::from_secs(20),
             visibility_timeout: None,

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::Handler;
+use crate::handler::{Handler, StepRecorder};
 use crate::sqs::{RedrivePolicy, SqsQueue};
 use crate::store::CheckpointStore;
 
 use super::acker::{ACK_PARALLEL, AckRequest, run_acker};
 use super::config::{WorkerConfig, WorkerError};
+use super::pollers::PollerCount;
 use super::readiness::Readiness;
 use super::running::RecentlySettled;
 use super::settlement::Mode;
@@ -77,6 +78,7 @@ impl Core {
             tracing::error!(%error, "the delete task failed");
         }
         let mut summary = self.shared.counters.snapshot();
+        summary.peak_pollers = self.shared.pollers.peak() as u64;
         if let Some(first) = self.shared.first_received.get() {
             let last = *self.shared.last_activity.lock().expect("not poisoned");
             summary.active_millis = last.saturating_duration_since(*first).as_millis() as u64;
@@ -127,6 +129,8 @@ pub(crate) struct BatchContext {
     /// No lease may outlive this (a Lambda invocation's deadline).
     pub(crate) lease_cap: Option<Instant>,
     pub(crate) tokens: BatchTokens,
+    /// 0 for a received batch; more for deliveries claimed again here (`batch.rs`).
+    pub(crate) rechecks: u32,
 }
 
 /// The state of one run, before any task shares it.
@@ -148,13 +152,16 @@ fn new_shared(
         .scope
         .clone()
         .unwrap_or_else(|| sqs.name().to_owned());
+    let own_store = store.own_connections(bookkeeping_connections(&config));
     Shared {
+        recorder: StepRecorder::start(own_store.clone(), scope.clone()),
         counters: Counters::new(sqs.name()),
+        pollers: PollerCount::new(config.pollers, config.max_pollers, sqs.name()),
         max_receive_count: policy.as_ref().and_then(|p| p.max_receive_count),
         dlq: policy.map(|p| sqs.sibling(p.dlq_url)),
         fifo: sqs.url().ends_with(".fifo"),
         sqs,
-        store: store.own_connections(bookkeeping_connections(&config)),
+        store: own_store,
         handler_store: store,
         handler,
         scope,
@@ -191,6 +198,7 @@ fn log_start(shared: &Shared) {
         worker_id = %shared.worker_id,
         lease_secs = shared.lease.as_secs(),
         pollers = shared.config.pollers,
+        max_pollers = shared.config.max_pollers.max(shared.config.pollers),
         concurrency = shared.config.concurrency,
         fifo = shared.fifo,
         "worker starting"

@@ -34,6 +34,7 @@ mod fifo;
 mod heartbeat;
 mod pause;
 mod poll;
+mod pollers;
 mod readiness;
 mod retry;
 mod run;

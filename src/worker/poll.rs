@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -12,6 +12,7 @@ use crate::sqs::{ReceivedMessage, SqsError};
 
 use super::batch::handle_batch;
 use super::core::{BatchContext, BatchTokens};
+use super::pollers::{Scale, after_receive};
 use super::shared::Shared;
 use super::shutdown::poll_wait;
 
@@ -49,50 +50,85 @@ async fn wait_for_database(shared: &Shared, stop: &CancellationToken) -> bool {
     true
 }
 
-/// One poller: take permits, long-poll, hand the batch on. Ends when `stop` is cancelled.
-pub(super) async fn poll(
-    shared: Arc<Shared>,
-    semaphore: Arc<Semaphore>,
-    tracker: TaskTracker,
-    tokens: BatchTokens,
-) {
-    let stop = tokens.stop.clone();
+/// What every poller of a run shares: the permits, the tracker of batch tasks, the tokens,
+/// and where to ask for one more poller.
+#[derive(Clone)]
+pub(super) struct Poller {
+    pub(super) shared: Arc<Shared>,
+    pub(super) semaphore: Arc<Semaphore>,
+    pub(super) tracker: TaskTracker,
+    pub(super) tokens: BatchTokens,
+    /// Ask the service to start another poller (already counted in `Shared::pollers`).
+    pub(super) add: mpsc::UnboundedSender<()>,
+}
+
+/// One poller: take permits, long-poll, hand the batch on, until `stop` is cancelled or the
+/// poller is one too many (see `pollers.rs`).
+pub(super) async fn poll(poller: Poller) {
+    if !poll_until_retired(&poller).await {
+        poller.shared.pollers.ended();
+    }
+}
+
+/// The poll loop; true when this poller retired (its count already given back), false when
+/// the worker stopped.
+async fn poll_until_retired(poller: &Poller) -> bool {
+    let Poller {
+        shared, semaphore, ..
+    } = poller;
+    let stop = &poller.tokens.stop;
+    let full = shared.config.concurrency.clamp(1, 10);
     let mut error_backoff = Duration::from_millis(500);
     loop {
-        if !wait_for_database(&shared, &stop).await {
-            return;
+        if !wait_for_database(shared, stop).await {
+            return false;
         }
-        let Some(permits) = take_permits(&shared, &semaphore, &stop).await else {
-            return;
+        let Some(permits) = take_permits(shared, semaphore, stop).await else {
+            return false;
         };
-        let Some(received) = receive(&shared, permits.len(), &stop).await else {
-            return;
+        // Fewer than a batch's permits to be had: more pollers would only split them into
+        // small receives.
+        if permits.len() < full && shared.pollers.try_retire() {
+            return true;
+        }
+        let asked = permits.len();
+        let Some(received) = receive(shared, asked, stop).await else {
+            return false;
         };
         let received_at = Instant::now();
-        match received {
+        let messages = match received {
             Err(error) => {
                 shared.sqs_reached(false);
                 shared.counters.receive_errors.add(1);
                 tracing::error!(%error, retry_in_ms = error_backoff.as_millis() as u64, "receive failed");
                 drop(permits);
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return false,
                     _ = tokio::time::sleep(error_backoff) => {}
                 }
                 error_backoff = (error_backoff * 2).min(RECEIVE_BACKOFF_MAX);
+                continue;
             }
-            Ok(messages) => {
-                shared.sqs_reached(true);
-                error_backoff = Duration::from_millis(500);
-                if !messages.is_empty() {
-                    let context = BatchContext {
-                        received_at,
-                        lease_cap: None,
-                        tokens: tokens.clone(),
-                    };
-                    start_batch(&shared, &tracker, messages, permits, context);
-                }
+            Ok(messages) => messages,
+        };
+        shared.sqs_reached(true);
+        error_backoff = Duration::from_millis(500);
+        shared.count_receive(messages.len());
+        match after_receive(messages.len(), asked, full, semaphore.available_permits()) {
+            Scale::Retire if shared.pollers.try_retire() => return true,
+            Scale::Add if shared.pollers.try_add() => {
+                let _ = poller.add.send(());
             }
+            _ => {}
+        }
+        if !messages.is_empty() {
+            let context = BatchContext {
+                received_at,
+                lease_cap: None,
+                tokens: poller.tokens.clone(),
+                rechecks: 0,
+            };
+            start_batch(shared, &poller.tracker, messages, permits, context);
         }
     }
 }

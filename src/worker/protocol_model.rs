@@ -599,7 +599,7 @@ fn parsed(d: u8, key: u8, payload: u8, pass: u8, position: usize) -> Parsed {
         },
         identity: Ok(EventIdentity {
             key: key.to_string(),
-            body: String::new(),
+            unwrapped: None,
             json: None,
             fingerprint: payload.to_string(),
             field_digests: None,

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use crate::handler::{HandlerError, Job};
 use crate::message::{EventIdentity, RedriveMarkers};
 use crate::sqs::{MAX_VISIBILITY, ReceivedMessage};
-use crate::store::{self, Claim, Lease};
+use crate::store::{self, Claim, Lease, NewStep, StepRecord, Written};
 
 use super::batch::ClaimedEvent;
 use super::core::BatchTokens;
@@ -131,6 +131,7 @@ async fn run_claimed(
         &lease,
         &cancel,
     );
+    let pending = job.pending.clone();
     let ended = {
         let watch = Watch {
             lease: &lease,
@@ -147,6 +148,18 @@ async fn run_claimed(
     let riders = shared.stop_running(&riders);
     let duplicates = siblings.len() + riders.len();
     receipts.extend(riders);
+    let last_step = pending.lock().expect("not poisoned").take();
+    let last_step = match &ended {
+        // The last step's record travels with the completion.
+        Ended::Finished(Ok(())) => last_step,
+        // The step belongs to the lease's new holder.
+        Ended::Finished(Err(HandlerError::LeaseLost)) => None,
+        // Written now, so the next attempt resumes after it.
+        _ => {
+            write_last_step(shared, &lease, last_step).await;
+            None
+        }
+    };
     let done = Finished {
         message: &message,
         identity: &identity,
@@ -154,6 +167,7 @@ async fn run_claimed(
         receipts,
         duplicates,
         attempts: claim.attempts,
+        last_step,
     };
     match ended {
         Ended::Abandoned => settle_abandoned(shared, done).await,
@@ -171,6 +185,34 @@ async fn run_claimed(
             message: error,
             reason,
         })) => settle_permanent(shared, done, &reason, &error).await,
+    }
+}
+
+/// A handler that did not complete (it failed, or was stopped) may leave its last step's
+/// record unwritten: write it before the event is settled, so the next attempt resumes after
+/// that step. A failure here only costs that step a re-run: it is logged, not retried.
+async fn write_last_step(shared: &Shared, lease: &Lease, step: Option<NewStep>) {
+    let Some(step) = step else {
+        return;
+    };
+    let name = step.name.clone();
+    let record = StepRecord {
+        key: lease.key.clone(),
+        token: lease.token.clone(),
+        step,
+    };
+    match shared.recorder.record(record).await {
+        Ok(Written::Done) => {}
+        Ok(Written::NotHeld) => {
+            tracing::warn!(step = %name, "the lease was taken over; the step's record is left to its new holder");
+        }
+        Ok(Written::TooLarge(detail)) => {
+            tracing::warn!(step = %name, %detail, "the step's output cannot be stored; the next attempt runs it again");
+        }
+        Err(error) => {
+            shared.counters.database_errors.add(1);
+            tracing::warn!(step = %name, %error, "could not record the step; the next attempt runs it again");
+        }
     }
 }
 
@@ -196,7 +238,7 @@ fn new_job(
     Job {
         lease: lease.clone(),
         message_id: message.message_id.clone(),
-        body: std::mem::take(&mut identity.body),
+        body: identity.unwrapped.take(),
         raw_body: message.body.clone(),
         json: identity.json.take(),
         attributes: message
@@ -207,6 +249,8 @@ fn new_job(
         redrive_count: markers.redrive_count,
         final_pass: markers.final_pass,
         store: shared.handler_store.clone(),
+        recorder: shared.recorder.clone(),
+        pending: Default::default(),
         transactions: shared.handler.step_transactions(),
         recorded: store::parse_steps(&claim.steps),
         next_step: 0,

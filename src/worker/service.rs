@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,7 +16,7 @@ use crate::store::{CheckpointStore, PostgresStore};
 use super::config::{WorkerConfig, WorkerError};
 use super::core::{BatchTokens, Core, CoreParts};
 use super::heartbeat::HANDLER_STOP_GRACE;
-use super::poll::{poll, probe_database};
+use super::poll::{Poller, poll, probe_database};
 use super::readiness::Readiness;
 use super::settlement::Mode;
 use super::shared::Shared;
@@ -176,16 +176,17 @@ impl Worker {
             abandon: abandon.clone(),
             stop_grace: HANDLER_STOP_GRACE,
         };
-        let mut pollers = start_pollers(&shared, &tracker, tokens);
+        let (mut pollers, mut add_requests) = start_pollers(&shared, &tracker, tokens);
         if let Some(idle) = shared.config.exit_when_idle {
             tokio::spawn(exit_when_idle(shared.clone(), idle, stop.clone()));
         }
         // Run until told to stop (or every poller ended), then drain.
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = async { while pollers.join_next().await.is_some() {} } => {}
+            _ = pollers.run(&mut add_requests) => {}
         }
         stop.cancel();
+        let pollers = pollers.set;
         let abandoned = drain(&shared, pollers, tracker, abandon).await;
         let mut summary = core.stop().await;
         summary.abandoned_at_shutdown = abandoned;
@@ -194,13 +195,50 @@ impl Worker {
     }
 }
 
-/// The pollers, sharing one semaphore that bounds the messages in flight.
-fn start_pollers(shared: &Arc<Shared>, tracker: &TaskTracker, tokens: BatchTokens) -> JoinSet<()> {
-    let semaphore = Arc::new(Semaphore::new(shared.config.concurrency));
-    let mut pollers = JoinSet::new();
-    for _ in 0..shared.config.pollers {
-        let (shared, tracker) = (shared.clone(), tracker.clone());
-        pollers.spawn(poll(shared, semaphore.clone(), tracker, tokens.clone()));
+/// The running pollers, and how to start another like them.
+struct Pollers {
+    set: JoinSet<()>,
+    template: Poller,
+}
+
+impl Pollers {
+    /// Start pollers as they are asked for (each already counted by the poller that asked),
+    /// until every poller has ended.
+    async fn run(&mut self, add_requests: &mut mpsc::UnboundedReceiver<()>) {
+        loop {
+            tokio::select! {
+                Some(()) = add_requests.recv() => {
+                    self.set.spawn(poll(self.template.clone()));
+                }
+                joined = self.set.join_next() => {
+                    if joined.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
     }
-    pollers
+}
+
+/// The first `--pollers` pollers, sharing one semaphore that bounds the messages in flight.
+fn start_pollers(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    tokens: BatchTokens,
+) -> (Pollers, mpsc::UnboundedReceiver<()>) {
+    let (add, add_requests) = mpsc::unbounded_channel();
+    let template = Poller {
+        shared: shared.clone(),
+        semaphore: Arc::new(Semaphore::new(shared.config.concurrency)),
+        tracker: tracker.clone(),
+        tokens,
+        add,
+    };
+    let mut set = JoinSet::new();
+    for _ in 0..shared.pollers.min() {
+        if shared.pollers.try_add() {
+            set.spawn(poll(template.clone()));
+        }
+    }
+    (Pollers { set, template }, add_requests)
 }

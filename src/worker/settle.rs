@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use crate::handler::HandlerError;
+use crate::handler::{HandlerError, UNSTORABLE_STEP_OUTPUT};
 use crate::message::EventIdentity;
 use crate::sqs::ReceivedMessage;
-use crate::store::Lease;
+use crate::store::{Lease, NewStep};
 use crate::{message, sqs};
 
 use super::acker::{AckKind, AckResult};
@@ -25,6 +25,9 @@ pub(super) struct Finished<'a> {
     /// Deliveries beyond the event's own message (same batch, or rode along).
     pub(super) duplicates: usize,
     pub(super) attempts: u32,
+    /// The handler's last step, when its record is still to be written: it goes with the
+    /// completion.
+    pub(super) last_step: Option<NewStep>,
 }
 
 /// The handler succeeded: complete the checkpoint (fenced by the lease), then delete.
@@ -34,6 +37,7 @@ pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Opti
     fail::fail_point!("sqs_worker::handled");
     let complete = AckKind::Complete {
         lease: done.lease.clone(),
+        last_step: done.last_step,
     };
     match shared.ack(complete).with_receipts(done.receipts).await {
         AckResult::Done => {
@@ -53,6 +57,16 @@ pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Opti
         AckResult::Failed(error) => {
             tracing::error!(%error, "could not record completion; the message will be delivered again");
             Some(shared.lease)
+        }
+        // The last step's output can never be stored (DynamoDB's item limit): the event
+        // cannot complete, as if the step itself had failed so.
+        AckResult::TooLarge { detail, receipts } => {
+            let done = Finished {
+                receipts,
+                last_step: None,
+                ..done
+            };
+            settle_permanent(shared, done, UNSTORABLE_STEP_OUTPUT, &detail).await
         }
     }
 }

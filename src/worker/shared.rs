@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::handler::Handler;
+use crate::handler::{Handler, StepRecorder};
 use crate::message::EventIdentity;
 use crate::sqs::SqsQueue;
 use crate::store::{CheckpointStore, Lease};
@@ -15,6 +15,7 @@ use crate::store::{CheckpointStore, Lease};
 use super::acker::AckRequest;
 use super::config::{PayloadMismatch, WorkerConfig};
 use super::dlq::FirstPayload;
+use super::pollers::PollerCount;
 use super::readiness::Readiness;
 use super::retry::retry_delay;
 use super::running::{RecentlySettled, RideAlong, Riders, RunningHere};
@@ -32,8 +33,11 @@ pub(crate) struct Shared {
     /// The worker's own statements, on a pool of their own (see
     /// [`CheckpointStore::own_connections`]).
     pub(super) store: Arc<dyn CheckpointStore>,
-    /// The store handlers' steps write through: the pool the worker was given.
+    /// The store handlers' step transactions write through: the pool the worker was given.
     pub(super) handler_store: Arc<dyn CheckpointStore>,
+    /// Writes the handlers' step records, many events' in one statement (on the worker's
+    /// own connections).
+    pub(super) recorder: StepRecorder,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) scope: String,
     /// This worker's name (`--worker-id`): the first part of its lease tokens.
@@ -46,6 +50,8 @@ pub(crate) struct Shared {
     /// A FIFO queue: a message group's messages run one at a time, in order.
     pub(super) fifo: bool,
     pub(super) counters: Counters,
+    /// The long polls running, within `--pollers` and `--max-pollers`.
+    pub(super) pollers: PollerCount,
     pub(super) in_flight: AtomicUsize,
     /// Events running in this process, with deliveries of them that arrived meanwhile
     /// (claimed Busy by our own lease): they ride along instead of waiting out the lease.
@@ -217,6 +223,14 @@ impl Shared {
 
     pub(crate) fn mode(&self) -> &Mode {
         &self.mode
+    }
+
+    /// One ReceiveMessage call answered with `n` messages.
+    pub(super) fn count_receive(&self, n: usize) {
+        self.counters.receive_calls.add(1);
+        if n == 0 {
+            self.counters.empty_receives.add(1);
+        }
     }
 
     pub(crate) fn count_received(&self, n: usize) {

@@ -26,6 +26,10 @@ pub struct RunSummary {
     pub delete_failures: u64,
     /// Completions refused because another worker had taken the lease.
     pub lease_lost: u64,
+    /// ReceiveMessage calls that answered (empty ones included).
+    pub receive_calls: u64,
+    /// ReceiveMessage calls that brought no message (long polls of a quiet queue).
+    pub empty_receives: u64,
     /// Failed ReceiveMessage calls.
     pub receive_errors: u64,
     /// Failed checkpoint statements.
@@ -42,6 +46,8 @@ pub struct RunSummary {
     /// Milliseconds from the first message received to the last one settled (throughput
     /// is `received` over this; startup and idle time are not in it).
     pub active_millis: u64,
+    /// The most long polls that ran at once (see `--max-pollers`).
+    pub peak_pollers: u64,
 }
 
 /// One count: kept for the run summary and mirrored to the `metrics` facade.
@@ -78,6 +84,8 @@ pub(super) struct Counters {
     pub(super) dead_lettered: Count,
     pub(super) delete_failures: Count,
     pub(super) lease_lost: Count,
+    pub(super) receive_calls: Count,
+    pub(super) empty_receives: Count,
     pub(super) receive_errors: Count,
     pub(super) database_errors: Count,
     pub(super) heartbeats: Count,
@@ -99,6 +107,8 @@ impl Counters {
             dead_lettered: Count::new(names::DEAD_LETTERED, queue),
             delete_failures: Count::new(names::DELETE_FAILURES, queue),
             lease_lost: Count::new(names::LEASE_LOST, queue),
+            receive_calls: Count::new(names::RECEIVE_CALLS, queue),
+            empty_receives: Count::new(names::EMPTY_RECEIVES, queue),
             receive_errors: Count::new(names::RECEIVE_ERRORS, queue),
             database_errors: Count::new(names::DATABASE_ERRORS, queue),
             heartbeats: Count::new(names::HEARTBEATS, queue),
@@ -120,6 +130,8 @@ impl Counters {
             dead_lettered: self.dead_lettered.get(),
             delete_failures: self.delete_failures.get(),
             lease_lost: self.lease_lost.get(),
+            receive_calls: self.receive_calls.get(),
+            empty_receives: self.empty_receives.get(),
             receive_errors: self.receive_errors.get(),
             database_errors: self.database_errors.get(),
             heartbeats: self.heartbeats.get(),
@@ -127,6 +139,7 @@ impl Counters {
             released_at_shutdown: self.released_at_shutdown.get(),
             abandoned_at_shutdown: 0,
             active_millis: 0,
+            peak_pollers: 0,
         }
     }
 }
@@ -152,6 +165,10 @@ pub mod names {
     pub const DELETE_FAILURES: &str = "sqs_worker_delete_failures_total";
     /// [`RunSummary::lease_lost`](super::RunSummary::lease_lost).
     pub const LEASE_LOST: &str = "sqs_worker_lease_lost_total";
+    /// [`RunSummary::receive_calls`](super::RunSummary::receive_calls).
+    pub const RECEIVE_CALLS: &str = "sqs_worker_receive_calls_total";
+    /// [`RunSummary::empty_receives`](super::RunSummary::empty_receives).
+    pub const EMPTY_RECEIVES: &str = "sqs_worker_empty_receives_total";
     /// [`RunSummary::receive_errors`](super::RunSummary::receive_errors).
     pub const RECEIVE_ERRORS: &str = "sqs_worker_receive_errors_total";
     /// [`RunSummary::database_errors`](super::RunSummary::database_errors).
@@ -164,6 +181,8 @@ pub mod names {
     pub const RELEASED_AT_SHUTDOWN: &str = "sqs_worker_released_at_shutdown_total";
     /// Handlers running now (a gauge, not a count of the summary).
     pub const IN_FLIGHT: &str = "sqs_worker_in_flight";
+    /// Long polls running now (a gauge; the summary has its peak).
+    pub const POLLERS: &str = "sqs_worker_pollers";
     /// Handler run time in seconds (a histogram, not a count of the summary).
     pub const HANDLER_DURATION: &str = "sqs_worker_handler_duration_seconds";
 }

@@ -204,14 +204,16 @@ fn every_summary_count_has_the_metric_of_its_name() {
         names::DEAD_LETTERED,
         names::DELETE_FAILURES,
         names::LEASE_LOST,
+        names::RECEIVE_CALLS,
+        names::EMPTY_RECEIVES,
         names::RECEIVE_ERRORS,
         names::DATABASE_ERRORS,
         names::HEARTBEATS,
         names::HEARTBEAT_FAILURES,
         names::RELEASED_AT_SHUTDOWN,
     ];
-    // Not counts: a gauge set at shutdown and a duration.
-    let not_counted = ["abandoned_at_shutdown", "active_millis"];
+    // Not counts: a gauge set at shutdown, a duration and a peak.
+    let not_counted = ["abandoned_at_shutdown", "active_millis", "peak_pollers"];
     let summary = serde_json::to_value(RunSummary::default()).unwrap();
     let mut fields: Vec<String> = summary
         .as_object()

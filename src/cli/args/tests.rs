@@ -47,7 +47,7 @@ fn run_args_become_a_worker_config() {
     let config = args.worker_config().unwrap();
     assert_eq!(config.key.pointers(), ["/a", "/b"]);
     assert_eq!(config.exit_when_idle, Some(Duration::from_millis(1500)));
-    assert_eq!(config.pollers, 2);
+    assert_eq!((config.pollers, config.max_pollers), (1, 10));
 }
 
 fn parse_run(extra: &[&str]) -> Result<RunArgs, clap::Error> {

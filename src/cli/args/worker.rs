@@ -40,9 +40,16 @@ pub struct RunArgs {
     #[arg(long, env = "SQS_WORKER_CONCURRENCY", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
 
-    /// Concurrent long polls (each receives up to 10 messages).
-    #[arg(long, env = "SQS_WORKER_POLLERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Long polls kept while the queue is quiet (each receives up to 10 messages). More are
+    /// started while receives come back full and permits are free, up to --max-pollers, and
+    /// stopped again when a receive comes back empty.
+    #[arg(long, env = "SQS_WORKER_POLLERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pollers: u32,
+
+    /// Most concurrent long polls (at least --pollers): the ceiling of the adaptive receiving.
+    /// The sqs_worker_pollers gauge shows how many run.
+    #[arg(long, env = "SQS_WORKER_MAX_POLLERS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_pollers: u32,
 
     /// Long-poll wait per ReceiveMessage, in seconds (0–20).
     #[arg(long, env = "SQS_WORKER_WAIT_TIME_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=20))]
@@ -85,6 +92,7 @@ impl RunArgs {
     pub fn worker_config(&self) -> Result<WorkerConfig, String> {
         let mut config = self.processing.worker_config(&self.queue_url)?;
         config.pollers = self.pollers as usize;
+        config.max_pollers = self.max_pollers as usize;
         config.concurrency = self.concurrency as usize;
         config.wait_time = Duration::from_secs(self.wait_time_seconds);
         config.visibility_timeout = self.visibility_timeout.map(Duration::from_secs);

@@ -50,17 +50,23 @@ impl StepColumns {
         }
     }
 
+    /// The records in key order: the statement locks rows in the order of its arrays.
     pub(super) fn of_records(records: &[StepRecord]) -> Self {
+        let mut sorted: Vec<&StepRecord> = records.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
         let mut columns = Self::with_capacity(records.len());
-        for r in records {
+        for r in sorted {
             columns.push(&r.key, &r.token, Some(&r.step));
         }
         columns
     }
 
+    /// The completions in key order (see `of_records`).
     pub(super) fn of_completions(events: &[Completion]) -> Self {
+        let mut sorted: Vec<&Completion> = events.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
         let mut columns = Self::with_capacity(events.len());
-        for e in events {
+        for e in sorted {
             columns.push(&e.key, &e.token, e.last_step.as_ref());
         }
         columns
@@ -69,9 +75,9 @@ impl StepColumns {
 
 #[async_trait]
 impl Steps for PostgresStore {
-    /// One statement for every record: rows found by primary key and locked in key order
-    /// (as claims and completions lock them), each appended only under its token and at its
-    /// index.
+    /// One statement for every record: rows looked up one key at a time and locked in key
+    /// order (as claims and completions lock them; see `complete_events`), each appended
+    /// only under its token and at its index.
     async fn record_steps(
         &self,
         scope: &str,
@@ -83,31 +89,25 @@ impl Steps for PostgresStore {
         let columns = StepColumns::of_records(records);
         let recorded = sqlx::query_scalar!(
             r#"
-            with locked as (
-                select c.idempotency_key, c.status, c.lease_owner,
-                       jsonb_array_length(c.steps) as recorded
-                from checkpoints c
-                where c.scope = $1 and c.idempotency_key = any($2::text[])
-                  and c.lease_owner = any($3::text[])
-                order by c.idempotency_key
-                for update
-            ),
-            ours as (
-                select locked.idempotency_key, r.name, r.output
-                from locked
-                join unnest($2::text[], $3::text[], $4::int4[], $5::text[], $6::text[])
+            with ours as (
+                select c.row_id, r.name, r.output
+                from unnest($2::text[], $3::text[], $4::int4[], $5::text[], $6::text[])
                      as r(idempotency_key, lease_owner, step_index, name, output)
-                  on locked.idempotency_key = r.idempotency_key
-                 and locked.lease_owner = r.lease_owner
-                 and locked.recorded = r.step_index
-                where locked.status = 'in_progress'
+                cross join lateral (
+                    select c.ctid as row_id
+                    from checkpoints c
+                    where c.scope = $1 and c.idempotency_key = r.idempotency_key
+                      and c.lease_owner = r.lease_owner and c.status = 'in_progress'
+                      and jsonb_array_length(c.steps) = r.step_index
+                    for update
+                ) c
             )
             update checkpoints as c
             set steps = c.steps || jsonb_build_array(jsonb_build_object(
                     'name', ours.name, 'output', ours.output::jsonb, 'completed_at', now())),
                 updated_at = now()
             from ours
-            where c.scope = $1 and c.idempotency_key = ours.idempotency_key
+            where c.ctid = ours.row_id
             returning c.idempotency_key as "idempotency_key!"
             "#,
             scope,

@@ -97,6 +97,27 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
         .args(["--key", "order_id"]);
     cases.push(("key pointer without /", command, "must start with '/'"));
 
+    // A newer version migrated this database (a rollback, or an old task in a rolling
+    // deploy): starting cannot fix it, and the line says what to run.
+    let newer = unique("sqsw_newer");
+    let admin = env.database_url().rsplit_once('/').unwrap().0.to_owned();
+    let newer_url = format!("{admin}/{newer}");
+    create_newer_schema(&admin, &newer).await;
+    let mut command = sqs_worker_command(&newer_url);
+    command.args(run_args(env.queue_url()));
+    cases.push((
+        "schema migrated by a newer version",
+        command,
+        "has migration 99990101000000, which this sqs-worker does not know",
+    ));
+    let mut command = sqs_worker_command(&newer_url);
+    command.arg("migrate");
+    cases.push((
+        "migrate on a newer schema",
+        command,
+        "a newer version migrated it",
+    ));
+
     for (case, command, expected) in cases {
         let ended = run_briefly(command).await;
         assert_eq!(ended.code, Some(2), "{case}: {}", ended.stderr);
@@ -108,6 +129,42 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
             ended.stderr
         );
     }
+    drop_database(&admin, &newer).await;
+}
+
+async fn drop_database(admin: &str, name: &str) {
+    let server = sqlx::PgPool::connect(&format!("{admin}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("drop database if exists {name} with (force)"))
+        .execute(&server)
+        .await
+        .unwrap();
+    server.close().await;
+}
+
+/// Database `name` on the server at `admin`, migrated, plus a migration from a later version.
+async fn create_newer_schema(admin: &str, name: &str) {
+    let server = sqlx::PgPool::connect(&format!("{admin}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("create database {name}"))
+        .execute(&server)
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&format!("{admin}/{name}"))
+        .await
+        .unwrap();
+    sqs_worker::MIGRATOR.run(&pool).await.unwrap();
+    sqlx::query(
+        "insert into _sqlx_migrations (version, description, success, checksum, execution_time)
+         values (99990101000000, 'from the future', true, '\\x00', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    server.close().await;
 }
 
 /// An endpoint or a database that refuses connections is retried, one line per attempt,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sqs_worker::startup;
 use sqs_worker::startup::Verdict;
-use sqs_worker::store::{self, CheckpointStore, DynamoStore, StoreKind};
+use sqs_worker::store::{self, CheckpointStore, DynamoStore, StoreError, StoreKind};
 
 use super::output::{OperatorError, redact_url};
 
@@ -113,11 +113,20 @@ pub async fn open_migrated_store(
         check_postgres(url).await?;
     }
     let store = open(url, connections).await?;
-    store
-        .migrate()
-        .await
-        .context("applying migrations failed")?;
+    migrate_store(store.as_ref(), "").await?;
     Ok(store)
+}
+
+/// Apply the migrations; a schema migrated by a newer version is the operator's to resolve
+/// (exit 2: rerunning cannot help), anything else says `hint` after the cause.
+pub(super) async fn migrate_store(store: &dyn CheckpointStore, hint: &str) -> anyhow::Result<()> {
+    match store.migrate().await {
+        Ok(()) => Ok(()),
+        Err(newer @ StoreError::NewerSchema(_)) => Err(OperatorError(newer.to_string()).into()),
+        Err(other) => {
+            Err(anyhow::Error::new(other).context(format!("applying migrations failed{hint}")))
+        }
+    }
 }
 
 /// A store for a worker, with the migrations applied unless the schema is managed elsewhere.
@@ -141,9 +150,11 @@ pub(super) async fn open_migrated(
     }
     let store = open_for_worker(database_url, connections, retention).await?;
     if migrate {
-        store.migrate().await.context(
-            "applying migrations failed (use --no-migrate if the schema is managed elsewhere)",
-        )?;
+        migrate_store(
+            store.as_ref(),
+            " (use --no-migrate if the schema is managed elsewhere)",
+        )
+        .await?;
     }
     Ok(store)
 }

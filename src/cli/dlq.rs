@@ -12,7 +12,7 @@ use sqs_worker::{redrive, sqs};
 
 use crate::cli::args::{DlqPeekArgs, OutputFormat, RedriveArgs};
 
-use super::database::open_store;
+use super::database::{migrate_store, open_store};
 use super::output::{OperatorError, align_right, human_age, progress_bar, table};
 use super::run::key_spec;
 
@@ -43,10 +43,7 @@ pub async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         .as_deref()
         .context("--database-url (or DATABASE_URL) is required")?;
     let store = open_store(database_url, 2).await?;
-    store
-        .migrate()
-        .await
-        .context("applying migrations failed")?;
+    migrate_store(store.as_ref(), "").await?;
     let options = redrive_options(&args)?;
     let mut progress = RedriveProgress::start(&client, &options).await;
     let report =

@@ -31,7 +31,14 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     /// The schema could not be brought up to date.
     #[error("applying migrations failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
+    /// The database holds a migration this build does not know: a newer version migrated it.
+    #[error(
+        "the database has migration {0}, which this sqs-worker does not know: a newer \
+         version migrated it; run that version (or this one with --no-migrate, if the newer \
+         schema is compatible)"
+    )]
+    NewerSchema(i64),
     /// A store URL of no known kind.
     #[error(
         "not a checkpoint store URL: use postgres://USER@HOST/DB, sqlite://PATH, \
@@ -48,6 +55,15 @@ pub enum StoreError {
     /// The store could not be set up (a lock file, say).
     #[error("{0}")]
     Config(String),
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        match error {
+            sqlx::migrate::MigrateError::VersionMissing(version) => Self::NewerSchema(version),
+            other => Self::Migrate(other),
+        }
+    }
 }
 
 /// The lease one claim holds on one event: what every write after the claim is fenced by.

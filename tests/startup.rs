@@ -129,29 +129,25 @@ async fn start_up_mistakes_fail_at_once_in_one_line() {
             ended.stderr
         );
     }
-    drop_database(&admin, &newer).await;
+    on_server(
+        &admin,
+        &format!("drop database if exists {newer} with (force)"),
+    )
+    .await;
 }
 
-async fn drop_database(admin: &str, name: &str) {
+/// One statement on the server at `admin` (through its `postgres` database).
+async fn on_server(admin: &str, statement: &str) {
     let server = sqlx::PgPool::connect(&format!("{admin}/postgres"))
         .await
         .unwrap();
-    sqlx::query(&format!("drop database if exists {name} with (force)"))
-        .execute(&server)
-        .await
-        .unwrap();
+    sqlx::query(statement).execute(&server).await.unwrap();
     server.close().await;
 }
 
 /// Database `name` on the server at `admin`, migrated, plus a migration from a later version.
 async fn create_newer_schema(admin: &str, name: &str) {
-    let server = sqlx::PgPool::connect(&format!("{admin}/postgres"))
-        .await
-        .unwrap();
-    sqlx::query(&format!("create database {name}"))
-        .execute(&server)
-        .await
-        .unwrap();
+    on_server(admin, &format!("create database {name}")).await;
     let pool = sqlx::PgPool::connect(&format!("{admin}/{name}"))
         .await
         .unwrap();
@@ -164,7 +160,6 @@ async fn create_newer_schema(admin: &str, name: &str) {
     .await
     .unwrap();
     pool.close().await;
-    server.close().await;
 }
 
 /// An endpoint or a database that refuses connections is retried, one line per attempt,

@@ -63,6 +63,7 @@ pub mod lambda;
 pub mod message;
 pub mod redrive;
 pub mod sqs;
+pub mod spans;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -121,7 +121,12 @@ impl LambdaWorker {
         let records: Vec<(String, ReceivedMessage)> = event
             .records
             .into_iter()
-            .map(|record| (record.event_source_arn.clone().unwrap_or_default(), received(record)))
+            .map(|record| {
+                (
+                    record.event_source_arn.clone().unwrap_or_default(),
+                    received(record),
+                )
+            })
             .collect();
         let messages: Vec<ReceivedMessage> = records.iter().map(|(_, m)| m.clone()).collect();
         let span = spans::invocation(invocation.trace_header, invocation.request_id, &messages);

@@ -11,6 +11,8 @@
 //! else X-Ray's `AWSTraceHeader`); inside a Lambda `invocation` span it is that span's child
 //! and links to the producer instead, and the invocation links to every producer of its batch.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::OnceLock;
@@ -23,6 +25,8 @@ use tracing::Instrument;
 use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use aws_sdk_sqs::types::MessageAttributeValue;
 
 use crate::message::trace::{self, AWS_TRACE_HEADER, TRACEPARENT, TRACESTATE, TraceContext};
 use crate::sqs::ReceivedMessage;
@@ -69,6 +73,34 @@ pub fn producer_context(message: &ReceivedMessage) -> Option<TraceContext> {
             .get(AWS_TRACE_HEADER)
             .map(String::as_str),
     )
+}
+
+/// A message's attributes for a message made from it (a DLQ copy, a redriven message): its
+/// own, plus a `traceparent` converted from its `AWSTraceHeader` when it has none. That
+/// system attribute does not travel with a message sent again, the message attribute does.
+pub fn attributes_with_trace(
+    message: &ReceivedMessage,
+) -> Cow<'_, HashMap<String, MessageAttributeValue>> {
+    let attributes = &message.message_attributes;
+    if attributes.contains_key(TRACEPARENT) {
+        return Cow::Borrowed(attributes);
+    }
+    let converted = message
+        .system_attributes
+        .get(AWS_TRACE_HEADER)
+        .and_then(|header| trace::parse_xray(header))
+        .and_then(|context| context.traceparent());
+    match converted {
+        Some(traceparent) => {
+            let mut attributes = attributes.clone();
+            attributes.insert(
+                TRACEPARENT.to_owned(),
+                crate::sqs::string_attribute(traceparent),
+            );
+            Cow::Owned(attributes)
+        }
+        None => Cow::Borrowed(attributes),
+    }
 }
 
 /// The OpenTelemetry form of a remote context; `None` without a parent span (an X-Ray
@@ -251,7 +283,11 @@ pub fn step(name: &str, index: usize, replayed: bool) -> Span {
 
 /// The `invocation` span of a Lambda invocation: a child of the invocation's X-Ray trace
 /// header (`_X_AMZN_TRACE_ID`), linked to every producer context its records carry.
-pub fn invocation(trace_header: Option<&str>, request_id: &str, records: &[ReceivedMessage]) -> Span {
+pub fn invocation(
+    trace_header: Option<&str>,
+    request_id: &str,
+    records: &[ReceivedMessage],
+) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -305,6 +341,21 @@ pub fn outgoing(fallback: Option<&TraceContext>) -> Option<TraceHeaders> {
         traceparent: fallback.traceparent()?,
         tracestate: fallback.tracestate.clone(),
     })
+}
+
+/// The `send` span of a message sent by `sqs-worker send` (kind producer).
+pub fn send(queue: &str) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "send",
+        otel.kind = "producer",
+        messaging.system = "aws_sqs",
+        messaging.operation.name = "send",
+        messaging.operation.type = "send",
+        messaging.destination.name = queue,
+    )
 }
 
 /// A new trace's root context (random ids, sampled), for a message sent with no trace

@@ -21,4 +21,3 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()?;
     Ok(handle)
 }
-

@@ -255,7 +255,15 @@ pub(super) fn dlq_message(
     fifo: bool,
     max_bytes: usize,
 ) -> OutgoingMessage {
-    let rank = |name: &str| u8::from(!message::REDRIVE_MARKERS.contains(&name));
+    let rank = |name: &str| {
+        if message::REDRIVE_MARKERS.contains(&name) {
+            0
+        } else if message::trace::TRACE_ATTRIBUTES.contains(&name) {
+            1
+        } else {
+            2
+        }
+    };
     // SQS refuses characters outside XML 1.0 and empty String values: either would fail the
     // send, and with it every retry of this message.
     let attribute_text = |text: &str, empty: &str| {
@@ -273,7 +281,7 @@ pub(super) fn dlq_message(
                 attribute_text(&message::truncate_for_log(detail, 1000), "(no detail)"),
             ),
         ],
-        &message.message_attributes,
+        &spans::attributes_with_trace(message),
         &[],
         rank,
     );

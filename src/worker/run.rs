@@ -275,6 +275,7 @@ fn new_job(
         lease_lost: false,
         cancel: cancel.clone(),
         unrecorded_effect: None,
+        trace: spans::producer_context(message),
     }
 }
 

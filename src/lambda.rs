@@ -23,8 +23,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use tracing::Instrument;
-
 use crate::handler::Handler;
 use crate::spans;
 use crate::sqs::{ReceivedMessage, SqsQueue};
@@ -131,10 +129,7 @@ impl LambdaWorker {
         let messages: Vec<ReceivedMessage> = records.iter().map(|(_, m)| m.clone()).collect();
         let span = spans::invocation(invocation.trace_header, invocation.request_id, &messages);
         drop(messages);
-        let response = self
-            .handle_records(records, deadline, &span)
-            .instrument(span.clone())
-            .await;
+        let response = self.handle_records(records, deadline, &span).await;
         drop(span);
         spans::flush().await;
         response
@@ -144,7 +139,7 @@ impl LambdaWorker {
         &self,
         records: Vec<(String, ReceivedMessage)>,
         deadline: SystemTime,
-        span: &tracing::Span,
+        span: &spans::InvocationSpan,
     ) -> SqsBatchResponse {
         let remaining = deadline
             .duration_since(SystemTime::now())
@@ -183,7 +178,7 @@ impl LambdaWorker {
         source: &str,
         messages: &'m [ReceivedMessage],
         Limits { finish_by, margin }: Limits,
-        span: &tracing::Span,
+        span: &spans::InvocationSpan,
     ) -> Vec<&'m ReceivedMessage> {
         let shared = match self.core_for(source).await {
             Ok(shared) => shared,
@@ -220,7 +215,7 @@ impl LambdaWorker {
                 lease_cap: Some(finish_by),
                 tokens: tokens.clone(),
                 rechecks: 0,
-                parent: span.clone(),
+                parent: span.context().cloned(),
             };
             // Claim retries and visibility changes must not outlast the invocation either:
             // what is not started by then is reported failed and redelivered.

@@ -148,10 +148,10 @@ pub struct Delivery<'a> {
     pub final_pass: bool,
 }
 
-/// The `process` span of one delivery (kind consumer), a child of `parent` when that is a
-/// span (a Lambda invocation), else of the producer's context. `sqs_worker.attempt` and
+/// The `process` span of one delivery (kind consumer), a child of `parent` when there is
+/// one (a Lambda invocation), else of the producer's context. `sqs_worker.attempt` and
 /// `sqs_worker.outcome` are filled in later ([`record_attempt`], [`record_outcome`]).
-pub fn process(delivery: &Delivery<'_>, parent: &Span) -> Span {
+pub fn process(delivery: &Delivery<'_>, parent: Option<&opentelemetry::Context>) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -161,7 +161,7 @@ pub fn process(delivery: &Delivery<'_>, parent: &Span) -> Span {
         .get("ApproximateReceiveCount")
         .and_then(|count| count.parse::<u64>().ok());
     let span = tracing::info_span!(
-        parent: parent,
+        parent: None,
         "process",
         otel.kind = "consumer",
         messaging.system = "aws_sqs",
@@ -176,7 +176,10 @@ pub fn process(delivery: &Delivery<'_>, parent: &Span) -> Span {
         sqs_worker.attempt = Empty,
         sqs_worker.outcome = Empty,
     );
-    continue_producer(&span, producer_context(message).as_ref(), !parent.is_none());
+    if let Some(invocation) = parent {
+        let _ = span.set_parent(invocation.clone());
+    }
+    continue_producer(&span, producer_context(message).as_ref(), parent.is_some());
     span
 }
 
@@ -281,30 +284,64 @@ pub fn step(name: &str, index: usize, replayed: bool) -> Span {
     )
 }
 
-/// The `invocation` span of a Lambda invocation: a child of the invocation's X-Ray trace
-/// header (`_X_AMZN_TRACE_ID`), linked to every producer context its records carry.
+/// The `invocation` span of a Lambda invocation (kind consumer): a child of the
+/// invocation's X-Ray trace header (`_X_AMZN_TRACE_ID`), linked to every producer context its
+/// records carry; the batch's `process` spans are its children. Made with the OpenTelemetry
+/// API, not as a `tracing` span: as the first span of a process behind the per-layer filter
+/// it came out unseen by the OpenTelemetry layer (and its children lost their parent).
+/// It ends when dropped.
+pub struct InvocationSpan(Option<opentelemetry::Context>);
+
+impl InvocationSpan {
+    /// The context its `process` spans are children of.
+    pub fn context(&self) -> Option<&opentelemetry::Context> {
+        self.0.as_ref()
+    }
+}
+
+impl Drop for InvocationSpan {
+    fn drop(&mut self) {
+        if let Some(context) = &self.0 {
+            context.span().end();
+        }
+    }
+}
+
+/// Start the `invocation` span of a batch of `records` (none while tracing is off).
 pub fn invocation(
     trace_header: Option<&str>,
     request_id: &str,
     records: &[ReceivedMessage],
-) -> Span {
+) -> InvocationSpan {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Link, SpanKind, Tracer, TracerProvider};
     if !enabled() {
-        return Span::none();
+        return InvocationSpan(None);
     }
-    let span = tracing::info_span!(
-        "invocation",
-        otel.kind = "consumer",
-        faas.trigger = "pubsub",
-        faas.invocation_id = request_id,
-        messaging.system = "aws_sqs",
-        messaging.batch.message_count = records.len() as u64,
-    );
-    let invoked_by = trace_header.and_then(trace::parse_xray);
-    continue_producer(&span, invoked_by.as_ref(), false);
-    for producer in records.iter().filter_map(producer_context) {
-        continue_producer(&span, Some(&producer), true);
-    }
-    span
+    let parent = trace_header
+        .and_then(trace::parse_xray)
+        .as_ref()
+        .and_then(remote)
+        .map(|remote| opentelemetry::Context::new().with_remote_span_context(remote))
+        .unwrap_or_default();
+    let links = records
+        .iter()
+        .filter_map(|record| remote(&producer_context(record)?))
+        .map(|producer| Link::with_context(producer))
+        .collect();
+    let tracer = opentelemetry::global::tracer_provider().tracer("sqs-worker");
+    let span = tracer
+        .span_builder("invocation")
+        .with_kind(SpanKind::Consumer)
+        .with_links(links)
+        .with_attributes([
+            KeyValue::new("faas.trigger", "pubsub"),
+            KeyValue::new("faas.invocation_id", request_id.to_owned()),
+            KeyValue::new("messaging.system", "aws_sqs"),
+            KeyValue::new("messaging.batch.message_count", records.len() as i64),
+        ])
+        .start_with_context(&tracer, &parent);
+    InvocationSpan(Some(parent.with_span(span)))
 }
 
 /// W3C trace context headers for what an event causes downstream.

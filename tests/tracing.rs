@@ -225,6 +225,12 @@ async fn a_traced_message_continues_through_a_retry_and_its_replayed_steps() {
         handle.status_code, 2,
         "the failed handler's span is an error"
     );
+    assert_eq!(
+        child(&spans, handle, "step fetch")
+            .attr("sqs_worker.step.replayed")
+            .as_deref(),
+        Some("false")
+    );
     let charge = child(&spans, handle, "step charge");
     assert_eq!(charge.status_code, 2);
     assert!(
@@ -435,6 +441,63 @@ async fn the_http_handler_sends_traceparent() {
             .as_deref(),
         Some("retry")
     );
+}
+
+/// On Lambda, the invocation's `_X_AMZN_TRACE_ID` is the parent of the batch: an
+/// `invocation` span linked to each record's producer, the `process` spans its children,
+/// each linked to its own producer; exported before the invocation answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lambda_batch_is_a_child_of_the_invocation_trace() {
+    let env = TestEnv::new().await;
+    let receiver = OtlpReceiver::start().await;
+    let arn = env.queue_arn().await;
+    let log = tempdir("trace-lambda").join("done.log");
+    let invocation_trace = new_trace_id();
+    let lambda_parent = "53995c3f42cd8ad8";
+    let header = format!(
+        "Root=1-{}-{};Parent={lambda_parent};Sampled=1",
+        &invocation_trace[..8],
+        &invocation_trace[8..]
+    );
+    let producers = [new_trace_id(), new_trace_id()];
+    let records: Vec<_> = producers
+        .iter()
+        .enumerate()
+        .map(|(i, trace_id)| {
+            let attributes =
+                serde_json::json!({"traceparent": string_attr(&traceparent(trace_id))});
+            lambda_record(
+                &arn,
+                &format!("m-{i}"),
+                &format!(r#"{{"id":"l{i}"}}"#),
+                attributes,
+            )
+        })
+        .collect();
+    let event = serde_json::json!({ "Records": records });
+    let mut command = traced(env.command(), &receiver);
+    command.env("_X_AMZN_TRACE_ID", &header);
+    let response = invoke_lambda(command, &log, &event, "30", "cat >/dev/null").await;
+    assert_eq!(response, serde_json::json!({"batchItemFailures": []}));
+
+    let spans = receiver
+        .wait_for_trace(&invocation_trace, Duration::from_secs(20), |s| {
+            named(s, "settle").len() == 2 && named(s, "invocation").len() == 1
+        })
+        .await;
+    let invocation = named(&spans, "invocation")[0];
+    assert_eq!(invocation.parent_span_id, lambda_parent);
+    let mut linked: Vec<&str> = invocation.links.iter().map(|(t, _)| t.as_str()).collect();
+    linked.sort();
+    let mut expected: Vec<&str> = producers.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(linked, expected, "the invocation links every producer");
+    for process in named(&spans, "process") {
+        assert_eq!(process.parent_span_id, invocation.span_id);
+        assert_eq!(process.links.len(), 1);
+        assert!(producers.contains(&process.links[0].0));
+        assert_eq!(process.links[0].1, PRODUCER_SPAN);
+    }
 }
 
 /// Without the environment nothing is exported, and no exporter starts: the receiver hears

@@ -32,6 +32,8 @@ impl TraceExport {
 
     pub(super) fn tracer(&self) -> Option<Tracer> {
         let provider = self.provider.as_ref()?;
+        // The Lambda invocation span is made through the global provider (src/spans.rs).
+        opentelemetry::global::set_tracer_provider(provider.clone());
         let flushing = provider.clone();
         crate::spans::enable(Box::new(move || {
             if let Err(error) = flushing.force_flush() {

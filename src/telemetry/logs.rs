@@ -12,7 +12,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry, filter::Targets};
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets};
 
 const DEFAULT_FILTER: &str = "info,aws_config=warn,aws_smithy_runtime=warn,sqlx=warn";
 
@@ -25,40 +25,32 @@ pub enum LogFormat {
     Json,
 }
 
-type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
-
 /// Install the global subscriber. RUST_LOG filters the logs only: the spans exported are
 /// the worker's own (`sqs_worker` at info), whatever the log level, so quieting the logs
 /// does not empty the traces.
 pub(super) fn install(format: LogFormat, tracer: Option<Tracer>) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let logs: BoxedLayer = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(filter)
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .fmt_fields(JsonFields::new())
-            .event_format(WithTraceIds(
-                tracing_subscriber::fmt::format().json().flatten_event(true),
-            ))
-            .with_filter(filter)
-            .boxed(),
-    };
-    let mut layers = vec![logs];
-    if let Some(tracer) = tracer {
-        let spans = Targets::new().with_target("sqs_worker", Level::INFO);
-        layers.push(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(spans)
-                .boxed(),
-        );
-    }
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target("sqs_worker", Level::INFO))
+    });
+    let registry = tracing_subscriber::registry().with(spans);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // A subscriber may already be installed (tests, embedding): keep it.
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    let _ = match format {
+        LogFormat::Text => registry.with(logs.with_filter(filter)).try_init(),
+        LogFormat::Json => registry
+            .with(
+                logs.fmt_fields(JsonFields::new())
+                    .event_format(WithTraceIds(
+                        tracing_subscriber::fmt::format().json().flatten_event(true),
+                    ))
+                    .with_filter(filter),
+            )
+            .try_init(),
+    };
 }
 
 /// The JSON event format with the exported span's `trace_id` and `span_id` in front.

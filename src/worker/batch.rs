@@ -95,7 +95,7 @@ async fn handle_deliveries(
     context: &BatchContext,
 ) {
     let lease = batch_lease(shared, context);
-    let parsed = parse_batch(shared, deliveries, &context.parent);
+    let parsed = parse_batch(shared, deliveries, context.parent.as_ref());
     let lease_token = format!(
         "{}#{}",
         shared.worker_id,
@@ -155,8 +155,12 @@ fn batch_lease(shared: &Shared, context: &BatchContext) -> Duration {
 type Delivery = (ReceivedMessage, Option<tracing::Span>);
 
 /// Work out each message's event identity and redrive markers, and give it its `process`
-/// span (a child of `parent` when that is a span).
-fn parse_batch(shared: &Shared, deliveries: Vec<Delivery>, parent: &tracing::Span) -> Vec<Parsed> {
+/// span (a child of `parent` when there is one).
+fn parse_batch(
+    shared: &Shared,
+    deliveries: Vec<Delivery>,
+    parent: Option<&opentelemetry::Context>,
+) -> Vec<Parsed> {
     deliveries
         .into_iter()
         .enumerate()

@@ -327,7 +327,7 @@ pub fn invocation(
     let links = records
         .iter()
         .filter_map(|record| remote(&producer_context(record)?))
-        .map(|producer| Link::with_context(producer))
+        .map(Link::with_context)
         .collect();
     let tracer = opentelemetry::global::tracer_provider().tracer("sqs-worker");
     let span = tracer

@@ -98,7 +98,7 @@ fn child<'a>(spans: &'a [CollectedSpan], parent: &CollectedSpan, name: &str) -> 
 }
 
 /// The `process` span of attempt `attempt`.
-fn process_of<'a>(spans: &'a [CollectedSpan], attempt: u32) -> &'a CollectedSpan {
+fn process_of(spans: &[CollectedSpan], attempt: u32) -> &CollectedSpan {
     named(spans, "process")
         .into_iter()
         .find(|s| s.attr("sqs_worker.attempt") == Some(attempt.to_string()))

@@ -443,6 +443,33 @@ async fn the_http_handler_sends_traceparent() {
     );
 }
 
+/// `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`: the same spans over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_over_grpc_when_the_protocol_says_so() {
+    let env = TestEnv::new().await;
+    let receiver = OtlpReceiver::start_grpc().await;
+    let trace_id = new_trace_id();
+    env.send_with_attributes(
+        env.queue_url(),
+        r#"{"id":"over-grpc"}"#,
+        &[("traceparent", &traceparent(&trace_id))],
+    )
+    .await;
+    let mut command = traced(
+        run_binary(&env, &["--", "sh", "-c", "cat >/dev/null"]),
+        &receiver,
+    );
+    command.env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+    let stderr = run_to_end(command).await;
+    assert!(stderr.contains("(grpc)"), "{stderr}");
+    let spans = receiver
+        .wait_for_trace(&trace_id, Duration::from_secs(20), |s| {
+            !named(s, "settle").is_empty()
+        })
+        .await;
+    assert_eq!(named(&spans, "process")[0].parent_span_id, PRODUCER_SPAN);
+}
+
 /// On Lambda, the invocation's `_X_AMZN_TRACE_ID` is the parent of the batch: an
 /// `invocation` span linked to each record's producer, the `process` spans its children,
 /// each linked to its own producer; exported before the invocation answers.

@@ -1,6 +1,6 @@
-//! An OTLP/HTTP trace receiver for the tracing tests: `POST /v1/traces` with a protobuf
-//! `ExportTraceServiceRequest`, decoded with `opentelemetry-proto`; every span kept, in a
-//! flat form the tests can search. With `SQS_WORKER_TRACE_DUMP=<dir>` set, each test's spans
+//! An OTLP trace receiver for the tracing tests, over HTTP (`POST /v1/traces` with a protobuf
+//! `ExportTraceServiceRequest`) or gRPC (the `TraceService`), decoded with
+//! `opentelemetry-proto`; every span kept, in a flat form the tests can search. With `SQS_WORKER_TRACE_DUMP=<dir>` set, each test's spans
 //! are also written there as JSON (`scripts/trace-picture` draws README's picture from them).
 
 use std::collections::BTreeMap;
@@ -13,7 +13,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use serde::Serialize;
@@ -82,6 +87,25 @@ impl OtlpReceiver {
         }
     }
 
+    /// The same over gRPC (what `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` speaks).
+    pub async fn start_grpc() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let collected = Collected::default();
+        let service = TraceServiceServer::new(Grpc(collected.clone()));
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+        Self {
+            endpoint,
+            collected,
+            task,
+        }
+    }
+
     /// Every span received so far.
     pub fn spans(&self) -> Vec<CollectedSpan> {
         self.collected.spans.lock().unwrap().clone()
@@ -137,47 +161,67 @@ async fn receive(State(collected): State<Collected>, body: Bytes) -> (StatusCode
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return (StatusCode::BAD_REQUEST, Vec::new());
     };
-    let mut spans = Vec::new();
-    for resource_spans in request.resource_spans {
-        let service = resource_spans
-            .resource
-            .iter()
-            .flat_map(|r| &r.attributes)
-            .find(|kv| kv.key == "service.name")
-            .and_then(|kv| kv.value.as_ref()?.value.as_ref().map(json))
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        for scope_spans in resource_spans.scope_spans {
-            for span in scope_spans.spans {
-                let status = span.status.unwrap_or_default();
-                spans.push(CollectedSpan {
-                    trace_id: hex::encode(&span.trace_id),
-                    span_id: hex::encode(&span.span_id),
-                    parent_span_id: hex::encode(&span.parent_span_id),
-                    name: span.name,
-                    kind: span.kind,
-                    start_ns: span.start_time_unix_nano,
-                    end_ns: span.end_time_unix_nano,
-                    attributes: span
-                        .attributes
-                        .into_iter()
-                        .filter_map(|kv| Some((kv.key, json(kv.value?.value.as_ref()?))))
-                        .collect(),
-                    status_code: status.code,
-                    status_message: status.message,
-                    links: span
-                        .links
-                        .into_iter()
-                        .map(|l| (hex::encode(l.trace_id), hex::encode(l.span_id)))
-                        .collect(),
-                    service: service.clone(),
-                });
-            }
-        }
-    }
-    collected.spans.lock().unwrap().extend(spans);
+    collected.keep(request);
     // An empty ExportTraceServiceResponse: everything accepted.
     (StatusCode::OK, Vec::new())
+}
+
+struct Grpc(Collected);
+
+#[async_trait::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.keep(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collected {
+    fn keep(&self, request: ExportTraceServiceRequest) {
+        let mut spans = Vec::new();
+        for resource_spans in request.resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref()?.value.as_ref().map(json))
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            for scope_spans in resource_spans.scope_spans {
+                for span in scope_spans.spans {
+                    let status = span.status.unwrap_or_default();
+                    spans.push(CollectedSpan {
+                        trace_id: hex::encode(&span.trace_id),
+                        span_id: hex::encode(&span.span_id),
+                        parent_span_id: hex::encode(&span.parent_span_id),
+                        name: span.name,
+                        kind: span.kind,
+                        start_ns: span.start_time_unix_nano,
+                        end_ns: span.end_time_unix_nano,
+                        attributes: span
+                            .attributes
+                            .into_iter()
+                            .filter_map(|kv| Some((kv.key, json(kv.value?.value.as_ref()?))))
+                            .collect(),
+                        status_code: status.code,
+                        status_message: status.message,
+                        links: span
+                            .links
+                            .into_iter()
+                            .map(|l| (hex::encode(l.trace_id), hex::encode(l.span_id)))
+                            .collect(),
+                        service: service.clone(),
+                    });
+                }
+            }
+        }
+        self.spans.lock().unwrap().extend(spans);
+    }
 }
 
 fn json(value: &Value) -> serde_json::Value {

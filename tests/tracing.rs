@@ -470,6 +470,64 @@ async fn spans_go_over_grpc_when_the_protocol_says_so() {
     assert_eq!(named(&spans, "process")[0].parent_span_id, PRODUCER_SPAN);
 }
 
+/// `sqs-worker send` starts a trace per message (tracing off: a new root context; on: its
+/// `send` span, kind producer), which the worker's spans then continue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_gives_each_message_a_trace() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::new().await;
+    let receiver = OtlpReceiver::start().await;
+    for tracing_on in [false, true] {
+        let mut command = if tracing_on {
+            traced(env.command(), &receiver)
+        } else {
+            untraced(env.command())
+        };
+        let mut child = command
+            .args(["send", "--queue-url", env.queue_url()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"{\"id\":\"sent\"}\n").await.unwrap();
+        drop(stdin);
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("send ends")
+            .unwrap();
+        assert!(status.success());
+    }
+    let messages = env.peek(2, Duration::from_secs(10)).await;
+    let mut parents: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            let value = m.message_attributes().unwrap()["traceparent"].string_value();
+            value.unwrap().to_owned()
+        })
+        .collect();
+    parents.sort();
+    parents.dedup();
+    assert_eq!(parents.len(), 2, "a trace each: {parents:?}");
+    for parent in &parents {
+        let fields: Vec<&str> = parent.split('-').collect();
+        assert_eq!(
+            (fields.len(), fields[0], fields[3]),
+            (4, "00", "01"),
+            "{parent}"
+        );
+    }
+    // Tracing on: the message names the exported `send` span.
+    let sends = receiver
+        .wait_for_spans_named("send", Duration::from_secs(20))
+        .await;
+    let send = &sends[0];
+    assert_eq!(send.kind, 4, "a producer span");
+    let expected = format!("00-{}-{}-01", send.trace_id, send.span_id);
+    assert!(parents.contains(&expected), "{parents:?} vs {expected}");
+}
+
 /// On Lambda, the invocation's `_X_AMZN_TRACE_ID` is the parent of the batch: an
 /// `invocation` span linked to each record's producer, the `process` spans its children,
 /// each linked to its own producer; exported before the invocation answers.

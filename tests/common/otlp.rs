@@ -141,6 +141,26 @@ impl OtlpReceiver {
         }
     }
 
+    /// The spans called `name`, once there is one; panics after `within`.
+    pub async fn wait_for_spans_named(&self, name: &str, within: Duration) -> Vec<CollectedSpan> {
+        let deadline = Instant::now() + within;
+        loop {
+            let spans: Vec<CollectedSpan> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s.name == name)
+                .collect();
+            if !spans.is_empty() {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} span within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Write `spans` to `$SQS_WORKER_TRACE_DUMP/<name>.json`, when that is set.
     pub fn dump(name: &str, spans: &[CollectedSpan]) {
         if let Ok(dir) = std::env::var("SQS_WORKER_TRACE_DUMP") {

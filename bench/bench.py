@@ -65,6 +65,9 @@ ENV = dict(
     RUST_LOG=os.environ.get("RUST_LOG", "warn"),
     RUST_BACKTRACE="0",
 )
+# Tracing is off unless --otlp turns it on: no OpenTelemetry setting of the caller's leaks in.
+for _name in [n for n in ENV if n.startswith("OTEL_")]:
+    del ENV[_name]
 
 
 def psql(url, sql):
@@ -329,9 +332,16 @@ def main():
     p.add_argument("--slow-messages", type=int, default=2_000, help="messages of the 100 ms handler run (0: skip it)")
     p.add_argument("--smoke", action="store_true", help="a few hundred messages, one round, small side runs")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.add_argument("--otlp", action="store_true",
+                   help="export the worker's traces (OTLP/HTTP) to a local sink that discards them: the cost of tracing on")
     p.add_argument("--store", choices=sorted(STORE_NAMES), default="postgres",
                    help="the checkpoint store of the worker runs and the 3-step run (default: postgres)")
     args = p.parse_args()
+    if args.otlp:
+        import otlp_sink
+        ENV["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_sink.start()
+        ENV["OTEL_SERVICE_NAME"] = "sqs-worker-bench"
+        print(f"tracing on: spans exported to {ENV['OTEL_EXPORTER_OTLP_ENDPOINT']} (a sink that discards them)")
     if args.smoke:
         args.messages, args.scale_rows, args.rounds = 300, 10_000, 1
         args.idle_seconds, args.memory_messages, args.memory_body_bytes, args.slow_messages = 3, 200, 16_384, 200
@@ -352,6 +362,10 @@ def main():
         psql(ADMIN, f"drop database if exists {DB_NAME}")
         psql(ADMIN, f"create database {DB_NAME}")
         benchmark(args, DB_URL, DB_NAME)
+    if args.otlp:
+        import otlp_sink
+        requests, size = otlp_sink.received()
+        print(f"tracing on: the sink received {requests} OTLP requests, {size / 1e6:.1f} MB")
 
 
 def median_row(runs):

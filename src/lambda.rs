@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handler::Handler;
+use crate::spans;
 use crate::sqs::{ReceivedMessage, SqsQueue};
 use crate::store::CheckpointStore;
 use crate::worker::{
@@ -81,7 +82,15 @@ impl LambdaWorker {
                 let worker = worker.clone();
                 async move {
                     let deadline = event.context.deadline();
-                    Ok::<_, lambda_runtime::Error>(worker.handle(event.payload, deadline).await)
+                    let invocation = Invocation {
+                        trace_header: event.context.xray_trace_id.as_deref(),
+                        request_id: &event.context.request_id,
+                    };
+                    // Boxed: the runtime's service stack makes a future too deep to lay out
+                    // inline.
+                    let response =
+                        Box::pin(worker.handle_invocation(event.payload, deadline, invocation));
+                    Ok::<_, lambda_runtime::Error>(response.await)
                 }
             },
         ))
@@ -89,8 +98,49 @@ impl LambdaWorker {
     }
 
     /// One invocation: process `event`, finishing before `deadline`. Returns the records to
-    /// retry.
+    /// retry. Its trace continues `_X_AMZN_TRACE_ID` when that is set.
     pub async fn handle(&self, event: SqsEvent, deadline: SystemTime) -> SqsBatchResponse {
+        let trace_header = std::env::var("_X_AMZN_TRACE_ID").ok();
+        let invocation = Invocation {
+            trace_header: trace_header.as_deref(),
+            request_id: "",
+        };
+        self.handle_invocation(event, deadline, invocation).await
+    }
+
+    /// [`LambdaWorker::handle`] in an `invocation` span, whose spans are exported before the
+    /// answer: Lambda may freeze the process once it has answered.
+    pub async fn handle_invocation(
+        &self,
+        event: SqsEvent,
+        deadline: SystemTime,
+        invocation: Invocation<'_>,
+    ) -> SqsBatchResponse {
+        let records: Vec<(String, ReceivedMessage)> = event
+            .records
+            .into_iter()
+            .map(|record| {
+                (
+                    record.event_source_arn.clone().unwrap_or_default(),
+                    received(record),
+                )
+            })
+            .collect();
+        let messages: Vec<ReceivedMessage> = records.iter().map(|(_, m)| m.clone()).collect();
+        let span = spans::invocation(invocation.trace_header, invocation.request_id, &messages);
+        drop(messages);
+        let response = self.handle_records(records, deadline, &span).await;
+        drop(span);
+        spans::flush().await;
+        response
+    }
+
+    async fn handle_records(
+        &self,
+        records: Vec<(String, ReceivedMessage)>,
+        deadline: SystemTime,
+        span: &spans::InvocationSpan,
+    ) -> SqsBatchResponse {
         let remaining = deadline
             .duration_since(SystemTime::now())
             .unwrap_or_default();
@@ -98,18 +148,17 @@ impl LambdaWorker {
         let margin = margin_for(remaining);
         let finish_by = Instant::now() + remaining.saturating_sub(margin);
 
-        let mut by_source: Vec<(String, Vec<SqsMessage>)> = Vec::new();
-        for record in event.records {
-            let source = record.event_source_arn.clone().unwrap_or_default();
+        let mut by_source: Vec<(String, Vec<ReceivedMessage>)> = Vec::new();
+        for (source, message) in records {
             match by_source.iter_mut().find(|(s, _)| *s == source) {
-                Some((_, records)) => records.push(record),
-                None => by_source.push((source, vec![record])),
+                Some((_, messages)) => messages.push(message),
+                None => by_source.push((source, vec![message])),
             }
         }
         let mut response = SqsBatchResponse::default();
-        for (source, records) in by_source {
-            let messages: Vec<ReceivedMessage> = records.into_iter().map(received).collect();
-            let failed = self.process(&source, &messages, finish_by, margin).await;
+        let limits = Limits { finish_by, margin };
+        for (source, messages) in by_source {
+            let failed = self.process(&source, &messages, limits, span).await;
             for message in failed {
                 let mut failure = BatchItemFailure::default();
                 failure.item_identifier = message.message_id.clone();
@@ -128,8 +177,8 @@ impl LambdaWorker {
         &self,
         source: &str,
         messages: &'m [ReceivedMessage],
-        finish_by: Instant,
-        margin: Duration,
+        Limits { finish_by, margin }: Limits,
+        span: &spans::InvocationSpan,
     ) -> Vec<&'m ReceivedMessage> {
         let shared = match self.core_for(source).await {
             Ok(shared) => shared,
@@ -166,6 +215,7 @@ impl LambdaWorker {
                 lease_cap: Some(finish_by),
                 tokens: tokens.clone(),
                 rechecks: 0,
+                parent: span.context().cloned(),
             };
             // Claim retries and visibility changes must not outlast the invocation either:
             // what is not started by then is reported failed and redelivered.
@@ -245,6 +295,22 @@ impl LambdaWorker {
             }
         }
     }
+}
+
+/// What the runtime says about an invocation, for its span.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Invocation<'a> {
+    /// The X-Ray trace header of the invocation (`_X_AMZN_TRACE_ID`), the batch's parent.
+    pub trace_header: Option<&'a str>,
+    /// Lambda's request id.
+    pub request_id: &'a str,
+}
+
+/// When an invocation's work must end, and the margin kept before its deadline.
+#[derive(Clone, Copy)]
+struct Limits {
+    finish_by: Instant,
+    margin: Duration,
 }
 
 /// How long before the deadline an invocation stops working: a tenth of its time, between

@@ -10,16 +10,19 @@
 //! - [`store`]: the checkpoint store's contract ([`CheckpointStore`], [`Lease`]), opened by
 //!   URL ([`store::open`]): [`PostgresStore`] and [`SqliteStore`], the only SQL.
 //! - [`sqs`]: the only code that talks to SQS.
-//! - [`message`]: pure parsing — keys, redrive markers.
+//! - [`message`]: pure parsing — keys, redrive markers, the producer's trace context.
 //! - [`handler`]: the [`Handler`] trait, [`Job`], [`HandlerError`].
 //! - [`handlers`]: built-in handlers (exec, http, noop).
 //! - [`lambda`]: the Lambda adapter ([`LambdaWorker`]) over the worker's core.
 //! - [`redrive`]: operator tooling as library calls — redrive a DLQ with markers, peek at it.
-//! - [`telemetry`]: logs, metrics and `/readyz` over what the worker reports.
+//! - [`spans`]: the spans of a delivery (OpenTelemetry's messaging conventions) and the
+//!   trace context it passes on; off, at the cost of an atomic load, until exported.
+//! - [`telemetry`]: logs, metrics, `/readyz` over what the worker reports, and the export of
+//!   the spans (OTLP, from the standard `OTEL_*` environment).
 //! - [`startup`]: start-up retries and what a failure at start means.
 //!
-//! Dependencies run one way: `message`, `sqs`, `store` → `handler` → `worker` → `lambda`,
-//! `redrive` → `telemetry`. The binary's options, subcommands and demo (`src/cli/`) are not
+//! Dependencies run one way: `message`, `sqs`, `store` → `spans` → `handler` → `worker` →
+//! `lambda`, `redrive` → `telemetry`. The binary's options, subcommands and demo (`src/cli/`) are not
 //! part of the library.
 //!
 //! A handler in Rust, run by a worker:
@@ -62,6 +65,7 @@ pub mod handlers;
 pub mod lambda;
 pub mod message;
 pub mod redrive;
+pub mod spans;
 pub mod sqs;
 pub mod startup;
 pub mod store;

@@ -17,7 +17,6 @@ mod cli;
 /// must fix, 1 for anything else.
 fn main() -> ExitCode {
     let args = Cli::parse();
-    telemetry::init(args.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -25,7 +24,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(args)) {
+    // The gRPC trace exporter is built on the runtime it will send from.
+    let traces = {
+        let _inside = runtime.enter();
+        telemetry::init(args.log_format)
+    };
+    let result = runtime.block_on(dispatch(args));
+    // The spans of the drain (SIGTERM, --exit-when-idle) are sent before the process ends.
+    traces.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", cli::one_line(&error));

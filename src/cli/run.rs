@@ -5,14 +5,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
+use aws_sdk_sqs::types::MessageAttributeValue;
 use sqs_worker::StoreKind;
 use sqs_worker::lambda::LambdaWorker;
 use sqs_worker::message::KeySpec;
+use sqs_worker::message::trace::{TRACEPARENT, TRACESTATE};
+use sqs_worker::spans::{self, TraceHeaders};
 use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
 use sqs_worker::telemetry::Readiness;
 use sqs_worker::worker::{RunSummary, Worker};
 use sqs_worker::{message, sqs, telemetry};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::cli::args::{KeyArgs, LambdaArgs, RunArgs, SendArgs};
 
@@ -37,6 +41,11 @@ pub async fn run(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<R
         }
         None => None,
     };
+    if !spans::enabled() {
+        tracing::info!(
+            "tracing off: spans are not exported (set OTEL_EXPORTER_OTLP_ENDPOINT to export them)"
+        );
+    }
     // The handlers' steps: one connection per running handler at most, opened only when a
     // step asks (a `step_tx` holds one through its transaction). The worker's own statements
     // get a small pool of their own (`CheckpointStore::own_connections`).
@@ -120,6 +129,19 @@ pub(super) fn key_spec(args: &KeyArgs) -> anyhow::Result<KeySpec> {
     Ok(KeySpec::new(args.keys.clone()).map_err(OperatorError)?)
 }
 
+/// A trace context as the message attributes OpenTelemetry's SQS instrumentations use.
+fn trace_attributes(trace: TraceHeaders) -> HashMap<String, MessageAttributeValue> {
+    let mut attributes = HashMap::new();
+    attributes.insert(
+        TRACEPARENT.to_owned(),
+        sqs::string_attribute(trace.traceparent),
+    );
+    if let Some(state) = trace.tracestate {
+        attributes.insert(TRACESTATE.to_owned(), sqs::string_attribute(state));
+    }
+    attributes
+}
+
 /// `sqs-worker send`: one message per line of standard input.
 pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     use std::io::BufRead;
@@ -131,15 +153,22 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
+        // Each message starts a trace (or continues the `send` span's, when exported) that
+        // the worker's spans join.
+        let span = spans::send(queue.name());
+        let trace = span
+            .in_scope(|| spans::outgoing(None))
+            .unwrap_or_else(spans::new_trace);
         let message_id = queue
             .send(OutgoingMessage {
                 // FIFO queues need a deduplication id unless content-based deduplication is on.
                 deduplication_id: fifo.then(|| message::body_sha256(&line)),
                 body: line,
-                attributes: HashMap::new(),
+                attributes: trace_attributes(trace),
                 message_group_id: args.group_id.clone(),
                 delay: None,
             })
+            .instrument(span)
             .await?;
         println!("{message_id}");
         sent += 1;

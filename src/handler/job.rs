@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::message::trace::TraceContext;
+use crate::spans::{self, TraceHeaders};
 use crate::store::{CheckpointStore, Lease, NewStep, RecordedStep, StoreKind};
 
 use super::recorder::StepRecorder;
@@ -43,6 +45,8 @@ pub struct Job {
     /// The name of a [`Job::step_effect`] that succeeded but could not be recorded: later
     /// steps of this attempt cannot be appended in order after it.
     pub(crate) unrecorded_effect: Option<String>,
+    /// The producer's trace context, passed on when spans are not exported.
+    pub(crate) trace: Option<TraceContext>,
 }
 
 impl Job {
@@ -54,6 +58,14 @@ impl Job {
     /// The idempotency key of the event.
     pub fn key(&self) -> &str {
         &self.lease.key
+    }
+
+    /// The W3C trace context to send with what this event causes downstream (as
+    /// `traceparent`/`tracestate` headers, or `TRACEPARENT`/`TRACESTATE` in a command's
+    /// environment): the current span's while spans are exported, else the producer's
+    /// unchanged. `None` when there is neither.
+    pub fn trace_headers(&self) -> Option<TraceHeaders> {
+        spans::outgoing(self.trace.as_ref())
     }
 
     /// The SQS MessageId of this delivery.

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::spans;
 use crate::store::{NewStep, RecordedStep, StepRecord, Written};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -58,7 +59,7 @@ impl Job {
             return self.run_unrecorded(name, run).await;
         }
         self.write_pending_step().await?;
-        let output = run().await?;
+        let output = spans::in_step(name, self.next_step, run()).await?;
         let value = step_output_json(name, &output)?;
         self.defer_record(name, value);
         Ok(output)
@@ -101,7 +102,7 @@ impl Job {
             return self.run_unrecorded(name, run).await;
         }
         self.write_pending_step().await?;
-        let output = run().await?;
+        let output = spans::in_step(name, self.next_step, run()).await?;
         // From here on the effect has happened: no error may make the worker retry it.
         let value = match step_output_json(name, &output) {
             Ok(value) => value,
@@ -242,7 +243,7 @@ impl Job {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, HandlerError>>,
     {
-        let output = run().await?;
+        let output = spans::in_step(name, self.next_step, run()).await?;
         tracing::warn!(
             step = name,
             effect = self.unrecorded_effect.as_deref(),
@@ -283,6 +284,8 @@ impl Job {
                 "the recorded output of step {name:?} does not fit the handler's type: {e}"
             ))
         })?;
+        // A replayed step's span marks the place, with no duration: its work was done before.
+        drop(spans::step(name, self.next_step, true));
         self.next_step += 1;
         tracing::debug!(step = name, "step already done; using its recorded output");
         Ok(Some(output))

@@ -75,6 +75,7 @@ async fn job_on_sqlite(transactions: Option<StoreKind>) -> Job {
         lease_lost: false,
         cancel: CancellationToken::new(),
         unrecorded_effect: None,
+        trace: None,
     }
 }
 

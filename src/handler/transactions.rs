@@ -10,6 +10,7 @@ use sqlx::{Database, Postgres, Sqlite, Transaction};
 
 use aws_sdk_dynamodb::types::TransactWriteItem;
 
+use crate::spans;
 use crate::store::dynamodb::StepCommit;
 use crate::store::{CheckpointStore, Lease, PostgresStore, SqliteStore, StoreError, StoreKind};
 
@@ -195,7 +196,7 @@ impl Job {
         };
         let mut transaction: Transaction<'a, S::Db> = transaction;
         // On any error below the transaction is dropped, which rolls it back.
-        let output = run(&mut transaction).await?;
+        let output = spans::in_step(name, index, run(&mut transaction)).await?;
         let value = step_output_json(name, &output)?;
         let recorded = S::record(&mut transaction, &self.lease, index, name, &value)
             .await
@@ -303,7 +304,7 @@ impl Job {
             table: store.table().to_owned(),
             borrows: std::marker::PhantomData,
         };
-        let output = run(&mut transaction).await?;
+        let output = spans::in_step(name, self.next_step, run(&mut transaction)).await?;
         let value = step_output_json(name, &output)?;
         let index = self.next_step;
         let commit = store

@@ -55,6 +55,7 @@ impl Handler for ExecHandler {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        pass_trace_context(&mut command, job);
         let supervision = supervisor::supervise(&mut command).map_err(|error| {
             HandlerError::retryable(format!("cannot prepare the handler command: {error}"))
         })?;
@@ -126,6 +127,19 @@ impl Handler for ExecHandler {
 /// How long past its grace a stopped tree may take to be reaped before the handler gives up
 /// waiting (the supervisor still finishes the job).
 const STOP_SLACK: Duration = Duration::from_secs(1);
+
+/// The environment-carrier convention: the trace context as `TRACEPARENT` and
+/// `TRACESTATE`. One inherited from the worker's own environment is not the event's, so
+/// it is removed when the event has none.
+fn pass_trace_context(command: &mut Command, job: &Job) {
+    command.env_remove("TRACEPARENT").env_remove("TRACESTATE");
+    if let Some(headers) = job.trace_headers() {
+        command.env("TRACEPARENT", headers.traceparent);
+        if let Some(state) = headers.tracestate {
+            command.env("TRACESTATE", state);
+        }
+    }
+}
 
 /// Everything a pipe yields until its last writer closes it.
 async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {

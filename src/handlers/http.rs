@@ -20,7 +20,9 @@ use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
 use crate::handler::{Handler, HandlerError, Job};
+use crate::message::trace::TraceContext;
 use crate::message::truncate_for_log;
+use crate::spans;
 
 /// The name of the step that records a successful delivery in the checkpoint.
 pub const DELIVER_STEP: &str = "deliver";
@@ -33,8 +35,10 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const RESPONSE_SNIPPET_BYTES: usize = 2048;
 
 /// Headers the handler sets per event; `--http-header` may not replace them.
-const RESERVED_HEADERS: [&str; 6] = [
+const RESERVED_HEADERS: [&str; 8] = [
     "idempotency-key",
+    "traceparent",
+    "tracestate",
     "content-type",
     "content-length",
     "transfer-encoding",
@@ -145,8 +149,19 @@ impl HttpHandler {
             .header("x-sqs-worker-message-id", event.message_id)
             .header("x-sqs-worker-attempt", event.attempt)
             .header("x-sqs-worker-redrive-count", event.redrive_count)
-            .header("x-sqs-worker-final-pass", event.final_pass)
-            .body(event.body);
+            .header("x-sqs-worker-final-pass", event.final_pass);
+        // Computed here, in the `deliver` step's span: the request continues that step.
+        let request = match spans::outgoing(event.trace.as_ref()) {
+            Some(trace) => {
+                let request = request.header("traceparent", trace.traceparent);
+                match trace.tracestate {
+                    Some(state) => request.header("tracestate", state),
+                    None => request,
+                }
+            }
+            None => request,
+        };
+        let request = request.body(event.body);
         let mut response = request.send().await.map_err(|error| {
             HandlerError::retryable(format!(
                 "POST {} failed: {}",
@@ -206,6 +221,8 @@ struct Outgoing {
     redrive_count: u32,
     final_pass: &'static str,
     body: String,
+    /// The producer's trace context (sent on unchanged when spans are not exported).
+    trace: Option<TraceContext>,
 }
 
 impl Outgoing {
@@ -222,6 +239,7 @@ impl Outgoing {
             redrive_count: job.redrive_count(),
             final_pass: if job.is_final_pass() { "true" } else { "false" },
             body: job.body().to_owned(),
+            trace: job.trace.clone(),
         }
     }
 }

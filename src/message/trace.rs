@@ -9,6 +9,9 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 /// The SQS system attribute holding an X-Ray trace header.
 pub const AWS_TRACE_HEADER: &str = "AWSTraceHeader";
+/// The trace context's message attributes: a message made from another (a DLQ copy, a
+/// redriven message) keeps them right after the redrive markers, so it stays in its trace.
+pub const TRACE_ATTRIBUTES: [&str; 2] = [TRACEPARENT, TRACESTATE];
 
 /// A remote span context: the trace and the span a message's processing continues.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The redriven copy of a DLQ message: its markers set, fitted to the target queue.
 
 use crate::sqs::{OutgoingMessage, ReceivedMessage};
-use crate::{message, sqs};
+use crate::{message, spans, sqs};
 
 /// The message sent back: same body, same attributes, markers set.
 pub fn redriven_message(
@@ -21,11 +21,13 @@ pub fn redriven_message(
         markers.push((message::ATTR_DLQ_FINAL_PASS, sqs::string_attribute("true")));
     }
     // The markers must fit; the worker's failure notes are the first to give way.
+    // The trace context comes right after them: the redriven message stays in its trace.
     let attributes = sqs::fit_attributes(
         markers,
-        &message.message_attributes,
+        &spans::attributes_with_trace(message),
         &[message::ATTR_DLQ_FINAL_PASS],
         |name| match name {
+            message::trace::TRACEPARENT | message::trace::TRACESTATE => 0,
             message::ATTR_FAILURE_REASON => 2,
             message::ATTR_FAILURE_DETAIL => 3,
             _ => 1,

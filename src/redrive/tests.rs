@@ -127,3 +127,18 @@ fn filters_parse_and_match() {
     assert!(Filter::parse("no-equals-sign").is_err());
     assert!(Filter::parse("=x").is_err());
 }
+
+#[test]
+fn a_redriven_message_keeps_its_trace_within_ten_attributes() {
+    use crate::message::trace::{TRACEPARENT, TRACESTATE};
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let names: Vec<String> = (0..8).map(|i| format!("a{i}")).collect();
+    let mut attrs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    attrs.push((TRACEPARENT, parent));
+    attrs.push((TRACESTATE, "vendor=1"));
+    let out = redriven_message(&received(&attrs), 1, false, false);
+    assert_eq!(out.attributes.len(), MAX_MESSAGE_ATTRIBUTES);
+    assert_eq!(attr(&out, TRACEPARENT), Some(parent));
+    assert_eq!(attr(&out, TRACESTATE), Some("vendor=1"));
+    assert_eq!(attr(&out, message::ATTR_REDRIVE_COUNT), Some("1"));
+}

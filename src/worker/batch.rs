@@ -11,6 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::TaskTracker;
 
 use crate::message::{self, EventIdentity, KeyError, RedriveMarkers};
+use crate::spans;
 use crate::sqs::ReceivedMessage;
 use crate::store::{Claim, ClaimOutcome, ClaimRequest, ClaimTerms, Lease};
 
@@ -32,6 +33,8 @@ pub(super) struct Parsed {
     pub(super) identity: Result<EventIdentity, KeyError>,
     /// Place in the receive batch (FIFO: order within a message group).
     pub(super) position: usize,
+    /// Its `process` span (none while tracing is off).
+    pub(super) span: tracing::Span,
 }
 
 impl Parsed {
@@ -78,8 +81,21 @@ pub(crate) async fn handle_batch(
     permits: Vec<OwnedSemaphorePermit>,
     context: &BatchContext,
 ) {
+    let deliveries = messages.into_iter().map(|m| (m, None)).collect();
+    handle_deliveries(shared, tracker, deliveries, permits, context).await;
+}
+
+/// [`handle_batch`] for deliveries that may already have their `process` span (looked at
+/// again here: see [`recheck_here`]).
+async fn handle_deliveries(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    deliveries: Vec<Delivery>,
+    permits: Vec<OwnedSemaphorePermit>,
+    context: &BatchContext,
+) {
     let lease = batch_lease(shared, context);
-    let parsed = parse_batch(shared, messages);
+    let parsed = parse_batch(shared, deliveries, context.parent.as_ref());
     let lease_token = format!(
         "{}#{}",
         shared.worker_id,
@@ -87,7 +103,10 @@ pub(crate) async fn handle_batch(
     );
     let requests = claim_requests(&parsed);
     let _claiming = Claiming::new(shared, &requests);
-    let Some(outcomes) = claim(shared, &lease_token, lease, &requests).await else {
+    let claim_spans: Vec<_> = parsed.iter().map(|p| spans::claim(&p.span)).collect();
+    let outcomes = claim(shared, &lease_token, lease, &requests).await;
+    drop(claim_spans);
+    let Some(outcomes) = outcomes else {
         // Leaving the messages alone is safe: nothing was claimed or deleted.
         return;
     };
@@ -132,12 +151,20 @@ fn batch_lease(shared: &Shared, context: &BatchContext) -> Duration {
     lease.max(Duration::from_secs(1))
 }
 
-/// Work out each message's event identity and redrive markers.
-fn parse_batch(shared: &Shared, messages: Vec<ReceivedMessage>) -> Vec<Parsed> {
-    messages
+/// A delivery, with its `process` span when it has one already.
+type Delivery = (ReceivedMessage, Option<tracing::Span>);
+
+/// Work out each message's event identity and redrive markers, and give it its `process`
+/// span (a child of `parent` when there is one).
+fn parse_batch(
+    shared: &Shared,
+    deliveries: Vec<Delivery>,
+    parent: Option<&opentelemetry::Context>,
+) -> Vec<Parsed> {
+    deliveries
         .into_iter()
         .enumerate()
-        .map(|(position, message)| {
+        .map(|(position, (message, span))| {
             let markers = message::parse_markers(message.attribute_strings());
             if !markers.problems.is_empty() {
                 // One line per message, however many markers are bad.
@@ -148,11 +175,23 @@ fn parse_batch(shared: &Shared, messages: Vec<ReceivedMessage>) -> Vec<Parsed> {
                 );
             }
             let config = &shared.config;
+            let identity = message::derive_identity(&config.key, config.envelope, &message.body);
+            let span = span.unwrap_or_else(|| {
+                let delivery = spans::Delivery {
+                    message: &message,
+                    queue: shared.sqs.name(),
+                    key: identity.as_ref().ok().map(|i| i.key.as_str()),
+                    redrive_count: markers.redrive_count,
+                    final_pass: markers.final_pass,
+                };
+                spans::process(&delivery, parent)
+            });
             Parsed {
-                identity: message::derive_identity(&config.key, config.envelope, &message.body),
+                identity,
                 markers,
                 message,
                 position,
+                span,
             }
         })
         .collect()
@@ -221,7 +260,7 @@ pub(super) struct Routed {
     busy: Vec<(String, Duration)>,
     /// Deliveries of events this process is claiming or settling right now, with their
     /// permits: claimed again here in a moment (see [`recheck_here`]).
-    recheck: Vec<(ReceivedMessage, Option<OwnedSemaphorePermit>)>,
+    recheck: Vec<Recheck>,
     /// FIFO: the first position in each group that did not get its claim, and about when it
     /// is visible again; later messages of that group must wait for it.
     pub(super) blocked_from: HashMap<String, (usize, Duration)>,
@@ -250,7 +289,10 @@ impl Routed {
             Planned::Mismatch(p, first) => {
                 spawn_mismatch(shared, tracker, p, first, self.permits.pop())
             }
-            Planned::Duplicate(p) => skip_duplicate(shared, p).await,
+            Planned::Duplicate(p) => {
+                spans::record_outcome(&p.span, "duplicate");
+                skip_duplicate(shared, p).await
+            }
             Planned::Busy(p, lease_remaining, run_remaining) => {
                 let retry_after = busy_deferral(
                     lease_remaining,
@@ -261,6 +303,7 @@ impl Routed {
                 self.defer(shared, tracker, p, retry_after);
             }
             Planned::NoRow(p) => {
+                spans::record_outcome(&p.span, "unclaimed");
                 tracing::error!(key = %p.key(), "claim returned no row for a key; leaving the message for redelivery");
                 self.block(&p, self.lease);
             }
@@ -297,13 +340,14 @@ impl Routed {
         };
         let retry_after = match deferral {
             Deferral::Here if !shared.fifo && self.rechecks < MAX_RECHECKS => {
-                self.recheck.push((p.message, self.permits.pop()));
+                self.recheck.push((p.message, self.permits.pop(), p.span));
                 return;
             }
             Deferral::Here => OWN_CLAIM_RETRY,
             Deferral::Elsewhere(retry_after) => retry_after,
         };
         shared.counters.busy_deferred.add(1);
+        spans::record_outcome(&p.span, "busy");
         tracing::info!(
             message_id = %p.message.message_id,
             key = %p.key(),
@@ -400,6 +444,7 @@ fn busy_delivery(
     let key = identity.key.clone();
     let deferral = match shared.ride_along(identity, &parsed.message.receipt_handle) {
         RideAlong::Attached => {
+            spans::record_outcome(&parsed.span, "ride_along");
             tracing::info!(
                 message_id = %parsed.message.message_id,
                 %key,
@@ -429,31 +474,40 @@ fn busy_delivery(
 /// was claiming or settling: by then the event runs here (they ride along) or is complete
 /// (they are deleted as duplicates). Handing them to SQS for a second instead kept them
 /// out of sight for a whole second each, and the last of a run's duplicates set its end.
-/// They keep their permits and their receive time (their lease is what is left of their
-/// visibility); after [`MAX_RECHECKS`] looks they go back to SQS like any busy delivery.
+/// They keep their permits, their receive time (their lease is what is left of their
+/// visibility) and their `process` span (so their trace parent); after [`MAX_RECHECKS`]
+/// looks they go back to SQS like any busy delivery.
 fn recheck_here(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
-    recheck: Vec<(ReceivedMessage, Option<OwnedSemaphorePermit>)>,
+    recheck: Vec<Recheck>,
     context: &BatchContext,
 ) {
     if recheck.is_empty() {
         return;
     }
-    let (messages, permits): (Vec<_>, Vec<_>) = recheck.into_iter().unzip();
+    let mut deliveries = Vec::with_capacity(recheck.len());
+    let mut permits = Vec::with_capacity(recheck.len());
+    for (message, permit, span) in recheck {
+        deliveries.push((message, Some(span)));
+        permits.extend(permit);
+    }
     let context = BatchContext {
         received_at: context.received_at,
         lease_cap: context.lease_cap,
         tokens: context.tokens.clone(),
         rechecks: context.rechecks + 1,
+        parent: context.parent.clone(),
     };
     let (shared, tracker_inner) = (shared.clone(), tracker.clone());
     tracker.spawn(async move {
         tokio::time::sleep(RECHECK_AFTER * (1 << context.rechecks.min(4))).await;
-        let permits = permits.into_iter().flatten().collect();
-        handle_batch(&shared, &tracker_inner, messages, permits, &context).await;
+        handle_deliveries(&shared, &tracker_inner, deliveries, permits, &context).await;
     });
 }
+
+/// A delivery to claim again here, with its permit and its `process` span.
+type Recheck = (ReceivedMessage, Option<OwnedSemaphorePermit>, tracing::Span);
 
 /// When a delivery of an event this worker is claiming or settling comes back, once it has
 /// been looked at again here [`MAX_RECHECKS`] times.

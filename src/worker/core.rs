@@ -131,6 +131,9 @@ pub(crate) struct BatchContext {
     pub(crate) tokens: BatchTokens,
     /// 0 for a received batch; more for deliveries claimed again here (`batch.rs`).
     pub(crate) rechecks: u32,
+    /// The trace context the batch's `process` spans are children of: a Lambda
+    /// invocation's, or none (each delivery then continues its producer's trace).
+    pub(crate) parent: Option<opentelemetry::Context>,
 }
 
 /// The state of one run, before any task shares it.

@@ -8,7 +8,7 @@ use tracing::Instrument;
 use crate::message::EventIdentity;
 use crate::sqs::{OutgoingMessage, ReceivedMessage};
 use crate::store::NewDeadLetter;
-use crate::{message, sqs};
+use crate::{message, spans, sqs};
 
 use super::acker::AckKind;
 use super::batch::Parsed;
@@ -23,7 +23,9 @@ pub(super) async fn dead_letter_unkeyed(shared: &Arc<Shared>, parsed: Parsed) {
         .as_ref()
         .expect_err("only unkeyed messages come here");
     let key = parsed.key();
-    let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %key);
+    let span = log_span(&parsed, &key);
+    spans::record_outcome(&parsed.span, "dlq");
+    spans::record_error(&parsed.span, &error.reason_code());
     async {
         // One line per message: "sent to the DLQ" (or the final pass's, or the failed
         // send's) says the reason code and why; the span names the message.
@@ -102,7 +104,9 @@ pub(super) async fn dead_letter_mismatch(
     first: FirstPayload,
 ) {
     let identity = parsed.identity.as_ref().expect("keyed messages only");
-    let span = tracing::info_span!("message", message_id = %parsed.message.message_id, key = %identity.key);
+    let span = log_span(&parsed, &identity.key);
+    spans::record_outcome(&parsed.span, "dlq");
+    spans::record_error(&parsed.span, &"payload_mismatch");
     async {
         let (fingerprint, fields) = match first {
             FirstPayload::InBatch {
@@ -152,6 +156,16 @@ pub(super) async fn dead_letter_mismatch(
     }
     .instrument(span)
     .await
+}
+
+/// The span a dead-lettered delivery's lines are logged in: its `process` span, or (tracing
+/// off) a span naming the message.
+fn log_span(parsed: &Parsed, key: &str) -> tracing::Span {
+    if parsed.span.is_none() {
+        tracing::info_span!("message", message_id = %parsed.message.message_id, key = %key)
+    } else {
+        parsed.span.clone()
+    }
 }
 
 /// The DLQ detail of a payload mismatch, and the fields that differ when they are known.
@@ -241,7 +255,15 @@ pub(super) fn dlq_message(
     fifo: bool,
     max_bytes: usize,
 ) -> OutgoingMessage {
-    let rank = |name: &str| u8::from(!message::REDRIVE_MARKERS.contains(&name));
+    let rank = |name: &str| {
+        if message::REDRIVE_MARKERS.contains(&name) {
+            0
+        } else if message::trace::TRACE_ATTRIBUTES.contains(&name) {
+            1
+        } else {
+            2
+        }
+    };
     // SQS refuses characters outside XML 1.0 and empty String values: either would fail the
     // send, and with it every retry of this message.
     let attribute_text = |text: &str, empty: &str| {
@@ -259,7 +281,7 @@ pub(super) fn dlq_message(
                 attribute_text(&message::truncate_for_log(detail, 1000), "(no detail)"),
             ),
         ],
-        &message.message_attributes,
+        &spans::attributes_with_trace(message),
         &[],
         rank,
     );

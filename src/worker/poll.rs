@@ -127,6 +127,7 @@ async fn poll_until_retired(poller: &Poller) -> bool {
                 lease_cap: None,
                 tokens: poller.tokens.clone(),
                 rechecks: 0,
+                parent: None,
             };
             start_batch(shared, &poller.tracker, messages, permits, context);
         }

@@ -605,6 +605,7 @@ fn parsed(d: u8, key: u8, payload: u8, pass: u8, position: usize) -> Parsed {
             field_digests: None,
         }),
         position,
+        span: tracing::Span::none(),
     }
 }
 

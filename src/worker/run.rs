@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use crate::handler::{HandlerError, Job};
 use crate::message::{EventIdentity, RedriveMarkers};
+use crate::spans;
 use crate::sqs::{MAX_VISIBILITY, ReceivedMessage};
 use crate::store::{self, Claim, Lease, NewStep, StepRecord, Written};
 
@@ -71,12 +72,17 @@ pub(super) async fn run_event(
     waiting: &Waiting,
 ) -> Option<Duration> {
     let key = event.parsed.key();
-    let span = tracing::info_span!(
-        "message",
-        message_id = %event.parsed.message.message_id,
-        key = %key,
-        attempt = event.claim.attempts,
-    );
+    let span = if event.parsed.span.is_none() {
+        tracing::info_span!(
+            "message",
+            message_id = %event.parsed.message.message_id,
+            key = %key,
+            attempt = event.claim.attempts,
+        )
+    } else {
+        spans::record_attempt(&event.parsed.span, event.claim.attempts);
+        event.parsed.span.clone()
+    };
     shared.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.counters.in_flight.increment(1.0);
     let riders = event.riders.clone();
@@ -169,6 +175,18 @@ async fn run_claimed(
         attempts: claim.attempts,
         last_step,
     };
+    settle(shared, done, ended, &markers)
+        .instrument(spans::settle(&tracing::Span::current()))
+        .await
+}
+
+/// Settle a run by how it ended, one function per outcome.
+async fn settle(
+    shared: &Arc<Shared>,
+    done: Finished<'_>,
+    ended: Ended,
+    markers: &RedriveMarkers,
+) -> Option<Duration> {
     match ended {
         Ended::Abandoned => settle_abandoned(shared, done).await,
         // The last redrive an operator allowed: any failure ends here, recorded, never looping.
@@ -257,6 +275,7 @@ fn new_job(
         lease_lost: false,
         cancel: cancel.clone(),
         unrecorded_effect: None,
+        trace: spans::producer_context(message),
     }
 }
 
@@ -272,6 +291,11 @@ async fn run_handler(
 ) -> Ended {
     let handler = shared.handler.clone();
     let started = Instant::now();
+    let current = tracing::Span::current();
+    let span = match spans::handle(&current) {
+        none if none.is_none() => current,
+        handle => handle,
+    };
     let task = tokio::spawn(
         async move {
             // A handler that returns early without an error must still have reached every
@@ -281,9 +305,14 @@ async fn run_handler(
                 .await
                 .and_then(|()| job.check_plan_complete())
         }
-        .instrument(tracing::Span::current()),
+        .instrument(span.clone()),
     );
     let ended = supervise(shared, task, cancel, watch, lease, tokens).await;
+    match &ended {
+        Ended::Finished(Err(error)) => spans::record_error(&span, error),
+        Ended::Abandoned => spans::record_error(&span, &"stopped at the shutdown deadline"),
+        Ended::Finished(Ok(())) => {}
+    }
     shared
         .counters
         .handler_seconds

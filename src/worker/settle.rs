@@ -9,7 +9,7 @@ use crate::handler::{HandlerError, UNSTORABLE_STEP_OUTPUT};
 use crate::message::EventIdentity;
 use crate::sqs::ReceivedMessage;
 use crate::store::{Lease, NewStep};
-use crate::{message, sqs};
+use crate::{message, spans, sqs};
 
 use super::acker::{AckKind, AckResult};
 use super::dlq::{FinalFailure, end_final_pass, send_to_dlq};
@@ -43,11 +43,13 @@ pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Opti
         AckResult::Done => {
             shared.counters.processed.add(1);
             shared.counters.duplicates_skipped.add(done.duplicates);
+            spans::note_settled("complete", None, None);
             tracing::info!("event complete");
             None
         }
         AckResult::LeaseLost => {
             shared.counters.lease_lost.add(1);
+            spans::note_settled("lease_lost", None, None);
             tracing::warn!(
                 "the lease was taken by another worker before completion; leaving the \
                  message to the lease holder"
@@ -55,6 +57,7 @@ pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Opti
             Some(shared.lease)
         }
         AckResult::Failed(error) => {
+            spans::note_settled("not_recorded", None, Some("could not record completion"));
             tracing::error!(%error, "could not record completion; the message will be delivered again");
             Some(shared.lease)
         }
@@ -74,6 +77,7 @@ pub(super) async fn settle_complete(shared: &Shared, done: Finished<'_>) -> Opti
 /// A step found the lease gone: the message is the next holder's.
 pub(super) fn settle_lease_lost(shared: &Shared) -> Option<Duration> {
     shared.counters.lease_lost.add(1);
+    spans::note_settled("lease_lost", None, None);
     tracing::warn!(
         "stopped at a step boundary: the lease was lost or could not be renewed; leaving the \
          message to SQS and the next lease holder"
@@ -93,6 +97,7 @@ pub(super) async fn settle_retryable(
     // again and again, through maxReceiveCount into the DLQ.
     let backoff = shared.backoff(done.attempts);
     let delay = retry_after.map_or(backoff, |after| after.max(backoff));
+    spans::note_settled("retry", Some(delay.as_millis() as u64), None);
     hand_back_failed(shared, done.lease, error, &done.receipts, delay).await;
     Some(delay)
 }
@@ -111,6 +116,7 @@ pub(super) async fn settle_permanent(
     }
     if !send_to_dlq(shared, done.message, reason, error).await {
         let delay = shared.backoff(done.attempts);
+        spans::note_settled("retry", Some(delay.as_millis() as u64), Some(reason));
         hand_back_failed(shared, done.lease, error, &done.receipts, delay).await;
         return Some(delay);
     }
@@ -131,6 +137,7 @@ pub(super) async fn settle_permanent(
         }
     }
     // The message is safely in the DLQ: delete it.
+    spans::note_settled("dlq", None, Some(reason));
     shared
         .ack(AckKind::Delete)
         .with_receipts(done.receipts)
@@ -160,12 +167,14 @@ pub(super) async fn settle_final_pass(
         attempts: done.attempts,
         pass,
     };
+    spans::note_settled("dead_letter", None, Some(reason));
     let ended = end_final_pass(shared, done.message, done.receipts, failure).await;
     (!ended).then_some(shared.lease)
 }
 
 /// Stopped at the shutdown deadline: release the lease and show the message again at once.
 pub(super) async fn settle_abandoned(shared: &Shared, done: Finished<'_>) -> Option<Duration> {
+    spans::note_settled("abandoned", None, None);
     tracing::warn!("stopped at the shutdown deadline; handing the message back");
     let reason = "stopped at the shutdown deadline";
     if shared.release(done.lease, reason).await {

@@ -233,3 +233,32 @@ fn every_summary_count_has_the_metric_of_its_name() {
     let snapshot = counters.snapshot();
     assert_eq!((snapshot.sent_to_dlq, snapshot.dead_lettered), (2, 3));
 }
+
+#[test]
+fn a_dlq_copy_keeps_the_trace_attributes_before_the_others() {
+    use message::trace::{TRACEPARENT, TRACESTATE};
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let names: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+    let mut attrs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    attrs.push((TRACEPARENT, parent));
+    attrs.push((TRACESTATE, "vendor=1"));
+    attrs.push((message::ATTR_REDRIVE_COUNT, "1"));
+    let out = dlq_message(&received(&attrs), "r", "d", false, usize::MAX);
+    assert_eq!(out.attributes.len(), MAX_MESSAGE_ATTRIBUTES);
+    let value = |name: &str| out.attributes.get(name).and_then(|v| v.string_value());
+    assert_eq!(value(TRACEPARENT), Some(parent));
+    assert_eq!(value(TRACESTATE), Some("vendor=1"));
+    assert_eq!(value(message::ATTR_REDRIVE_COUNT), Some("1"));
+
+    // An X-Ray header alone does not travel with a send: it goes as a traceparent.
+    let mut xray = received(&[]);
+    xray.system_attributes.insert(
+        "AWSTraceHeader".into(),
+        "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1".into(),
+    );
+    let out = dlq_message(&xray, "r", "d", false, usize::MAX);
+    assert_eq!(
+        out.attributes[TRACEPARENT].string_value(),
+        Some("00-5759e988bd862e3fe1be46a994272793-53995c3f42cd8ad8-01")
+    );
+}

@@ -8,6 +8,7 @@
 //! - `handlers.rs`: a handler that records its calls.
 //! - `http_server.rs`: a scripted HTTP server, and a bare GET for /healthz and /metrics.
 //! - `lambda.rs`: local Lambda invocations (`sqs-worker lambda --event`).
+//! - `otlp.rs`: an OTLP/HTTP trace receiver that keeps the spans it is sent.
 //! - `proxy.rs`: a TCP proxy that refuses and cuts connections (outages), and the addresses
 //!   of PostgreSQL and LocalStack it forwards to.
 //! - here: the environment's endpoints, names, waits, config shorthands, and [`store_tests!`].
@@ -20,6 +21,7 @@ mod env;
 mod handlers;
 mod http_server;
 mod lambda;
+mod otlp;
 mod proxy;
 mod queues;
 
@@ -27,6 +29,7 @@ pub use env::*;
 pub use handlers::*;
 pub use http_server::*;
 pub use lambda::*;
+pub use otlp::*;
 pub use proxy::*;
 pub use queues::*;
 

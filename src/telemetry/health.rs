@@ -1,17 +1,5 @@
-//! Telemetry: logs (a tracing subscriber writing text or JSON lines to stderr) and the
-//! operations endpoints of a long-running worker (`/healthz`, `/readyz`, `/metrics`).
-//!
-//! Logs go to stderr, so stdout stays clean for command output (JSON listings, the demo's
-//! summary, Lambda's batch response). Message bodies are never logged at info level; the AWS
-//! SDK and sqlx are quiet unless RUST_LOG asks for them.
-//!
-//! Counters and the handler-duration histogram go through the `metrics` facade (a no-op until
-//! a recorder is installed, so library users who never ask for metrics pay nothing); the CLI
-//! installs the Prometheus recorder and serves its text on `--metrics-addr`.
-//!
-//! Readiness is "SQS and the database answered recently": the worker marks each outcome of
-//! its own calls (receives, claims), and a probe pings the database every few seconds so an
-//! idle worker still notices an outage.
+//! The operations endpoints of a long-running worker: `/healthz`, `/readyz` (what the
+//! worker reports: SQS and the database answered recently, not stopping) and `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,52 +10,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-const DEFAULT_FILTER: &str = "info,aws_config=warn,aws_smithy_runtime=warn,sqlx=warn";
-
-/// Log output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Install the global subscriber. RUST_LOG overrides the default level.
-pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-    // A subscriber may already be installed (tests, embedding): keep it.
-    let _ = result;
-}
-
-pub use crate::worker::{Readiness, ReadinessReport, names};
-
-/// Install the Prometheus recorder for this process. Call once, before the worker starts
-/// (counters created before it stay no-ops).
-pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(names::HANDLER_DURATION.to_owned()),
-            &[
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-                900.0,
-            ],
-        )?
-        .install_recorder()?;
-    Ok(handle)
-}
+use crate::worker::Readiness;
 
 #[derive(Clone)]
 struct AppState {

@@ -1,7 +1,7 @@
 //! The checkpoint store: one record per event, keyed by `(scope, idempotency_key)`, behind
 //! one contract every store keeps. [`PostgresStore`] serves fleets, [`SqliteStore`] the
-//! workers of one host (and demos, and handler tests); [`open`] picks one by URL. A DynamoDB
-//! store (serverless) is to follow.
+//! workers of one host (and demos, and handler tests), [`DynamoStore`] Lambda and
+//! serverless teams; [`open`] picks one by URL.
 //!
 //! No other module holds a query: the worker, the Lambda adapter, handlers' steps and the
 //! operator commands all go through [`CheckpointStore`].

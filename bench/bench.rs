@@ -350,17 +350,7 @@ async fn bare(
                     continue;
                 }
                 window.lock().await.0.get_or_insert_with(Instant::now);
-                let entries: Vec<DeleteMessageBatchRequestEntry> = messages
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| {
-                        DeleteMessageBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .receipt_handle(m.receipt_handle().unwrap_or_default())
-                            .build()
-                            .expect("id and handle set")
-                    })
-                    .collect();
+                let entries = delete_entries(messages);
                 let permit = deletes.clone().acquire_owned().await?;
                 let (client, queue_url) = (client.clone(), queue_url.clone());
                 let (deleted, window) = (deleted.clone(), window.clone());
@@ -397,6 +387,21 @@ async fn bare(
         serde_json::json!({"received": deleted.load(Ordering::Relaxed), "active_secs": active})
     );
     Ok(())
+}
+
+/// The DeleteMessageBatch entries for a receive's messages (ids are their positions).
+fn delete_entries(messages: &[aws_sdk_sqs::types::Message]) -> Vec<DeleteMessageBatchRequestEntry> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(m.receipt_handle().unwrap_or_default())
+                .build()
+                .expect("id and handle set")
+        })
+        .collect()
 }
 
 /// The straightforward consumer: each poller receives 10, inserts each message's id with
@@ -447,17 +452,7 @@ async fn handwritten(
                     .execute(&pool)
                     .await?;
                 }
-                let entries: Vec<DeleteMessageBatchRequestEntry> = messages
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| {
-                        DeleteMessageBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .receipt_handle(m.receipt_handle().unwrap_or_default())
-                            .build()
-                            .expect("id and handle set")
-                    })
-                    .collect();
+                let entries = delete_entries(messages);
                 let n = entries.len() as u64;
                 client
                     .delete_message_batch()

@@ -18,6 +18,8 @@
 //!   twice or out of order.
 //! - **Dead letters and the redrive audit** ([`DeadLetters`]), **lookups and retention**
 //!   ([`Retention`]): every operator command works on every store.
+//! - **The operator log** ([`OperatorLog`]): the console's audit of what operators did, the
+//!   redrive runs read back, and the one checkpoint write an edited body needs.
 //! - **Local writes atomic with a step** are a store's own capability, not part of the
 //!   contract: the store's transaction (PostgreSQL, SQLite) or `TransactWriteItems`
 //!   (DynamoDB). A handler reaches PostgreSQL's through [`CheckpointStore::postgres`] and
@@ -43,11 +45,13 @@ use serde_json::Value;
 
 pub mod dynamodb;
 mod epoch;
+mod operator_log;
 pub mod postgres;
 pub mod sqlite;
 mod types;
 
 pub use dynamodb::DynamoStore;
+pub use operator_log::{NewOperatorAction, OperatorAction, OperatorLog, RedriveRun};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub(crate) use types::passes_by_key;
@@ -59,9 +63,11 @@ pub use types::{
 
 /// The whole contract: everything a worker, the Lambda adapter and the operator commands
 /// ask of a store, by concern in the supertraits ([`Claims`], [`Steps`], [`DeadLetters`],
-/// [`Retention`]).
+/// [`Retention`], [`OperatorLog`]).
 #[async_trait]
-pub trait CheckpointStore: Claims + Steps + DeadLetters + Retention + Debug + Send + Sync {
+pub trait CheckpointStore:
+    Claims + Steps + DeadLetters + Retention + OperatorLog + Debug + Send + Sync
+{
     /// Which store this is (its `Display` is the name operators use: `postgresql`).
     fn kind(&self) -> StoreKind;
 

@@ -41,6 +41,7 @@ use item::{LIST_PK, LIST_SK, LISTING, PK, TTL};
 
 mod claims;
 mod dead_letters;
+mod operator_log;
 mod item;
 mod retention;
 mod steps;

@@ -23,6 +23,7 @@ use super::{CheckpointStore, StoreError, StoreKind};
 
 mod claims;
 mod dead_letters;
+mod operator_log;
 mod retention;
 mod steps;
 

@@ -1,12 +1,9 @@
 //! `dead-letters list|export|show|requeue`: what final passes left behind, and sending one
 //! back as a new pass.
 
-use std::collections::HashMap;
-
 use anyhow::Context;
-use sqs_worker::sqs::{OutgoingMessage, SqsQueue};
 use sqs_worker::store::{CheckpointStore, DeadLetter};
-use sqs_worker::{message, sqs};
+use sqs_worker::{message, redrive, sqs};
 
 use crate::cli::args::{DeadLetterIdArgs, DeadLettersListArgs, OutputFormat};
 
@@ -102,64 +99,12 @@ pub(super) async fn find_dead_letter(
 pub async fn dead_letter_requeue(args: DeadLetterIdArgs) -> anyhow::Result<()> {
     let store = open_store(&args.database.database_url, 1).await?;
     let letter = find_dead_letter(&*store, args.id).await?;
-    let mut attributes = HashMap::new();
-    if let Some(recorded) = letter.attributes.as_object() {
-        for (name, value) in recorded {
-            let (Some(kind), Some(text)) = (value["type"].as_str(), value["value"].as_str()) else {
-                continue;
-            };
-            let attribute = if kind.starts_with("Number") {
-                sqs::number_attribute(text)
-            } else {
-                sqs::string_attribute(text)
-            };
-            attributes.insert(name.clone(), attribute);
-        }
-    }
-    for marker in [
-        message::ATTR_DLQ_FINAL_PASS,
-        message::ATTR_FAILURE_REASON,
-        message::ATTR_FAILURE_DETAIL,
-    ] {
-        attributes.remove(marker);
-    }
-    // A requeue is a new pass: the next generation after any seen, so its failed event runs
-    // once more, while duplicates of this requeue (or a second requeue of the same letter
-    // before it ran) count as one.
-    let recorded_generation = letter.attributes[message::ATTR_REQUEUE_GENERATION]["value"]
-        .as_str()
-        .and_then(|g| g.trim().parse::<u32>().ok())
-        .unwrap_or(0);
-    let checkpoint_generation = store
-        .find(&letter.scope, &letter.idempotency_key)
-        .await?
-        .map_or(0, |c| c.requeue_generation.max(0) as u32);
-    let generation = recorded_generation.max(checkpoint_generation) + 1;
-    attributes.insert(
-        message::ATTR_DLQ_REDRIVEN.into(),
-        sqs::string_attribute("true"),
-    );
-    attributes.insert(message::ATTR_REDRIVE_COUNT.into(), sqs::number_attribute(0));
-    attributes.insert(
-        message::ATTR_REQUEUE_GENERATION.into(),
-        sqs::number_attribute(generation),
-    );
-    let fifo = letter.queue_url.ends_with(".fifo");
-    let queue = SqsQueue::new(sqs::client_from_env().await, letter.queue_url.clone());
-    let message_id = queue
-        .send(OutgoingMessage {
-            body: letter.body.clone(),
-            attributes,
-            message_group_id: fifo.then(|| "sqs-worker-requeue".to_owned()),
-            deduplication_id: fifo.then(|| format!("requeue-{}", letter.id)),
-            delay: None,
-        })
-        .await?;
-    store.mark_dead_letter_requeued(letter.id).await?;
+    let requeued =
+        redrive::requeue_dead_letter(sqs::client_from_env().await, &*store, &letter).await?;
     println!(
-        "requeued dead letter {} to {} as message {message_id} (requeue {generation}: its \
-         event runs once more, with the full number of redrives)",
-        letter.id, letter.queue_url
+        "requeued dead letter {} to {} as message {} (requeue {}: its event runs once more, \
+         with the full number of redrives)",
+        letter.id, letter.queue_url, requeued.message_id, requeued.generation
     );
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Operator tooling: redrive a DLQ with markers, and peek at it.
+//! Operator tooling: redrive a DLQ with markers (all of it, by filter, or one message,
+//! edited or not), peek at it, delete one message, requeue a dead letter.
 //!
 //! A redrive moves each message back to its source queue with `dlq_redriven=true`,
 //! `redrive_count` + 1 and, on the last allowed redrive, `dlq_final_pass=true`, so the worker
@@ -9,12 +10,16 @@
 mod options;
 mod peek;
 mod redriven;
+mod requeue;
 mod scan;
+mod single;
 
 pub use options::*;
 pub use peek::*;
 pub use redriven::*;
+pub use requeue::*;
 pub use scan::*;
+pub use single::*;
 
 #[cfg(test)]
 mod tests;

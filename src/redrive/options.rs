@@ -41,6 +41,8 @@ pub enum Filter {
         /// Expected value.
         value: String,
     },
+    /// Every one of these matches (the console's reason and field filters together).
+    All(Vec<Filter>),
 }
 
 impl Filter {
@@ -65,7 +67,16 @@ impl Filter {
         })
     }
 
-    pub(super) fn matches(&self, message: &ReceivedMessage, event: Option<&Value>) -> bool {
+    /// A filter on the worker's failure reason (`sqs_worker_failure_reason`).
+    pub fn reason(reason: &str) -> Self {
+        Filter::Attribute {
+            name: crate::message::ATTR_FAILURE_REASON.to_owned(),
+            value: reason.to_owned(),
+        }
+    }
+
+    /// Whether a message (and its event, parsed, if it is JSON) matches.
+    pub fn matches(&self, message: &ReceivedMessage, event: Option<&Value>) -> bool {
         match self {
             Filter::Attribute { name, value } => {
                 message
@@ -80,6 +91,7 @@ impl Filter {
                 Some(Value::Bool(b)) => b.to_string() == *value,
                 _ => false,
             },
+            Filter::All(filters) => filters.iter().all(|f| f.matches(message, event)),
         }
     }
 }

@@ -42,6 +42,21 @@ pub async fn peek(
     key: &KeySpec,
     envelope: Envelope,
 ) -> Result<Vec<PeekedMessage>, RedriveError> {
+    let messages = peek_messages(client, dlq_url, limit).await?;
+    Ok(messages
+        .iter()
+        .map(|message| describe(message, key, envelope))
+        .collect())
+}
+
+/// Read up to `limit` distinct DLQ messages, whole, and make them visible again at once. A
+/// read still counts as a receive (`ApproximateReceiveCount` goes up), so callers read a
+/// bounded sample rather than the whole queue.
+pub async fn peek_messages(
+    client: aws_sdk_sqs::Client,
+    dlq_url: &str,
+    limit: usize,
+) -> Result<Vec<ReceivedMessage>, RedriveError> {
     let dlq = SqsQueue::new(client, dlq_url);
     let mut peeked = Vec::new();
     let mut seen = HashSet::new();
@@ -52,23 +67,40 @@ pub async fn peek(
         // A short visibility, handed back below anyway: a peek must never hide messages.
         let batch = dlq
             .receive(want, Duration::from_secs(1), Some(Duration::from_secs(30)))
-            .await?;
+            .await;
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                hand_back(&dlq, handles).await;
+                return Err(error.into());
+            }
+        };
         if batch.is_empty() {
             empty_receives += 1;
             continue;
         }
         for message in batch {
             handles.push(message.receipt_handle.clone());
-            if !seen.insert(message.message_id.clone()) {
-                continue;
+            if seen.insert(message.message_id.clone()) {
+                peeked.push(message);
             }
-            peeked.push(describe(&message, key, envelope));
         }
     }
     if !handles.is_empty() {
         dlq.make_visible_now(handles).await?;
     }
     Ok(peeked)
+}
+
+/// Make what a failed peek read visible again, as far as SQS lets us (their visibility
+/// ends within 30 s anyway).
+async fn hand_back(dlq: &SqsQueue, handles: Vec<String>) {
+    if handles.is_empty() {
+        return;
+    }
+    if let Err(error) = dlq.make_visible_now(handles).await {
+        tracing::warn!(%error, "could not hand peeked messages back; they reappear within 30 s");
+    }
 }
 
 pub(super) fn describe(

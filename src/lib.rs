@@ -60,6 +60,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod console;
 pub mod handler;
 pub mod handlers;
 pub mod lambda;

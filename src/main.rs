@@ -52,6 +52,7 @@ async fn dispatch(args: Cli) -> anyhow::Result<()> {
         Command::Demo(options) => demo::run(options, shutdown).await,
         Command::Redrive(redrive) => cli::redrive(redrive).await,
         Command::Send(send) => cli::send(send).await,
+        Command::Console(console) => cli::console(console, shutdown).await,
         Command::Dlq {
             command: DlqCommand::Peek(peek),
         } => cli::dlq_peek(peek).await,

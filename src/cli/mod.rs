@@ -3,6 +3,7 @@
 
 pub mod args;
 mod checkpoints;
+mod console;
 mod database;
 mod dead_letters;
 pub mod demo;
@@ -11,6 +12,7 @@ mod output;
 mod run;
 
 pub use checkpoints::{prune_checkpoints, show_checkpoint, stale_checkpoints};
+pub use console::console;
 pub use database::{migrate, open_migrated_store};
 pub use dead_letters::{dead_letter_requeue, dead_letter_show, dead_letters_list};
 pub use dlq::{dlq_peek, redrive};

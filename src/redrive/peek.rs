@@ -103,11 +103,8 @@ async fn hand_back(dlq: &SqsQueue, handles: Vec<String>) {
     }
 }
 
-pub(super) fn describe(
-    message: &ReceivedMessage,
-    key: &KeySpec,
-    envelope: Envelope,
-) -> PeekedMessage {
+/// What `dlq peek` shows of a message.
+pub fn describe(message: &ReceivedMessage, key: &KeySpec, envelope: Envelope) -> PeekedMessage {
     let markers = message::parse_markers(message.attribute_strings());
     let key = message::derive_identity(key, envelope, &message.body)
         .map(|i| i.key)

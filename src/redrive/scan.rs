@@ -428,3 +428,20 @@ pub(super) async fn resolve_source_queue(dlq: &SqsQueue) -> Result<String, Redri
         ))),
     }
 }
+
+/// Where a redrive with `options` sends, and the checkpoint scope it looks events up in.
+pub async fn target_and_scope(
+    client: aws_sdk_sqs::Client,
+    options: &RedriveOptions,
+) -> Result<(String, String), RedriveError> {
+    let dlq = SqsQueue::new(client, options.dlq_url.clone());
+    let target_url = match &options.to {
+        Some(url) => url.clone(),
+        None => resolve_source_queue(&dlq).await?,
+    };
+    let scope = options
+        .scope
+        .clone()
+        .unwrap_or_else(|| dlq.sibling(target_url.clone()).name().to_owned());
+    Ok((target_url, scope))
+}

@@ -1,5 +1,6 @@
 //! Shared test fixtures, on the real LocalStack and PostgreSQL that `localstack/up` starts.
 //!
+//! - `console.rs`: the operator console served in the test process, and a client for it.
 //! - `env.rs`: [`TestEnv`] — per test an SQS client, a fresh store (database) and a fresh
 //!   queue pair, all removed at the end, and the helpers that act on them; the one place
 //!   that names the store's type ([`Store`]) and builds workers on it; [`RunningWorker`],
@@ -17,6 +18,7 @@
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code, unused_imports, unused_macros)]
 
+mod console;
 mod env;
 mod handlers;
 mod http_server;
@@ -25,6 +27,7 @@ mod otlp;
 mod proxy;
 mod queues;
 
+pub use console::*;
 pub use env::*;
 pub use handlers::*;
 pub use http_server::*;

@@ -70,6 +70,10 @@ pub enum Command {
     /// Move messages from a DLQ back to their queue with redrive markers, so that a failing
     /// final pass ends recorded in dead_letters instead of looping.
     Redrive(RedriveArgs),
+    /// Serve the operator console: DLQs at a glance (by failure reason, age, key), browse
+    /// and filter without keeping messages, redrive one (edited or not) or all of a filter
+    /// after a dry run, delete, dead letters and checkpoints; every action audited.
+    Console(ConsoleArgs),
     /// Inspect a DLQ.
     Dlq {
         /// What to do.

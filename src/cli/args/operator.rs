@@ -269,3 +269,80 @@ pub struct CheckpointsShowArgs {
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
+
+/// Options of `sqs-worker console`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsoleArgs {
+    /// URL of a DLQ to show (repeat for several, in the order shown).
+    #[arg(
+        long = "dlq-url",
+        value_name = "URL",
+        env = "SQS_WORKER_DLQ_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub dlq_urls: Vec<String>,
+
+    /// The checkpoint store, as for `run`: postgres://…, dynamodb://TABLE, sqlite://PATH.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Where to serve the console. Any address other than loopback needs --auth-token.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SQS_WORKER_CONSOLE_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: std::net::SocketAddr,
+
+    /// The token operators log in with (at least 16 characters); required off loopback.
+    /// With it, every page needs a login; without it (loopback only), the console answers
+    /// only to the names 127.0.0.1, localhost and [::1].
+    #[arg(long, env = "SQS_WORKER_CONSOLE_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// Show the DLQs, dead letters and checkpoints, but no action; refuse every change.
+    #[arg(long, env = "SQS_WORKER_CONSOLE_READ_ONLY")]
+    pub read_only: bool,
+
+    /// Who acts, for the audit rows (default: $USER@host; with --auth-token, each operator
+    /// may give their name at login).
+    #[arg(long, env = "SQS_WORKER_OPERATOR")]
+    pub operator: Option<String>,
+
+    /// Where redrives send. [default: each DLQ's source queue, by its RedrivePolicy]
+    #[arg(long, value_name = "URL", env = "SQS_WORKER_REDRIVE_TO")]
+    pub to: Option<String>,
+
+    /// Redrives allowed per message, as for `redrive`: the last carries dlq_final_pass=true.
+    #[arg(long, env = "SQS_WORKER_MAX_REDRIVES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_redrives: u32,
+
+    /// Checkpoint scope of the target worker. [default: the target queue's name]
+    #[arg(long, env = "SQS_WORKER_SCOPE")]
+    pub scope: Option<String>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub key: KeyArgs,
+
+    /// The target worker's fingerprint fields (`--fingerprint` of `run`), so an edited body
+    /// is fingerprinted as the worker will.
+    #[arg(
+        long = "fingerprint",
+        value_name = "POINTER",
+        env = "SQS_WORKER_FINGERPRINT",
+        value_delimiter = ','
+    )]
+    pub fingerprint: Vec<String>,
+
+    /// Most messages read per DLQ view (at most 500). Reading a DLQ is receiving: each
+    /// message read is hidden for a moment (handed back at once) and its receive count goes up.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub sample: u32,
+
+    /// How long a DLQ's sample is reused before it is read again.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub sample_for: Duration,
+}

@@ -10,8 +10,8 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 
 use super::claims::pass_rank;
 use super::item::{
-    DEAD_LETTERS, Item, LIST_PK, LIST_SK, LISTING, REDRIVES, Values, checkpoint_pk,
-    dead_letter, dead_letter_pk, n, redrive_pk, s,
+    DEAD_LETTERS, Item, LIST_PK, LIST_SK, LISTING, REDRIVES, Values, checkpoint_pk, dead_letter,
+    dead_letter_pk, n, redrive_pk, s,
 };
 use super::{DynamoStore, SKEW_MARGIN, dynamo, millis};
 use crate::message::Pass;

@@ -41,8 +41,8 @@ use item::{LIST_PK, LIST_SK, LISTING, PK, TTL};
 
 mod claims;
 mod dead_letters;
-mod operator_log;
 mod item;
+mod operator_log;
 mod retention;
 mod steps;
 

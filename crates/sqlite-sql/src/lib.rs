@@ -7,6 +7,7 @@
 
 pub mod claims;
 pub mod dead_letters;
+pub mod operator_log;
 pub mod retention;
 pub mod steps;
 

@@ -1,6 +1,6 @@
 //! Dead letters in DynamoDB (`DL#{id}` items, listed newest first through the `listing`
 //! index), failed checkpoints of messages without a key, and redrive audit items
-//! (`RD#{id}`).
+//! (`RD#{id}`, in the `listing` index too, under `redrives`: the operator log reads them).
 //!
 //! Ids are the contract's `i64`: the time of recording in microseconds, made unique by a
 //! conditional put (a clash takes the next microsecond).
@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 
 use super::claims::pass_rank;
 use super::item::{
-    DEAD_LETTERS, Item, LIST_PK, LIST_SK, LISTING, Values, checkpoint_pk, dead_letter,
+    DEAD_LETTERS, Item, LIST_PK, LIST_SK, LISTING, REDRIVES, Values, checkpoint_pk, dead_letter,
     dead_letter_pk, n, redrive_pk, s,
 };
 use super::{DynamoStore, SKEW_MARGIN, dynamo, millis};
@@ -148,7 +148,7 @@ impl DynamoStore {
     }
 
     /// Put `item` (a new id's) unless the id is taken; false when it is.
-    async fn put_new(&self, item: Item) -> Result<bool, StoreError> {
+    pub(super) async fn put_new(&self, item: Item) -> Result<bool, StoreError> {
         let result = self
             .client
             .put_item()
@@ -391,6 +391,8 @@ impl DeadLetters for DynamoStore {
         loop {
             let item = Item::from([
                 ("pk".to_owned(), s(redrive_pk(id))),
+                (LIST_PK.to_owned(), s(REDRIVES)),
+                (LIST_SK.to_owned(), n(id)),
                 ("id".to_owned(), n(id)),
                 ("operator".to_owned(), s(operator)),
                 ("dlq_url".to_owned(), s(dlq_url)),

@@ -3,8 +3,9 @@
 //!
 //! One table holds every kind of item, each under its own partition key: a checkpoint per
 //! event (`C#{scope}#{key}`, the scope's `%` and `#` escaped so two scopes never share a
-//! key), a dead letter per message (`DL#{id}`) and an audit item per redrive run
-//! (`RD#{id}`). Dead letters also carry `list_pk`/`list_sk`, the keys of the `listing`
+//! key), a dead letter per message (`DL#{id}`), an audit item per redrive run (`RD#{id}`)
+//! and an item per operator action (`OA#{id}`). Dead letters, redrive audits and operator
+//! actions also carry `list_pk`/`list_sk` (their kind, their id), the keys of the `listing`
 //! index: newest first per kind, which is how operators read them.
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::Value;
 
 use crate::store::epoch::time;
-use crate::store::{Checkpoint, DeadLetter};
+use crate::store::{Checkpoint, DeadLetter, OperatorAction, RedriveCounts, RedriveRun};
 
 /// An item: attribute name → value.
 pub(super) type Item = HashMap<String, AttributeValue>;
@@ -28,6 +29,10 @@ pub(super) const LIST_SK: &str = "list_sk";
 pub(super) const TTL: &str = "expires_at";
 /// `list_pk` of every dead letter.
 pub(super) const DEAD_LETTERS: &str = "dead_letters";
+/// `list_pk` of every redrive audit item.
+pub(super) const REDRIVES: &str = "redrives";
+/// `list_pk` of every operator action.
+pub(super) const OPERATOR_ACTIONS: &str = "operator_actions";
 
 /// The partition key of the checkpoint of `key` in `scope`.
 pub(super) fn checkpoint_pk(scope: &str, key: &str) -> String {
@@ -42,6 +47,11 @@ pub(super) fn dead_letter_pk(id: i64) -> String {
 /// The partition key of redrive audit `id`.
 pub(super) fn redrive_pk(id: i64) -> String {
     format!("RD#{id}")
+}
+
+/// The partition key of operator action `id`.
+pub(super) fn operator_action_pk(id: i64) -> String {
+    format!("OA#{id}")
 }
 
 pub(super) fn s(value: impl Into<String>) -> AttributeValue {
@@ -134,6 +144,50 @@ pub(super) fn dead_letter(item: &Item) -> DeadLetter {
         redrive_count: number("redrive_count") as i32,
         created_at: time(number("created_at")),
         requeued_at: get_n(item, "requeued_at").map(time),
+    }
+}
+
+/// A redrive audit item as operators see it (counts zero until the run finished).
+pub(super) fn redrive_run(item: &Item) -> RedriveRun {
+    let text = |name: &str| get_s(item, name).unwrap_or_default();
+    let number = |name: &str| get_n(item, name).unwrap_or_default();
+    let count = |name: &str| number(name).max(0) as u64;
+    RedriveRun {
+        id: number("id"),
+        operator: text("operator"),
+        dlq_url: text("dlq_url"),
+        target_url: text("target_url"),
+        max_redrives: number("max_redrives").clamp(i32::MIN.into(), i32::MAX.into()) as i32,
+        dry_run: item
+            .get("dry_run")
+            .and_then(|v| v.as_bool().ok())
+            .copied()
+            .unwrap_or_default(),
+        counts: RedriveCounts {
+            redriven: count("redriven"),
+            skipped_complete: count("skipped_complete"),
+            exhausted: count("exhausted"),
+            failed: count("failed"),
+        },
+        started_at: time(number("started_at")),
+        finished_at: get_n(item, "finished_at").map(time),
+    }
+}
+
+/// An operator action item as operators see it.
+pub(super) fn operator_action(item: &Item) -> OperatorAction {
+    let text = |name: &str| get_s(item, name).unwrap_or_default();
+    OperatorAction {
+        id: get_n(item, "id").unwrap_or_default(),
+        recorded_at: time(get_n(item, "recorded_at").unwrap_or_default()),
+        operator: text("operator"),
+        action: text("action"),
+        queue_url: text("queue_url"),
+        message_id: text("message_id"),
+        key: get_s(item, "key"),
+        before_sha256: get_s(item, "before_sha256"),
+        after_sha256: get_s(item, "after_sha256"),
+        detail: text("detail"),
     }
 }
 

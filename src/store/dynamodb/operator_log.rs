@@ -1,34 +1,134 @@
-//! The operator log in this store: not yet written (the console's issue).
+//! The operator log in DynamoDB: operator action items (`OA#{id}`), and the redrive audit
+//! items (`RD#{id}`) read back, both newest first through the `listing` index (`list_pk`
+//! `operator_actions` and `redrives`); and an edited body's fingerprint adopted by its
+//! `failed` checkpoint (a conditional `UpdateItem`).
+//!
+//! Action ids are those of dead letters: the time of recording in microseconds, made
+//! unique by a conditional put (a clash takes the next microsecond). Redrive audit items
+//! written before they carried `list_pk` are not listed.
 
 use async_trait::async_trait;
 
-use super::DynamoStore;
-use crate::store::{NewOperatorAction, OperatorAction, OperatorLog, RedriveRun, StoreError};
+use super::item::{
+    Item, LIST_PK, LIST_SK, LISTING, OPERATOR_ACTIONS, REDRIVES, Values, n, operator_action,
+    operator_action_pk, redrive_run, s,
+};
+use super::{DynamoStore, dynamo};
+use crate::store::{
+    NewOperatorAction, OperatorAction, OperatorLog, RedriveRun, StoreError, storable_text,
+};
+
+impl DynamoStore {
+    /// The items of one kind of the `listing` index (`list_pk = kind`), newest first, at
+    /// most `limit`.
+    async fn list_kind(&self, kind: &str, limit: i64) -> Result<Vec<Item>, StoreError> {
+        let limit = limit.clamp(0, i64::from(i32::MAX)) as usize;
+        let values = Values::default().name(LIST_PK).set("kind", s(kind));
+        let mut items = Vec::new();
+        let mut start = None;
+        while items.len() < limit {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(LISTING)
+                .key_condition_expression(format!("#{LIST_PK} = :kind"))
+                .set_expression_attribute_names(Some(values.names.clone()))
+                .set_expression_attribute_values(Some(values.values.clone()))
+                .scan_index_forward(false)
+                .limit((limit - items.len()) as i32)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(dynamo)?;
+            items.extend(page.items.unwrap_or_default());
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        items.truncate(limit);
+        Ok(items)
+    }
+}
 
 #[async_trait]
 impl OperatorLog for DynamoStore {
     async fn record_operator_action(
         &self,
-        _action: &NewOperatorAction<'_>,
+        action: &NewOperatorAction<'_>,
     ) -> Result<i64, StoreError> {
-        Ok(0)
+        let detail = storable_text(action.detail);
+        let now = self.now();
+        let mut id = now * 1000;
+        loop {
+            let mut item = Item::from([
+                ("pk".to_owned(), s(operator_action_pk(id))),
+                (LIST_PK.to_owned(), s(OPERATOR_ACTIONS)),
+                (LIST_SK.to_owned(), n(id)),
+                ("id".to_owned(), n(id)),
+                ("recorded_at".to_owned(), n(now)),
+                ("operator".to_owned(), s(action.operator)),
+                ("action".to_owned(), s(action.action)),
+                ("queue_url".to_owned(), s(action.queue_url)),
+                ("message_id".to_owned(), s(action.message_id)),
+                ("detail".to_owned(), s(&*detail)),
+            ]);
+            let optional = [
+                ("key", action.key),
+                ("before_sha256", action.before_sha256),
+                ("after_sha256", action.after_sha256),
+            ];
+            for (name, value) in optional {
+                if let Some(value) = value {
+                    item.insert(name.to_owned(), s(value));
+                }
+            }
+            if self.put_new(item).await? {
+                return Ok(id);
+            }
+            id += 1;
+        }
     }
 
-    async fn list_operator_actions(&self, _limit: i64) -> Result<Vec<OperatorAction>, StoreError> {
-        Ok(Vec::new())
+    async fn list_operator_actions(&self, limit: i64) -> Result<Vec<OperatorAction>, StoreError> {
+        let items = self.list_kind(OPERATOR_ACTIONS, limit).await?;
+        Ok(items.iter().map(operator_action).collect())
     }
 
-    async fn list_redrive_runs(&self, _limit: i64) -> Result<Vec<RedriveRun>, StoreError> {
-        Ok(Vec::new())
+    async fn list_redrive_runs(&self, limit: i64) -> Result<Vec<RedriveRun>, StoreError> {
+        let items = self.list_kind(REDRIVES, limit).await?;
+        Ok(items.iter().map(redrive_run).collect())
     }
 
+    /// `payload_fields` as a claim stores it: the digests, or no attribute without them.
+    /// The condition (`status = failed`) refuses a complete, in-progress or missing event.
     async fn adopt_edited_payload(
         &self,
-        _scope: &str,
-        _key: &str,
-        _payload_sha256: &str,
-        _field_digests: Option<&str>,
+        scope: &str,
+        key: &str,
+        payload_sha256: &str,
+        field_digests: Option<&str>,
     ) -> Result<bool, StoreError> {
-        Ok(false)
+        let mut values = Values::default()
+            .name("status")
+            .set("failed", s("failed"))
+            .set("sha", s(payload_sha256))
+            .set("now", n(self.now()));
+        let update = match field_digests {
+            Some(fields) => {
+                values = values.set("fields", s(fields));
+                "SET payload_sha256 = :sha, payload_fields = :fields, updated_at = :now"
+            }
+            None => "SET payload_sha256 = :sha, updated_at = :now REMOVE payload_fields",
+        };
+        self.update_if(
+            scope,
+            key,
+            update,
+            "attribute_exists(pk) AND #status = :failed",
+            values,
+        )
+        .await
     }
 }

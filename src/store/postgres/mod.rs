@@ -1,10 +1,11 @@
 //! [`PostgresStore`]: the checkpoint store in PostgreSQL, for a fleet of workers.
 //!
-//! One row per event in `checkpoints`, keyed by `(scope, idempotency_key)`; `dead_letters`
-//! and the `redrives` audit beside it (see `migrations/postgres`). One file per concern of the
-//! contract: `claims.rs` ([`Claims`](super::Claims)), `steps.rs` ([`Steps`](super::Steps)
-//! and the step transaction), `dead_letters.rs` ([`DeadLetters`](super::DeadLetters)),
-//! `retention.rs` ([`Retention`](super::Retention)).
+//! One row per event in `checkpoints`, keyed by `(scope, idempotency_key)`; `dead_letters`,
+//! the `redrives` audit and the console's `operator_actions` beside it (see
+//! `migrations/postgres`). One file per concern of the contract: `claims.rs`
+//! ([`Claims`](super::Claims)), `steps.rs` ([`Steps`](super::Steps) and the step
+//! transaction), `dead_letters.rs` ([`DeadLetters`](super::DeadLetters)), `retention.rs`
+//! ([`Retention`](super::Retention)), `operator_log.rs` ([`OperatorLog`](super::OperatorLog)).
 //!
 //! Every write that follows a claim is *fenced* by the lease token (`where lease_owner =
 //! $owner`): a worker that lost its lease can no longer change the row, so a slow worker and

@@ -1,5 +1,6 @@
 //! Shared test fixtures, on the real LocalStack and PostgreSQL that `localstack/up` starts.
 //!
+//! - `browser.rs`: headless Chromium through chromedriver, for the console's browser tests.
 //! - `console.rs`: the operator console served in the test process, and a client for it.
 //! - `env.rs`: [`TestEnv`] — per test an SQS client, a fresh store (database) and a fresh
 //!   queue pair, all removed at the end, and the helpers that act on them; the one place
@@ -18,6 +19,7 @@
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code, unused_imports, unused_macros)]
 
+mod browser;
 mod console;
 mod env;
 mod handlers;
@@ -27,6 +29,7 @@ mod otlp;
 mod proxy;
 mod queues;
 
+pub use browser::*;
 pub use console::*;
 pub use env::*;
 pub use handlers::*;

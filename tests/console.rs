@@ -363,10 +363,9 @@ async fn read_events_until_done(console: &RunningConsole, path: &str) -> Value {
         }
         panic!("the event stream ended without `done`: {text}");
     };
-    let done = tokio::time::timeout(Duration::from_secs(60), read)
+    tokio::time::timeout(Duration::from_secs(60), read)
         .await
-        .expect("the bulk run ends within a minute");
-    done
+        .expect("the bulk run ends within a minute")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,15 +2,19 @@
 //! `dead-letters`, `checkpoints`), served by `sqs-worker console`.
 //!
 //! It reads DLQs with peek semantics (a bounded sample, handed back at once, cached for a
-//! few seconds: [`sample`]), and every action goes through the same library calls as the CLI
+//! few seconds: `sample.rs`), and every action goes through the same library calls as the CLI
 //! ([`crate::redrive`]), so markers, the final pass and "send first, delete after" hold
 //! unchanged. Each action writes an operator-log row ([`crate::store::OperatorLog`]).
 //!
-//! Security ([`auth`]): loopback by default, where the Host header must name loopback (no
+//! Security (`auth.rs`): loopback by default, where the Host header must name loopback (no
 //! DNS rebinding); any other address needs `--auth-token`, and a login sets a session
 //! cookie. Every mutation needs the session's CSRF token; `--read-only` refuses them all.
 //! Pages escape everything and show control and bidi characters as visible escapes
-//! ([`render::shown`]); a strict Content-Security-Policy forbids inline script.
+//! (`render.rs`); a strict Content-Security-Policy forbids inline script.
+
+// A page's refusal travels as the `Err` of its steps: a whole response, made at most once per
+// request and returned at once, so boxing it would buy nothing.
+#![allow(clippy::result_large_err)]
 
 mod actions;
 mod auth;

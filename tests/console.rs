@@ -620,6 +620,11 @@ async fn dead_letters_are_searched_exported_and_requeued_and_checkpoints_looked_
         );
     }
     let console = console_on(&env, |_| {}).await;
+    let overview = console.page("/").await;
+    assert!(
+        overview.contains("<title>retryable: 2</title>"),
+        "today's bar, by reason: {overview}"
+    );
     let count = |page: &str| page.matches(r#"<td><a href="/dead-letters/"#).count();
     assert_eq!(count(&console.page("/dead-letters").await), 3);
     assert_eq!(count(&console.page("/dead-letters?scope=orders").await), 2);

@@ -50,6 +50,36 @@ async fn an_operator_filters_dry_runs_and_drains_one_reason() {
         "expected value at line 1 column 1",
     )
     .await;
+    // Final passes that failed today, for the overview's dead-letter chart.
+    let attributes = serde_json::json!({});
+    let reasons = [
+        "retryable",
+        "retryable",
+        "handler_permanent",
+        "redrives_exhausted",
+        "retryable",
+    ];
+    for (n, reason) in reasons.iter().enumerate() {
+        let key = format!("order-8{n:02}");
+        let letter = sqs_worker::store::NewDeadLetter {
+            scope: "orders",
+            key: &key,
+            queue_url: env.queue_url(),
+            message_id: "m",
+            body: "{}",
+            attributes: &attributes,
+            reason,
+            error: "failed on its final pass",
+            attempts: 4,
+            redrive_count: 3,
+            requeue_generation: 0,
+            payload_sha256: "h",
+        };
+        env.store()
+            .record_dead_letter(&letter, false, None)
+            .await
+            .unwrap();
+    }
     let console = RunningConsole::start(&env, console_config(&env)).await;
     let browser = Browser::start().await;
     let client = &browser.client;
@@ -75,7 +105,7 @@ async fn an_operator_filters_dry_runs_and_drains_one_reason() {
     assert_eq!(env.messages_in().await, 0, "the dry run sent nothing");
     browser.click("#confirm-bulk").await;
 
-    let summary = client.find(Locator::Id("summary")).await.unwrap();
+    let summary = browser.element("#summary").await;
     wait_until(
         "the progress page shows the summary",
         Duration::from_secs(60),
@@ -141,7 +171,7 @@ async fn an_operator_edits_a_body_and_a_worker_completes_it() {
             .contains("handler_permanent")
     );
     browser.click("#edit").await;
-    let body = client.find(Locator::Id("body")).await.unwrap();
+    let body = browser.element("#body").await;
     body.clear().await.unwrap();
     body.send_keys(r#"{"id":"inv-7","amount":12}"#)
         .await

@@ -77,26 +77,32 @@ impl Browser {
         self.client.close().await.unwrap();
     }
 
+    /// The element `css` names, waiting up to 20 s for it (a click that submits a form
+    /// returns before the next page is there); the page's text when it never comes.
+    pub async fn element(&self, css: &str) -> fantoccini::elements::Element {
+        let found = self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css(css))
+            .await;
+        match found {
+            Ok(element) => element,
+            Err(error) => {
+                let page = self.client.source().await.unwrap_or_default();
+                panic!("no {css} on the page ({error}): {page}")
+            }
+        }
+    }
+
     /// Click the element `css` names.
     pub async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
-            .click()
-            .await
-            .unwrap();
+        self.element(css).await.click().await.unwrap();
     }
 
     /// The text of the element `css` names.
     pub async fn text(&self, css: &str) -> String {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
-            .text()
-            .await
-            .unwrap()
+        self.element(css).await.text().await.unwrap()
     }
 
     /// Save a screenshot as `name`.png in $SQS_WORKER_SCREENSHOTS (the README's pictures:

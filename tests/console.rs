@@ -14,6 +14,13 @@ use sqs_worker::console::{ConsoleConfig, check_listen};
 use sqs_worker::message::{self, ATTR_FAILURE_REASON};
 use sqs_worker::store::{Lease, NewDeadLetter};
 
+// What writes to the store (the operator log, an edited payload's fingerprint) runs on every
+// store; the rest of the console only reads through the contract, on PostgreSQL.
+store_tests!(
+    one_message_is_redriven_with_markers_and_audited,
+    an_edited_body_is_checked_redriven_audited_and_completed,
+);
+
 /// Send `body` to the DLQ as the worker would have, with this failure reason.
 async fn dead_lettered(env: &TestEnv, body: &str, reason: &str) -> String {
     env.send_with_attributes(env.dlq_url(), body, &[(ATTR_FAILURE_REASON, reason)])
@@ -97,9 +104,8 @@ async fn queue_not_visible(env: &TestEnv) -> u64 {
     messages_not_visible(env.client(), env.dlq_url()).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_message_is_redriven_with_markers_and_audited() {
-    let env = TestEnv::new().await;
+async fn one_message_is_redriven_with_markers_and_audited(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
     let id = dead_lettered(&env, r#"{"id":"r1"}"#, "retryable").await;
     dead_lettered(&env, r#"{"id":"r2"}"#, "retryable").await;
     let console = console_on(&env, |_| {}).await;
@@ -166,9 +172,8 @@ async fn one_message_is_redriven_with_markers_and_audited() {
     assert_eq!(env.messages_in().await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edited_body_is_checked_redriven_audited_and_completed() {
-    let env = TestEnv::new().await;
+async fn an_edited_body_is_checked_redriven_audited_and_completed(kind: StoreKind) {
+    let env = TestEnv::on(kind).await;
     env.send(r#"{"id":"e1","amount":"twelve"}"#).await;
     let amount_is_a_number = |job: &sqs_worker::Job| {
         let event: Value = serde_json::from_str(job.body()).unwrap();

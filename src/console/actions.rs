@@ -22,10 +22,7 @@ pub(crate) async fn redrive(
     Path((dlq, id)): Path<(usize, String)>,
     Mutation(_form, session): Mutation<CsrfOnly>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     redrive_page(frame, &console, &session, dlq, &id, None)
         .await
         .unwrap_or_else(|r| r)
@@ -50,10 +47,7 @@ pub(crate) async fn edit_and_redrive(
     Path((dlq, id)): Path<(usize, String)>,
     Mutation(form, session): Mutation<EditForm>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     // Browsers send a textarea's line ends as CRLF; the body was sent with LF.
     let body = form.body.replace("\r\n", "\n");
     redrive_page(frame, &console, &session, dlq, &id, Some(&body))
@@ -208,10 +202,7 @@ pub(crate) async fn delete(
     Path((dlq, id)): Path<(usize, String)>,
     Mutation(form, session): Mutation<DeleteForm>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     delete_page(frame, &console, &session, dlq, &id, &form)
         .await
         .unwrap_or_else(|r| r)
@@ -267,10 +258,7 @@ pub(crate) async fn requeue(
     Path(id): Path<i64>,
     Mutation(_form, session): Mutation<CsrfOnly>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     requeue_page(frame, &console, &session, id)
         .await
         .unwrap_or_else(|r| r)

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -19,6 +19,12 @@ use sha2::{Digest, Sha256};
 use super::{Shared, pages, render};
 
 const COOKIE: &str = "sqsw_console";
+
+/// How long a login lasts.
+const SESSION_LASTS: Duration = Duration::from_secs(12 * 3600);
+
+/// What a read-only console answers to a change.
+pub(crate) const READ_ONLY: &str = "this console is read-only (--read-only): it changes nothing";
 
 /// Refuse to serve where nobody should reach a console without a token.
 pub fn check_listen(address: SocketAddr, token: Option<&str>) -> Result<(), String> {
@@ -41,6 +47,7 @@ pub fn check_listen(address: SocketAddr, token: Option<&str>) -> Result<(), Stri
 pub(crate) struct Session {
     pub(crate) csrf: String,
     pub(crate) operator: String,
+    started: Instant,
 }
 
 /// The open sessions. Without a token there is one, the console's own (its CSRF token is
@@ -57,6 +64,7 @@ impl Sessions {
                 Arc::new(Session {
                     csrf: random_token(),
                     operator: operator.to_owned(),
+                    started: Instant::now(),
                 })
             }),
             by_id: Mutex::new(HashMap::new()),
@@ -68,7 +76,11 @@ impl Sessions {
             return Some(open.clone());
         }
         let id = cookie(headers, COOKIE)?;
-        self.by_id.lock().expect("not poisoned").get(id).cloned()
+        let sessions = self.by_id.lock().expect("not poisoned");
+        sessions
+            .get(id)
+            .filter(|s| s.started.elapsed() < SESSION_LASTS)
+            .cloned()
     }
 
     fn start(&self, operator: String) -> String {
@@ -76,11 +88,12 @@ impl Sessions {
         let session = Arc::new(Session {
             csrf: random_token(),
             operator,
+            started: Instant::now(),
         });
-        self.by_id
-            .lock()
-            .expect("not poisoned")
-            .insert(id.clone(), session);
+        let mut sessions = self.by_id.lock().expect("not poisoned");
+        // Logins end after SESSION_LASTS; the ended ones are forgotten at the next login.
+        sessions.retain(|_, s| s.started.elapsed() < SESSION_LASTS);
+        sessions.insert(id.clone(), session);
         id
     }
 
@@ -167,10 +180,7 @@ pub(crate) async fn require_session(
     };
     if request.method() != Method::GET {
         if console.config.read_only && request.uri().path() != "/logout" {
-            return refusal(
-                StatusCode::FORBIDDEN,
-                "this console is read-only (--read-only): it changes nothing",
-            );
+            return refusal(StatusCode::FORBIDDEN, READ_ONLY);
         }
         if !same_origin(request.headers()) {
             return refusal(

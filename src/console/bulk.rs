@@ -105,10 +105,7 @@ pub(crate) async fn dry_run(
     Path(dlq): Path<usize>,
     Mutation(form, session): Mutation<BulkForm>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     dry_run_page(frame, &console, &session, dlq, &form)
         .await
         .unwrap_or_else(|r| r)
@@ -211,10 +208,7 @@ pub(crate) async fn start(
     Path(dlq): Path<usize>,
     Mutation(form, session): Mutation<BulkForm>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     start_run(frame, &console, &session, dlq, form).unwrap_or_else(|r| r)
 }
 

@@ -17,10 +17,21 @@ pub(crate) struct Frame<'a> {
     pub(crate) session: &'a Session,
 }
 
-impl Frame<'_> {
+impl<'a> Frame<'a> {
+    pub(crate) fn new(console: &'a Console, session: &'a Session) -> Self {
+        Frame { console, session }
+    }
+
     /// Whether actions are shown.
     pub(crate) fn writable(&self) -> bool {
         !self.console.config.read_only
+    }
+
+    /// The refusal of a form page on a read-only console, if it is one.
+    pub(crate) fn refuse_if_read_only(&self) -> Option<Response> {
+        (!self.writable()).then(|| {
+            super::auth::refusal(axum::http::StatusCode::FORBIDDEN, super::auth::READ_ONLY)
+        })
     }
 
     /// The hidden CSRF field of a form.

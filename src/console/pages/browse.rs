@@ -34,10 +34,7 @@ pub(crate) async fn list(
     Path(dlq): Path<usize>,
     Query(query): Query<BrowseQuery>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     list_page(frame, &console, dlq, query)
         .await
         .unwrap_or_else(|r| r)
@@ -164,10 +161,7 @@ pub(crate) async fn message(
     Extension(session): Extension<Arc<Session>>,
     Path((dlq, id)): Path<(usize, String)>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let m = match find_message(frame, &console, dlq, &id).await {
         Ok(m) => m,
         Err(page) => return page,
@@ -224,10 +218,7 @@ pub(crate) async fn raw_body(
     Extension(session): Extension<Arc<Session>>,
     Path((dlq, id)): Path<(usize, String)>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     match find_message(frame, &console, dlq, &id).await {
         // An attachment in plain text: a browser neither renders nor sniffs it.
         Ok(m) => (
@@ -250,15 +241,9 @@ pub(crate) async fn edit_form(
     Extension(session): Extension<Arc<Session>>,
     Path((dlq, id)): Path<(usize, String)>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
-    if !frame.writable() {
-        return super::super::auth::refusal(
-            axum::http::StatusCode::FORBIDDEN,
-            "this console is read-only (--read-only): it changes nothing",
-        );
+    let frame = Frame::new(&console, &session);
+    if let Some(refusal) = frame.refuse_if_read_only() {
+        return refusal;
     }
     match find_message(frame, &console, dlq, &id).await {
         Ok(m) => {
@@ -297,15 +282,9 @@ pub(crate) async fn delete_form(
     Extension(session): Extension<Arc<Session>>,
     Path((dlq, id)): Path<(usize, String)>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
-    if !frame.writable() {
-        return super::super::auth::refusal(
-            axum::http::StatusCode::FORBIDDEN,
-            "this console is read-only (--read-only): it changes nothing",
-        );
+    let frame = Frame::new(&console, &session);
+    if let Some(refusal) = frame.refuse_if_read_only() {
+        return refusal;
     }
     let m = match find_message(frame, &console, dlq, &id).await {
         Ok(m) => m,

@@ -18,10 +18,7 @@ pub(crate) async fn progress(
     Extension(session): Extension<Arc<Session>>,
     Path(id): Path<u64>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let Some(run) = console.bulk_run(id) else {
         return no_run(frame, id);
     };

@@ -30,10 +30,7 @@ pub(crate) async fn lookup(
     Extension(session): Extension<Arc<Session>>,
     Query(lookup): Query<Lookup>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let found = if lookup.scope.trim().is_empty() || lookup.key.is_empty() {
         None
     } else {

@@ -81,10 +81,7 @@ pub(crate) async fn list(
     Extension(session): Extension<Arc<Session>>,
     Query(search): Query<Search>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     list_page(frame, &console, &search)
         .await
         .unwrap_or_else(|r| r)
@@ -132,10 +129,7 @@ pub(crate) async fn export(
     Extension(session): Extension<Arc<Session>>,
     Query(search): Query<Search>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let letters = match search.run(&console).await {
         Ok(Ok(letters)) => letters,
         Ok(Err(problem)) => {
@@ -166,10 +160,7 @@ pub(crate) async fn show(
     Extension(session): Extension<Arc<Session>>,
     Path(id): Path<i64>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let letter = match console.store.find_dead_letter(id).await {
         Ok(Some(letter)) => letter,
         Ok(None) => return not_found(frame, &format!("no dead letter with id {id}")),

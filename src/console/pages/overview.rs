@@ -28,10 +28,7 @@ pub(crate) async fn page(
     State(console): State<Shared>,
     Extension(session): Extension<Arc<Session>>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let runs = match console.store.list_redrive_runs(50).await {
         Ok(runs) => runs,
         Err(error) => return failure(frame, "reading the redrive audit", error),
@@ -199,10 +196,7 @@ pub(crate) async fn audit(
     State(console): State<Shared>,
     Extension(session): Extension<Arc<Session>>,
 ) -> Response {
-    let frame = Frame {
-        console: &console,
-        session: &session,
-    };
+    let frame = Frame::new(&console, &session);
     let actions = match console.store.list_operator_actions(500).await {
         Ok(actions) => actions,
         Err(error) => return failure(frame, "reading the operator log", error),

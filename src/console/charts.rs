@@ -5,10 +5,19 @@ use maud::{Markup, html};
 
 use super::render::shown;
 
-/// Colours for reasons, in order of first appearance (a reason keeps its colour on a page).
+/// Colours for reasons, picked by the reason's name, so that one reason has one colour in
+/// every chart.
 const PALETTE: [&str; 8] = [
     "#c0392b", "#2874a6", "#b7950b", "#1e8449", "#7d3c98", "#ca6f1e", "#566573", "#148f77",
 ];
+
+/// The colour of a reason (FNV-1a of its name: stable from run to run).
+fn colour(reason: &str) -> &'static str {
+    let hash = reason.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    PALETTE[hash as usize % PALETTE.len()]
+}
 
 /// Horizontal bars: one per `(label, count)`, longest first as given.
 pub(crate) fn bars(items: &[(String, usize)]) -> Markup {
@@ -22,7 +31,7 @@ pub(crate) fn bars(items: &[(String, usize)]) -> Markup {
                 @let y = i * row + 2;
                 @let width = 1 + count * 340 / most;
                 text x="0" y=(y + 17) class="label" { (shown(label)) }
-                rect x="230" y=(y) width=(width) height="20" fill=(PALETTE[i % PALETTE.len()]) {}
+                rect x="230" y=(y) width=(width) height="20" fill=(colour(label)) {}
                 text x=(236 + width) y=(y + 16) class="count" { (count) }
             }
         }
@@ -45,10 +54,6 @@ pub(crate) fn stacked_days(days: &[Day]) -> Markup {
             }
         }
     }
-    let colour = |reason: &str| {
-        let i = reasons.iter().position(|r| *r == reason).unwrap_or(0);
-        PALETTE[i % PALETTE.len()]
-    };
     let most = days
         .iter()
         .map(|d| d.counts.iter().map(|(_, n)| n).sum::<usize>())

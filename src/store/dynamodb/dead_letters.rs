@@ -147,6 +147,66 @@ impl DynamoStore {
         Ok(false)
     }
 
+    /// The items of one kind of the `listing` index (`list_pk = kind`), newest first, at
+    /// most `limit`. A scope is a filter on the index, so pages are read until `limit` items
+    /// of it are found.
+    pub(super) async fn list_kind(
+        &self,
+        kind: &str,
+        scope: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Item>, StoreError> {
+        let limit = limit.clamp(0, i64::from(i32::MAX)) as usize;
+        let mut values = Values::default().name(LIST_PK).set("kind", s(kind));
+        let mut filter = None;
+        if let Some(scope) = scope {
+            values = values.name("scope").set("scope", s(scope));
+            filter = Some("#scope = :scope".to_owned());
+        }
+        let mut items = Vec::new();
+        let mut start = None;
+        while items.len() < limit {
+            // Without a filter a page need hold no more than what is still wanted.
+            let page_limit = filter.is_none().then(|| (limit - items.len()) as i32);
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(LISTING)
+                .key_condition_expression(format!("#{LIST_PK} = :kind"))
+                .set_filter_expression(filter.clone())
+                .set_expression_attribute_names(Some(values.names.clone()))
+                .set_expression_attribute_values(Some(values.values.clone()))
+                .scan_index_forward(false)
+                .set_limit(page_limit)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(dynamo)?;
+            items.extend(page.items.unwrap_or_default());
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        items.truncate(limit);
+        Ok(items)
+    }
+
+    /// Put the item `make(id)` under a new id: the time of recording (`now`, ms) in
+    /// microseconds, the next microsecond on a clash. Returns the id.
+    pub(super) async fn put_with_new_id(
+        &self,
+        now: i64,
+        make: impl Fn(i64) -> Item,
+    ) -> Result<i64, StoreError> {
+        let mut id = now * 1000;
+        while !self.put_new(make(id)).await? {
+            id += 1;
+        }
+        Ok(id)
+    }
+
     /// Put `item` (a new id's) unless the id is taken; false when it is.
     pub(super) async fn put_new(&self, item: Item) -> Result<bool, StoreError> {
         let result = self
@@ -310,45 +370,14 @@ impl DeadLetters for DynamoStore {
         Ok(())
     }
 
-    /// Newest first through the `listing` index; a scope is a filter on it, so pages are
-    /// read until `limit` letters of it are found.
+    /// Newest first through the `listing` index (`list_kind`).
     async fn list_dead_letters(
         &self,
         scope: Option<&str>,
         limit: i64,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let limit = limit.max(0) as usize;
-        let mut values = Values::default().name(LIST_PK).set("kind", s(DEAD_LETTERS));
-        let mut filter = None;
-        if let Some(scope) = scope {
-            values = values.name("scope").set("scope", s(scope));
-            filter = Some("#scope = :scope".to_owned());
-        }
-        let mut letters = Vec::new();
-        let mut start = None;
-        while letters.len() < limit {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(LISTING)
-                .key_condition_expression(format!("#{LIST_PK} = :kind"))
-                .set_filter_expression(filter.clone())
-                .set_expression_attribute_names(Some(values.names.clone()))
-                .set_expression_attribute_values(Some(values.values.clone()))
-                .scan_index_forward(false)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(dynamo)?;
-            letters.extend(page.items.unwrap_or_default().iter().map(dead_letter));
-            start = page.last_evaluated_key;
-            if start.is_none() {
-                break;
-            }
-        }
-        letters.truncate(limit);
-        Ok(letters)
+        let items = self.list_kind(DEAD_LETTERS, scope, limit).await?;
+        Ok(items.iter().map(dead_letter).collect())
     }
 
     async fn find_dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
@@ -387,9 +416,8 @@ impl DeadLetters for DynamoStore {
         dry_run: bool,
     ) -> Result<i64, StoreError> {
         let now = self.now();
-        let mut id = now * 1000;
-        loop {
-            let item = Item::from([
+        self.put_with_new_id(now, |id| {
+            Item::from([
                 ("pk".to_owned(), s(redrive_pk(id))),
                 (LIST_PK.to_owned(), s(REDRIVES)),
                 (LIST_SK.to_owned(), n(id)),
@@ -400,12 +428,9 @@ impl DeadLetters for DynamoStore {
                 ("max_redrives".to_owned(), n(max_redrives.into())),
                 ("dry_run".to_owned(), AttributeValue::Bool(dry_run)),
                 ("started_at".to_owned(), n(now)),
-            ]);
-            if self.put_new(item).await? {
-                return Ok(id);
-            }
-            id += 1;
-        }
+            ])
+        })
+        .await
     }
 
     async fn finish_redrive_audit(

@@ -9,48 +9,14 @@
 
 use async_trait::async_trait;
 
+use super::DynamoStore;
 use super::item::{
-    Item, LIST_PK, LIST_SK, LISTING, OPERATOR_ACTIONS, REDRIVES, Values, n, operator_action,
+    Item, LIST_PK, LIST_SK, OPERATOR_ACTIONS, REDRIVES, Values, n, operator_action,
     operator_action_pk, redrive_run, s,
 };
-use super::{DynamoStore, dynamo};
 use crate::store::{
     NewOperatorAction, OperatorAction, OperatorLog, RedriveRun, StoreError, storable_text,
 };
-
-impl DynamoStore {
-    /// The items of one kind of the `listing` index (`list_pk = kind`), newest first, at
-    /// most `limit`.
-    async fn list_kind(&self, kind: &str, limit: i64) -> Result<Vec<Item>, StoreError> {
-        let limit = limit.clamp(0, i64::from(i32::MAX)) as usize;
-        let values = Values::default().name(LIST_PK).set("kind", s(kind));
-        let mut items = Vec::new();
-        let mut start = None;
-        while items.len() < limit {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(LISTING)
-                .key_condition_expression(format!("#{LIST_PK} = :kind"))
-                .set_expression_attribute_names(Some(values.names.clone()))
-                .set_expression_attribute_values(Some(values.values.clone()))
-                .scan_index_forward(false)
-                .limit((limit - items.len()) as i32)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(dynamo)?;
-            items.extend(page.items.unwrap_or_default());
-            start = page.last_evaluated_key;
-            if start.is_none() {
-                break;
-            }
-        }
-        items.truncate(limit);
-        Ok(items)
-    }
-}
 
 #[async_trait]
 impl OperatorLog for DynamoStore {
@@ -60,8 +26,12 @@ impl OperatorLog for DynamoStore {
     ) -> Result<i64, StoreError> {
         let detail = storable_text(action.detail);
         let now = self.now();
-        let mut id = now * 1000;
-        loop {
+        let optional = [
+            ("key", action.key),
+            ("before_sha256", action.before_sha256),
+            ("after_sha256", action.after_sha256),
+        ];
+        self.put_with_new_id(now, |id| {
             let mut item = Item::from([
                 ("pk".to_owned(), s(operator_action_pk(id))),
                 (LIST_PK.to_owned(), s(OPERATOR_ACTIONS)),
@@ -74,30 +44,23 @@ impl OperatorLog for DynamoStore {
                 ("message_id".to_owned(), s(action.message_id)),
                 ("detail".to_owned(), s(&*detail)),
             ]);
-            let optional = [
-                ("key", action.key),
-                ("before_sha256", action.before_sha256),
-                ("after_sha256", action.after_sha256),
-            ];
             for (name, value) in optional {
                 if let Some(value) = value {
                     item.insert(name.to_owned(), s(value));
                 }
             }
-            if self.put_new(item).await? {
-                return Ok(id);
-            }
-            id += 1;
-        }
+            item
+        })
+        .await
     }
 
     async fn list_operator_actions(&self, limit: i64) -> Result<Vec<OperatorAction>, StoreError> {
-        let items = self.list_kind(OPERATOR_ACTIONS, limit).await?;
+        let items = self.list_kind(OPERATOR_ACTIONS, None, limit).await?;
         Ok(items.iter().map(operator_action).collect())
     }
 
     async fn list_redrive_runs(&self, limit: i64) -> Result<Vec<RedriveRun>, StoreError> {
-        let items = self.list_kind(REDRIVES, limit).await?;
+        let items = self.list_kind(REDRIVES, None, limit).await?;
         Ok(items.iter().map(redrive_run).collect())
     }
 

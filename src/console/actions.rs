@@ -131,7 +131,7 @@ async fn prepare_edit(
         };
         unprocessable(frame, "Edit, then redrive", markup)
     };
-    let identity = redrive::edited_identity(&options, body).map_err(|e| {
+    let identity = message::derive_identity(&options.key, options.envelope, body).map_err(|e| {
         refuse(format!(
             "the edited body gives the worker no key ({}); {}",
             e,

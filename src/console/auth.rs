@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::Form;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::{Extension, Form};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -324,7 +324,6 @@ impl CsrfForm for CsrfOnly {
 pub(crate) async fn logout(
     State(console): State<Shared>,
     headers: HeaderMap,
-    Extension(_session): Extension<Arc<Session>>,
     Mutation(_form, _): Mutation<CsrfOnly>,
 ) -> Response {
     console.sessions.end(&headers);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::redrive::{self, Action, Outcome, RedriveOptions, RedriveReport};
-use crate::store::NewOperatorAction;
+use crate::store::{NewOperatorAction, RedriveCounts};
 
 use super::actions::{audit, describe};
 use super::auth::{CsrfForm, Mutation, Session};
@@ -47,11 +47,11 @@ const RECENT: usize = 12;
 /// A bulk run's progress, as the page and its event stream show it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Progress {
+    /// Messages that matched the filter and were acted on.
     pub(crate) examined: u64,
-    pub(crate) redriven: u64,
-    pub(crate) already_complete: u64,
-    pub(crate) exhausted: u64,
-    pub(crate) failed: u64,
+    /// What was done with them, as the run's audit row counts it.
+    #[serde(flatten)]
+    pub(crate) counts: RedriveCounts,
     pub(crate) filtered_out: u64,
     /// How many the dry run matched, when confirmed from one.
     pub(crate) expected: Option<u64>,
@@ -65,16 +65,11 @@ pub(crate) struct Progress {
 
 impl Progress {
     fn heard(&mut self, outcome: &Outcome) {
-        match &outcome.action {
-            Action::Redriven { .. } => self.redriven += 1,
-            Action::AlreadyComplete => self.already_complete += 1,
-            Action::Exhausted { .. } => self.exhausted += 1,
-            Action::Failed { .. } => self.failed += 1,
-            Action::FilteredOut => {
-                self.filtered_out += 1;
-                return;
-            }
+        if outcome.action == Action::FilteredOut {
+            self.filtered_out += 1;
+            return;
         }
+        self.counts.add(&outcome.action);
         self.examined += 1;
         self.recent.insert(
             0,

@@ -31,12 +31,13 @@ pub(crate) struct DlqMessage {
 
 impl DlqMessage {
     fn read(message: ReceivedMessage, console: &Console) -> Self {
-        let described = redrive::describe(&message, &console.config.key, console.config.envelope);
-        let event =
-            message::derive_identity(&console.config.key, console.config.envelope, &message.body)
-                .ok()
-                .and_then(|identity| identity.json)
-                .or_else(|| serde_json::from_str(&message.body).ok());
+        let config = &console.config;
+        let identity = message::derive_identity(&config.key, config.envelope, &message.body);
+        let described = redrive::describe_identified(&message, identity.as_ref());
+        let event = identity
+            .ok()
+            .and_then(|identity| identity.json)
+            .or_else(|| serde_json::from_str(&message.body).ok());
         DlqMessage {
             key: described.key,
             reason: described.failure_reason,

@@ -105,9 +105,19 @@ async fn hand_back(dlq: &SqsQueue, handles: Vec<String>) {
 
 /// What `dlq peek` shows of a message.
 pub fn describe(message: &ReceivedMessage, key: &KeySpec, envelope: Envelope) -> PeekedMessage {
+    let identity = message::derive_identity(key, envelope, &message.body);
+    describe_identified(message, identity.as_ref())
+}
+
+/// [`describe`] for a caller that has the message's identity already (or knows it has none:
+/// its key is then derived from the body's hash).
+pub fn describe_identified(
+    message: &ReceivedMessage,
+    identity: Result<&message::EventIdentity, &message::KeyError>,
+) -> PeekedMessage {
     let markers = message::parse_markers(message.attribute_strings());
-    let key = message::derive_identity(key, envelope, &message.body)
-        .map(|i| i.key)
+    let key = identity
+        .map(|i| i.key.clone())
         .unwrap_or_else(|_| message::fallback_key(&message.body));
     let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
     let attribute = |name: &str| {

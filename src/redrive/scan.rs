@@ -125,15 +125,8 @@ impl<'a> Scan<'a> {
     ) -> Result<Scan<'a>, RedriveError> {
         let dlq = SqsQueue::new(client, options.dlq_url.clone());
         check_options(options, &dlq)?;
-        let target_url = match &options.to {
-            Some(url) => url.clone(),
-            None => resolve_source_queue(&dlq).await?,
-        };
-        let target = dlq.sibling(target_url.clone());
-        let scope = options
-            .scope
-            .clone()
-            .unwrap_or_else(|| target.name().to_owned());
+        let (target, scope) = target_of(&dlq, options).await?;
+        let target_url = target.url().to_owned();
         let audit_id = store
             .start_redrive_audit(
                 &options.operator,
@@ -383,7 +376,8 @@ pub(super) fn decide(
 }
 
 impl RedriveCounts {
-    pub(super) fn add(&mut self, action: &Action) {
+    /// Count one message's action (a message left in the DLQ by the filter counts nowhere).
+    pub fn add(&mut self, action: &Action) {
         match action {
             Action::Redriven { .. } => self.redriven += 1,
             Action::AlreadyComplete => self.skipped_complete += 1,
@@ -435,13 +429,23 @@ pub async fn target_and_scope(
     options: &RedriveOptions,
 ) -> Result<(String, String), RedriveError> {
     let dlq = SqsQueue::new(client, options.dlq_url.clone());
-    let target_url = match &options.to {
-        Some(url) => url.clone(),
-        None => resolve_source_queue(&dlq).await?,
+    let (target, scope) = target_of(&dlq, options).await?;
+    Ok((target.url().to_owned(), scope))
+}
+
+/// The target queue of a redrive of `dlq` (`--to`, else its source queue) and the scope
+/// (`--scope`, else the target queue's name).
+async fn target_of(
+    dlq: &SqsQueue,
+    options: &RedriveOptions,
+) -> Result<(SqsQueue, String), RedriveError> {
+    let target = match &options.to {
+        Some(url) => dlq.sibling(url.clone()),
+        None => dlq.sibling(resolve_source_queue(dlq).await?),
     };
     let scope = options
         .scope
         .clone()
-        .unwrap_or_else(|| dlq.sibling(target_url.clone()).name().to_owned());
-    Ok((target_url, scope))
+        .unwrap_or_else(|| target.name().to_owned());
+    Ok((target, scope))
 }

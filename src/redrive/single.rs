@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::message;
 use crate::sqs::{ReceivedMessage, SqsQueue};
 use crate::store::CheckpointStore;
 
@@ -30,7 +29,7 @@ pub enum OneMessage<T> {
 /// Redrive one DLQ message through the same scan as `redrive` (markers, final pass, send
 /// first and delete after, the audit row), optionally with an edited body. The edited body
 /// must give a key (when the worker takes keys from JSON it must be JSON): the caller checks
-/// with [`message::derive_identity`] first.
+/// with [`crate::message::derive_identity`] first.
 pub async fn redrive_one(
     client: aws_sdk_sqs::Client,
     store: &dyn CheckpointStore,
@@ -115,12 +114,4 @@ async fn find(
         }
     }
     Ok(None)
-}
-
-/// Whether an edited body gives the worker a key (and so can be redriven), and the key.
-pub fn edited_identity(
-    options: &RedriveOptions,
-    body: &str,
-) -> Result<message::EventIdentity, message::KeyError> {
-    message::derive_identity(&options.key, options.envelope, body)
 }

@@ -15,7 +15,7 @@ document.addEventListener("DOMContentLoaded", () => {
     bar.max = max;
     bar.value = progress.examined;
     set("examined", progress.expected ? `${progress.examined} of about ${progress.expected}` : `${progress.examined}`);
-    for (const name of ["redriven", "already_complete", "exhausted", "failed", "filtered_out"]) {
+    for (const name of ["redriven", "skipped_complete", "exhausted", "failed", "filtered_out"]) {
       set(name, `${progress[name]}`);
     }
     const recent = document.getElementById("recent");

@@ -45,10 +45,10 @@ fn figures(progress: &Progress) -> Markup {
         progress #bar max=(max) value=(done) {}
         dl.figures {
             dt { "Examined" } dd #examined { (done) @if let Some(e) = progress.expected { " of about " (e) } }
-            dt { "Redriven" } dd #redriven { (progress.redriven) }
-            dt { "Already complete (deleted)" } dd #already_complete { (progress.already_complete) }
-            dt { "Exhausted (dead_letters)" } dd #exhausted { (progress.exhausted) }
-            dt { "Failed (kept)" } dd #failed { (progress.failed) }
+            dt { "Redriven" } dd #redriven { (progress.counts.redriven) }
+            dt { "Already complete (deleted)" } dd #skipped_complete { (progress.counts.skipped_complete) }
+            dt { "Exhausted (dead_letters)" } dd #exhausted { (progress.counts.exhausted) }
+            dt { "Failed (kept)" } dd #failed { (progress.counts.failed) }
             dt { "Left (not matching)" } dd #filtered_out { (progress.filtered_out) }
         }
     }

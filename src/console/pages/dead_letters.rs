@@ -45,24 +45,25 @@ impl Search {
             .map_err(|e| format!("{since:?} is not a duration ({e}); write e.g. 24h or 7d"))
     }
 
-    async fn run(
-        &self,
-        console: &Console,
-    ) -> Result<Result<Vec<DeadLetter>, String>, crate::store::StoreError> {
-        let since = match self.since() {
-            Ok(since) => since,
-            Err(problem) => return Ok(Err(problem)),
-        };
+    /// The dead letters this search finds, or the page that says why not.
+    async fn run(&self, frame: Frame<'_>, console: &Console) -> Result<Vec<DeadLetter>, Response> {
+        let since = self.since().map_err(|problem| {
+            unprocessable(frame, "Dead letters", html! { p.error { (problem) } })
+        })?;
         let scope = Some(self.scope.trim()).filter(|s| !s.is_empty());
-        let letters = console.store.list_dead_letters(scope, SEARCHED).await?;
+        let letters = console
+            .store
+            .list_dead_letters(scope, SEARCHED)
+            .await
+            .map_err(|e| failure(frame, "reading dead_letters", e))?;
         let cutoff =
             since.map(|d| chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default());
-        Ok(Ok(letters
+        Ok(letters
             .into_iter()
             .filter(|l| self.key.trim().is_empty() || l.idempotency_key == self.key.trim())
             .filter(|l| self.reason.trim().is_empty() || l.reason == self.reason.trim())
             .filter(|l| cutoff.is_none_or(|c| l.created_at >= c))
-            .collect()))
+            .collect())
     }
 
     fn query(&self) -> String {
@@ -88,11 +89,7 @@ pub(crate) async fn list(
 }
 
 async fn list_page(frame: Frame<'_>, console: &Console, search: &Search) -> Page {
-    let letters = search
-        .run(console)
-        .await
-        .map_err(|e| failure(frame, "reading dead_letters", e))?
-        .map_err(|problem| unprocessable(frame, "Dead letters", html! { p.error { (problem) } }))?;
+    let letters = search.run(frame, console).await?;
     let body = html! {
         form.filters method="get" action="/dead-letters" {
             label { "Scope " input type="text" name="scope" value=(search.scope); }
@@ -130,12 +127,9 @@ pub(crate) async fn export(
     Query(search): Query<Search>,
 ) -> Response {
     let frame = Frame::new(&console, &session);
-    let letters = match search.run(&console).await {
-        Ok(Ok(letters)) => letters,
-        Ok(Err(problem)) => {
-            return unprocessable(frame, "Dead letters", html! { p.error { (problem) } });
-        }
-        Err(error) => return failure(frame, "reading dead_letters", error),
+    let letters = match search.run(frame, &console).await {
+        Ok(letters) => letters,
+        Err(page) => return page,
     };
     let mut lines = String::new();
     for letter in &letters {
